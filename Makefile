@@ -1,0 +1,43 @@
+# The two commands of the README: `make repro` and `make test`.
+# Both create .venv when missing and (re)install the project when pyproject.toml changed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install repro test test-slow lint format bench clean-outputs
+
+install: $(STAMP)
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+format: $(STAMP)
+	ruff check --fix .
+	ruff format .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+clean-outputs:
+	rm -rf data models checkpoints samples metrics plots figures reports reference mlflow.db mlruns

@@ -1,0 +1,419 @@
+"""Typed configuration: params.yaml read once into frozen dataclasses.
+
+params.yaml has a ``scale`` switch that picks one of its ``presets``; each preset holds the
+sections ``data``, ``model``, ``diffusion``, ``train``, ``sample`` and ``eval``. A key that a
+preset leaves out takes the default written here, and the defaults are the paper's CIFAR10
+settings (paper/ddpm-facts.md), so ``paper`` needs to spell out little. The sections ``ray`` and
+``mlflow`` and the Table-2 ``variants`` sit at the top level: they do not change with the scale.
+
+Every key can be overridden from DVC, e.g. ``dvc exp run -S scale=paper`` or
+``dvc exp run -S presets.smoke.train.lr=1e-4``. Unknown keys and values of the wrong type are
+:class:`~pipeline.errors.ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+MEAN_TYPES = ("eps", "xprev", "xstart")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
+LOSS_TYPES = ("mse", "kl")
+DATASETS = ("cifar10", "lsun_bedroom", "lsun_church_outdoor", "lsun_cat", "synthetic")
+SECTIONS = ("data", "model", "diffusion", "train", "sample", "eval")
+
+STAND_IN_NOTE = "stand-in, not comparable to published numbers"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One Table-2 row: how the reverse process is parameterised and trained."""
+
+    name: str
+    mean_type: str  # eps | xprev | xstart
+    var_type: str  # fixedlarge | fixedsmall | learned
+    loss_type: str  # mse | kl
+
+    def __post_init__(self) -> None:
+        _check_choice(f"variants.{self.name}.mean_type", self.mean_type, MEAN_TYPES)
+        _check_choice(f"variants.{self.name}.var_type", self.var_type, VAR_TYPES)
+        _check_choice(f"variants.{self.name}.loss_type", self.loss_type, LOSS_TYPES)
+        if self.var_type == "learned" and self.loss_type != "kl":
+            raise ConfigError(
+                f"variants.{self.name}: a learned variance is trained only by the variational "
+                f"bound; use loss_type: kl (got {self.loss_type!r})"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are prepared (stage ``prepare``)."""
+
+    dataset: str = "cifar10"  # cifar10 | lsun_bedroom | lsun_church_outdoor | lsun_cat | synthetic
+    resolution: int = 32  # output side in pixels (LSUN: 256; synthetic: any)
+    source: str | None = None  # local archive (cifar10) or LMDB folder (lsun); None: download
+    url: str = CIFAR10_URL  # cifar10 download address, used when source is None
+    md5: str = CIFAR10_MD5  # expected md5 of the cifar10 archive
+    max_images: int | None = None  # lsun: stop after this many records
+    shard_size: int = 10_000  # lsun: images per shard file
+    workers: int = 4  # lsun: parallel decode processes
+    max_corrupt_fraction: float = 0.01  # lsun: fail when more records than this are undecodable
+    test_fraction: float = 0.0  # lsun: images held out as a test split (LSUN has none)
+    n_train: int = 50_000  # synthetic: training images
+    n_test: int = 10_000  # synthetic: test images
+    seed: int = 0  # synthetic: generator seed
+    random_flip: bool = True  # training loader: random horizontal flips (paper: CIFAR10, Church)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net (pipeline.unet); defaults are the paper's 35.7M-parameter CIFAR10 network."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    norm_groups: int = 32
+    source: str = "trained"  # trained | checkpoint (published weights, see pipeline.convert)
+    checkpoint: str | None = None  # folder with a diffusers config.json and weights
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process: a linear beta schedule (paper: 1e-4 to 0.02 over T = 1000)."""
+
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's training recipe and the Ray Train cluster shape (stage ``train``)."""
+
+    steps: int = 800_000
+    batch_size: int = 128  # global batch, split evenly over the workers
+    lr: float = 2e-4
+    warmup: int = 5000  # linear learning-rate warmup steps
+    grad_clip: float = 1.0  # global gradient-norm clip
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 100  # steps between MLflow metric points
+    checkpoint_every: int = 10_000  # steps between Ray Train checkpoints
+    keep_checkpoints: int = 3
+    num_workers: int = 1  # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+    torch_threads: int = 1  # torch threads in each CPU worker
+    bf16: bool = False  # bf16 autocast
+    channels_last: bool = False
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Algorithm 2 fanned out over Ray workers (stage ``sample``)."""
+
+    n_samples: int = 50_000
+    batch_size: int = 256
+    block_size: int = 1000  # sample indices per shard: the unit of work, retry and resume
+    seed: int = 0  # base seed; sample i draws all its noise from seed (seed, i)
+    steps: int | None = None  # None: all T steps (the paper). Fewer: respaced, not the paper's
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+    torch_threads: int = 1
+    bf16: bool = False
+    channels_last: bool = False
+    grid_size: int = 64  # images in the sample-grid figure
+    progressive_seeds: tuple[int, ...] = (0, 1, 2, 3)  # Fig. 6 rows
+    progressive_frames: int = 8  # Fig. 6 columns (x_0 predictions at evenly spaced t)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """FID/IS through torch-fidelity and the NLL bound (stage ``evaluate``)."""
+
+    inception_weights: str = "default"  # default | stand-in | path to a local weights file
+    inception_sha256: str | None = None  # required check for a local weights file
+    fid_against: tuple[str, ...] = ("train", "test")  # reference splits
+    ref_images: int | None = None  # reference images per split; None: the whole split
+    is_splits: int = 10
+    batch_size: int = 64  # Inception batch size
+    nll_images: int = 10_000  # test images for the bound (the paper: all 10,000)
+    nll_train_images: int = 0  # optional train-set bound, Table 1's "(train)" figure
+    nll_batch_size: int = 100
+    nll_block_size: int = 500  # images per NLL shard (unit of work, retry and resume)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+    torch_threads: int = 1
+    interp_t: int = 500  # Fig. 8: the latent step of the interpolation (1-based, paper: 500)
+    interp_lambdas: int = 9  # Fig. 8: interpolation weights, evenly spaced in [0, 1]
+    recon_ts: tuple[int, ...] = (250, 500, 750, 1000)  # Fig. 7: reconstruct from these x_t
+    rd_steps: tuple[int, ...] = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)  # Table 4
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach Ray. RAY_ADDRESS (environment) wins over ``address``."""
+
+    address: str | None = None  # None: start a local cluster for this stage
+    num_cpus: int | None = None  # local cluster only; None: all cores
+    log_to_driver: bool = True  # False hides worker output (and Ray's per-report lines)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Tracking. MLFLOW_TRACKING_URI (environment) wins over ``tracking_uri``."""
+
+    tracking_uri: str | None = None  # None: sqlite:///<repo>/mlflow.db
+    experiment: str = "ddpm-repro"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration of one scale."""
+
+    scale: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        """The named variant, or a ConfigError listing the known ones."""
+        if name not in self.variants:
+            known = ", ".join(self.variants) or "(none)"
+            raise ConfigError(f"unknown variant {name!r}; params.yaml defines: {known}")
+        return self.variants[name]
+
+    def stand_in_reasons(self) -> list[str]:
+        """Why this scale's metrics are not comparable to published numbers (empty if they are)."""
+        reasons = []
+        if self.data.dataset == "synthetic":
+            reasons.append("synthetic data")
+        if self.eval.inception_weights == "stand-in":
+            reasons.append("stand-in Inception weights")
+        return reasons
+
+    def section_dict(self, *names: str) -> dict[str, Any]:
+        """The named sections as plain nested dicts (for hashing and logging)."""
+        return {n: dataclasses.asdict(getattr(self, n)) for n in names}
+
+    def flat(self) -> dict[str, Any]:
+        """Every key as ``section.key`` (what MLflow logs as params)."""
+        out: dict[str, Any] = {"scale": self.scale}
+        for name in (*SECTIONS, "ray", "mlflow"):
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                out[f"{name}.{key}"] = value
+        return out
+
+
+SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+    "ray": RayConfig,
+    "mlflow": MlflowConfig,
+}
+
+
+def default_params_path() -> Path:
+    """params.yaml of the project: $DDPM_PARAMS, else ./params.yaml."""
+    return Path(os.environ.get("DDPM_PARAMS", "params.yaml"))
+
+
+def load_config(path: str | os.PathLike | None = None, scale: str | None = None) -> Config:
+    """Read params.yaml and resolve the preset named by ``scale`` (default: its ``scale`` key)."""
+    path = Path(path) if path is not None else default_params_path()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    return config_from_dict(raw, scale)
+
+
+def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
+    """Resolve a params dict (the content of params.yaml) into a :class:`Config`."""
+    _check_keys("params.yaml", raw, {"scale", "presets", "variants", "ray", "mlflow"})
+    presets = raw.get("presets") or {}
+    scale = scale or raw.get("scale")
+    if not scale:
+        raise ConfigError("params.yaml: set `scale` to one of the presets")
+    if scale not in presets:
+        raise ConfigError(f"scale {scale!r} is not a preset; choose one of: {', '.join(presets)}")
+    preset = presets[scale] or {}
+    _check_keys(f"presets.{scale}", preset, set(SECTIONS))
+    sections = {
+        name: _build(SECTION_TYPES[name], preset.get(name) or {}, f"presets.{scale}.{name}")
+        for name in SECTIONS
+    }
+    for name in ("ray", "mlflow"):
+        sections[name] = _build(SECTION_TYPES[name], raw.get(name) or {}, name)
+    variants = {}
+    for vname, vraw in (raw.get("variants") or {}).items():
+        where = f"variants.{vname}"
+        _check_keys(where, vraw or {}, {"mean_type", "var_type", "loss_type"})
+        missing = {"mean_type", "var_type", "loss_type"} - set(vraw or {})
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(sorted(missing))}")
+        variants[vname] = Variant(name=vname, **vraw)
+    cfg = Config(scale=scale, variants=variants, **sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    where = f"presets.{cfg.scale}"
+    _check_choice(f"{where}.data.dataset", cfg.data.dataset, DATASETS)
+    _check_choice(f"{where}.model.source", cfg.model.source, ("trained", "checkpoint"))
+    _check_choice(f"{where}.diffusion.schedule", cfg.diffusion.schedule, ("linear",))
+    positive = {
+        "data.resolution": cfg.data.resolution,
+        "model.ch": cfg.model.ch,
+        "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
+        "train.steps": cfg.train.steps,
+        "train.batch_size": cfg.train.batch_size,
+        "train.num_workers": cfg.train.num_workers,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.log_every": cfg.train.log_every,
+        "sample.n_samples": cfg.sample.n_samples,
+        "sample.batch_size": cfg.sample.batch_size,
+        "sample.block_size": cfg.sample.block_size,
+        "sample.num_workers": cfg.sample.num_workers,
+        "eval.nll_batch_size": cfg.eval.nll_batch_size,
+        "eval.nll_block_size": cfg.eval.nll_block_size,
+        "eval.num_workers": cfg.eval.num_workers,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}.{key} must be positive (got {value})")
+    if cfg.train.batch_size % cfg.train.num_workers:
+        raise ConfigError(
+            f"{where}.train.batch_size ({cfg.train.batch_size}) must be divisible by "
+            f"train.num_workers ({cfg.train.num_workers}): the global batch is split evenly"
+        )
+    if not 0 < cfg.diffusion.beta_start <= cfg.diffusion.beta_end < 1:
+        raise ConfigError(
+            f"{where}.diffusion: need 0 < beta_start <= beta_end < 1 "
+            f"(got {cfg.diffusion.beta_start}, {cfg.diffusion.beta_end})"
+        )
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"{where}.train.ema_decay must be in [0, 1) (got {cfg.train.ema_decay})")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"{where}.model.dropout must be in [0, 1) (got {cfg.model.dropout})")
+    steps = cfg.sample.steps
+    if steps is not None and not 0 < steps <= cfg.diffusion.num_timesteps:
+        raise ConfigError(
+            f"{where}.sample.steps must be null or in [1, {cfg.diffusion.num_timesteps}] "
+            f"(got {steps})"
+        )
+    for split in cfg.eval.fid_against:
+        _check_choice(f"{where}.eval.fid_against", split, ("train", "test"))
+
+
+def config_hash(payload: Any, length: int = 12) -> str:
+    """A short stable hash of JSON-able ``payload`` (run identities, cache keys)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed construction of one section from a dict.
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _check_keys(where, raw, fields)
+    values = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if value is None:
+        raise ConfigError(f"{where}: must not be null")
+    if origin is tuple:
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:  # PyYAML reads 1e-4 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug, not a user error
+
+
+def _check_keys(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _check_choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")

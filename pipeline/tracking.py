@@ -1,0 +1,116 @@
+"""MLflow tracking: one run per variant, shared by the train, sample and evaluate stages.
+
+The store is MLFLOW_TRACKING_URI when set, else params' ``mlflow.tracking_uri``, else a SQLite
+database ``mlflow.db`` in the project root with artifacts under ``mlartifacts/``. The train
+stage creates the variant's run and stores its id in models/<variant>/model.json; later stages
+log into that run. Runs carry tags ``ddpm.scale``, ``ddpm.variant``, the variant's types, the git
+commit, the DVC experiment name and ``stand_in``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, Variant
+
+TAG_SCALE = "ddpm.scale"
+TAG_VARIANT = "ddpm.variant"
+TAG_STAND_IN = "stand_in"
+TAG_SOURCE = "ddpm.source"  # trained | published weights
+
+
+def tracking_uri(cfg: Config, root: Path | None = None) -> str:
+    """The tracking URI this project uses (see the module docstring)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    root = (root or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def setup(cfg: Config, root: Path | None = None) -> str:
+    """Point mlflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri(cfg, root)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):  # keep artifacts beside the database, not under the cwd
+        location = ((root or Path.cwd()).resolve() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """HEAD of the project's git repository (with a +dirty mark), or None outside git."""
+    try:
+        run = {"cwd": root or Path.cwd(), "capture_output": True, "text": True, "timeout": 10}
+        head = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], check=True, **run)
+        return head + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_tags(cfg: Config, variant: Variant) -> dict[str, str]:
+    """The tags every variant run carries."""
+    tags = {
+        TAG_SCALE: cfg.scale,
+        TAG_VARIANT: variant.name,
+        "ddpm.mean_type": variant.mean_type,
+        "ddpm.var_type": variant.var_type,
+        "ddpm.loss_type": variant.loss_type,
+        "ddpm.dataset": cfg.data.dataset,
+        TAG_STAND_IN: str(bool(cfg.stand_in_reasons())).lower(),
+        TAG_SOURCE: "published weights" if cfg.model.source == "checkpoint" else "trained",
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags["dvc.exp_name"] = exp_name
+    if cfg.stand_in_reasons():
+        tags["stand_in_reason"] = "; ".join(cfg.stand_in_reasons())
+    return tags
+
+
+def start_variant_run(cfg: Config, variant: Variant) -> str:
+    """Create the variant's run with its params and tags; returns the run id."""
+    import mlflow
+
+    experiment_id = setup(cfg)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{cfg.scale}/{variant.name}",
+        tags=run_tags(cfg, variant),
+    ) as run:
+        params: dict[str, Any] = {k: _param(v) for k, v in cfg.flat().items()}
+        params.update({f"variant.{k}": v for k, v in vars(variant).items()})
+        mlflow.log_params(params)
+        return run.info.run_id
+
+
+@contextlib.contextmanager
+def variant_run(cfg: Config, run_id: str) -> Iterator[Any]:
+    """Reopen a variant's run (made by the train stage) to log into it."""
+    import mlflow
+
+    setup(cfg)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return "null" if value is None else str(value)

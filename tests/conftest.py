@@ -1,0 +1,25 @@
+"""Shared test setup: quiet, deterministic, offline."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import quiet_environment
+
+quiet_environment()
+os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same RNG state and one torch thread."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
