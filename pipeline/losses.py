@@ -37,14 +37,22 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     )
 
 
+def _log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
+    """log(Phi(a) - Phi(b)) for a > b, accurate when both lie in the lower tail."""
+    log_a = torch.special.log_ndtr(a)
+    return log_a + torch.log(-torch.expm1(torch.special.log_ndtr(b) - log_a))
+
+
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
     """log p(x) per element, in nats, for pixels x in {2k/255 - 1 : k = 0..255}.
 
     Each pixel value owns the bin [x - 1/255, x + 1/255] of a Gaussian N(means, exp(log_scales)^2),
     and the edge bins extend to -inf (x = -1) and +inf (x = 1), so the 256 probabilities of a
-    pixel sum to one (paper Eq. 13). Uses the exact Gaussian CDF (``log_ndtr``); where both bin
-    edges lie in the upper tail the mass is computed from the upper tail to avoid cancellation.
-    As in the official code, a bin's probability is floored at 1e-12 before the log.
+    pixel sum to one (paper Eq. 13). Uses the exact Gaussian CDF in log space, taking each bin's
+    mass from the nearer tail (Phi(u) - Phi(l) = Phi(-l) - Phi(-u)) so that float32 keeps its
+    precision far from the mean; computed in float64 (it is elementwise and cheap) and returned in
+    the inputs' dtype. As in the official code (which used a tanh approximation of
+    the CDF), a bin's probability is floored at 1e-12 before the log.
 
     Args:
         x: [B, C, H, W] data scaled to [-1, 1].
@@ -52,20 +60,20 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     """
     if x.shape != means.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but means {tuple(means.shape)}")
+    out_dtype = torch.promote_types(x.dtype, means.dtype)
+    x, means, log_scales = x.double(), means.double(), log_scales.double()
     inv_std = torch.exp(-log_scales)
     centered = x - means
     upper = (centered + HALF_BIN) * inv_std
     lower = (centered - HALF_BIN) * inv_std
-    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X <= upper edge)
-    log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X >= lower edge)
-    # P(lower <= X <= upper), from whichever tail keeps precision.
-    mass = torch.where(
-        centered > 0,
-        torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-        torch.special.ndtr(upper) - torch.special.ndtr(lower),
-    )
-    log_mass = torch.log(mass.clamp(min=_MIN_PROB))
+    above = centered > 0
+    # Reflect bins above the mean into the lower tail: same mass, no cancellation.
+    hi = torch.where(above, -lower, upper)
+    lo = torch.where(above, -upper, lower)
+    log_mass = _log_ndtr_diff(hi, lo)
     log_prob = torch.where(
-        x < -_EDGE, log_cdf_upper, torch.where(x > _EDGE, log_sf_lower, log_mass)
+        x < -_EDGE,
+        torch.special.log_ndtr(upper),  # P(X <= upper edge)
+        torch.where(x > _EDGE, torch.special.log_ndtr(-lower), log_mass),  # P(X >= lower edge)
     )
-    return log_prob.clamp(min=math.log(_MIN_PROB))
+    return log_prob.clamp(min=math.log(_MIN_PROB)).to(out_dtype)

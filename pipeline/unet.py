@@ -50,15 +50,60 @@ def _init_(layer: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
             layer.bias.zero_()
 
 
+def memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last if x is laid out so (and not also plain contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that, for float32 on the CPU, always runs oneDNN's convolution.
+
+    PyTorch picks its own or oneDNN's CPU kernel by batch size and thread count (a batch of one,
+    or 1x1 kernels with fewer than 16 images on one thread, take its own), and the two round
+    differently. Calling oneDNN directly makes an image's output independent of the batch it is
+    in, which per-image reproducible sampling needs. GPUs and autocast use F.conv2d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return torch.mkldnn_convolution(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+            )
+        return super().forward(x)
+
+
 def conv(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, init_scale: float = 1.0):
     """Conv2d with 'same' padding for stride 1 (padding 0 for the stride-2 downsampler)."""
-    layer = nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2 if stride == 1 else 0)
+    layer = Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2 if stride == 1 else 0)
     _init_(layer, init_scale)
     return layer
 
 
-def dense(in_features: int, out_features: int, init_scale: float = 1.0) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features)
+class Dense(nn.Linear):
+    """A linear layer computed row by row, so that a row's result does not depend on the batch.
+
+    ``nn.Linear`` hands the whole batch to one GEMM whose blocking (and so its rounding) depends
+    on the batch size; a batched matrix-vector product gives each image the same arithmetic in
+    any batch. Sampling relies on this: an image's samples are bit-identical whatever batch size
+    or number of workers drew them. These layers only see the timestep embedding: the cost is
+    negligible next to the convolutions.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        weight = self.weight.t().expand(B, *self.weight.t().shape)
+        return torch.baddbmm(self.bias.expand(B, 1, -1), x.unsqueeze(1), weight).squeeze(1)
+
+
+def dense(in_features: int, out_features: int, init_scale: float = 1.0) -> Dense:
+    layer = Dense(in_features, out_features)
     _init_(layer, init_scale)
     return layer
 
@@ -97,7 +142,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.norm = norm(channels, groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.qkv = Conv2d(channels, 3 * channels, 1)
         for i in range(3):  # initialise q, k and v like three separate 1x1 layers
             part = nn.Conv2d(channels, channels, 1)
             _init_(part)
@@ -110,7 +155,8 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        h = h.transpose(1, 2).reshape(B, C, H, W)
+        # Back to [B, C, H, W] in x's own memory layout (the view's strides are ambiguous).
+        h = h.transpose(1, 2).reshape(B, C, H, W).contiguous(memory_format=memory_format(x))
         return x + self.proj_out(h)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,6 @@ import torch
 from pipeline.cli import quiet_environment
 
 quiet_environment()
-os.environ.setdefault("TORCH_HOME", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch"))
 
 
 @pytest.fixture(autouse=True)
