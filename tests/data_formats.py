@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -23,6 +24,35 @@ LABEL_NAMES = [
     *(b"airplane", b"automobile", b"bird", b"cat", b"deer"),
     *(b"dog", b"frog", b"horse", b"ship", b"truck"),
 ]
+
+
+def py2_pickle(obj: object) -> bytes:
+    """Protocol-2 pickle bytes as Python 2's cPickle wrote the official archive.
+
+    Strings are Python 2 ``str`` (SHORT_BINSTRING/BINSTRING opcodes, read back as bytes with
+    ``encoding="bytes"``) and arrays refer to ``numpy.core.multiarray._reconstruct``, which
+    Python 3's pickler cannot produce. Handles dicts, lists, ints, bytes and uint8 arrays.
+    """
+    return b"\x80\x02" + _py2(obj) + b"."
+
+
+def _py2(obj: object) -> bytes:
+    if isinstance(obj, dict):
+        return b"}(" + b"".join(_py2(k) + _py2(v) for k, v in obj.items()) + b"u"
+    if isinstance(obj, list):
+        return b"](" + b"".join(_py2(v) for v in obj) + b"e"
+    if isinstance(obj, int):
+        return b"K" + bytes([obj]) if 0 <= obj < 256 else b"J" + struct.pack("<i", obj)
+    if isinstance(obj, bytes):
+        size = len(obj)
+        return b"U" + bytes([size]) + obj if size < 256 else b"T" + struct.pack("<i", size) + obj
+    assert isinstance(obj, np.ndarray) and obj.dtype == np.uint8
+    glob = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+    dtype = b"cnumpy\ndtype\n" + _py2(b"u1") + b"K\x00K\x01\x87R(K\x03" + _py2(b"|")
+    dtype += b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    shape = b"(" + b"".join(_py2(int(d)) for d in obj.shape) + b"t"
+    state = b"(K\x01" + shape + dtype + b"\x89" + _py2(obj.tobytes()) + b"tb"
+    return glob + b"(K\x00t" + _py2(b"b") + b"\x87R" + state
 
 
 def cifar_batch(rng: np.random.Generator, n: int, name: str) -> dict:
@@ -42,11 +72,12 @@ def make_cifar_archive(
     seed: int = 0,
     override: dict[str, dict] | None = None,
     skip: tuple[str, ...] = (),
+    py2: bool = True,
 ) -> tuple[str, dict[str, dict]]:
     """Write a CIFAR-style archive; returns (its md5, {batch name: batch dict}).
 
-    ``override`` replaces entries of a batch dict (e.g. a b'data' of the wrong shape) and
-    ``skip`` leaves members out.
+    ``override`` replaces entries of a batch dict (e.g. a b'data' of the wrong shape), ``skip``
+    leaves members out; ``py2=False`` pickles with Python 3 (protocol 2) instead.
     """
     rng = np.random.default_rng(seed)
     batches = {
@@ -60,7 +91,7 @@ def make_cifar_archive(
         for name, obj in [*batches.items(), ("batches.meta", meta)]:
             if name in skip:
                 continue
-            blob = pickle.dumps(obj, protocol=2)
+            blob = py2_pickle(obj) if py2 else pickle.dumps(obj, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))

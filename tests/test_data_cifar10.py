@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_formats import data_config, make_cifar_archive
+from data_formats import data_config, make_cifar_archive, py2_pickle
 
 from pipeline.data import open_split, prepare, read_manifest
+from pipeline.data.cifar10 import _parse_batch
 from pipeline.errors import ConfigError, DataError
 
 
@@ -134,7 +135,8 @@ def test_missing_member(tmp_path):
 
 def test_refuses_objects_other_than_arrays(tmp_path):
     path = tmp_path / "a.tar.gz"
-    md5, _ = make_cifar_archive(path, override={"data_batch_1": {b"extra": OrderedDict()}})
+    extra = {"data_batch_1": {b"extra": OrderedDict()}}
+    md5, _ = make_cifar_archive(path, override=extra, py2=False)
     assert_fails(
         tmp_path,
         r"data_batch_1 is not a CIFAR10 batch pickle .*collections\.OrderedDict",
@@ -143,15 +145,24 @@ def test_refuses_objects_other_than_arrays(tmp_path):
     )
 
 
-def test_unpickles_protocol_5_arrays(tmp_path):
-    """Batches written by today's pickle (numpy._core names, out-of-band buffers) also read."""
-    from pipeline.data.cifar10 import _parse_batch
-
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_reads_batches_pickled_by_python_3(tmp_path, protocol):
+    """Batches re-pickled by Python 3 (numpy._core names, _codecs bytes, buffers) also read."""
     data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
-    blob = pickle.dumps({b"data": data, b"labels": [3, 4]}, protocol=5)
+    blob = pickle.dumps({b"data": data, b"labels": [3, 4]}, protocol=protocol)
     images, labels = _parse_batch(Path("x"), "data_batch_1", blob)
     np.testing.assert_array_equal(images, expected_images(data))
     np.testing.assert_array_equal(labels, [3, 4])
+
+
+def test_python_2_pickles_are_what_the_fixture_writes():
+    """The fixture's hand-written Python 2 stream is what pickle reads as the batch dict."""
+    data = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    batch = {b"data": data, b"labels": [0, 9, 300], b"batch_label": b"x" * 300}
+    back = pickle.loads(py2_pickle(batch), encoding="bytes")
+    assert back.keys() == batch.keys() and back[b"labels"] == [0, 9, 300]
+    np.testing.assert_array_equal(back[b"data"], data)
+    assert back[b"batch_label"] == b"x" * 300
 
 
 def test_resolution_must_be_32(tmp_path):

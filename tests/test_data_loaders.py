@@ -129,13 +129,15 @@ def stream(seed: int, n: int, epochs: int) -> np.ndarray:
     return np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(epochs)])
 
 
-def test_batches_follow_the_epoch_stream_across_epoch_boundaries(prepared):
+@pytest.mark.parametrize("global_batch", [4, 40])
+def test_batches_follow_the_epoch_stream_across_epoch_boundaries(prepared, global_batch):
     images = open_split(prepared[0], "train")  # N = 15
-    batches = TrainBatches(images, global_batch=4, seed=3, random_flip=False)
-    expected = stream(3, 15, epochs=4)
-    for step in range(12):  # 48 positions: batches 3, 7 and 11 span two epochs
+    batches = TrainBatches(images, global_batch, seed=3, random_flip=False)
+    b = global_batch
+    expected = stream(3, 15, epochs=12 * b // 15 + 1)
+    for step in range(12):  # b = 4: batches 3, 7, 11 span two epochs; b = 40: every one spans 3+
         indices, flips = batches.indices(step)
-        np.testing.assert_array_equal(indices, expected[4 * step : 4 * step + 4])
+        np.testing.assert_array_equal(indices, expected[b * step : b * step + b])
         assert not flips.any()
         np.testing.assert_array_equal(batches.batch(step), to_model_input(prepared[1][indices]))
     assert sorted(expected[:15]) == list(range(15))
