@@ -79,7 +79,7 @@ def download(url: str, path: Path, where: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp:
             total = int(response.headers.get("Content-Length") or 0) or None
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}")
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=None)
             with tmp.open("wb") as f, bar:
                 while block := response.read(1 << 20):
                     f.write(block)
