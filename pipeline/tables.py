@@ -35,7 +35,9 @@ def read_runs(experiment: str, run_ids: dict[str, str]) -> pd.DataFrame:
     import mlflow
 
     ids = ", ".join(f"'{r}'" for r in run_ids.values())
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_id IN ({ids})")
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string=f"attributes.run_id IN ({ids})"
+    )
     if runs.empty:
         return pd.DataFrame(index=pd.Index([], name="variant"))
     return runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant")
@@ -46,7 +48,8 @@ def _value(runs: pd.DataFrame, variant: str, metric: str) -> float | None:
     if variant not in runs.index or column not in runs.columns:
         return None
     value = runs.at[variant, column]
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return None if missing else float(value)
 
 
 def _note(runs: pd.DataFrame, variant: str, *, paper_empty: bool = False) -> str:
@@ -144,7 +147,7 @@ def _cell(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, float):
-        return f"{value:+.3f}" if False else f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.3f}"
+        return f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.3f}"
     return str(value)
 
 
