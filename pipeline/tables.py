@@ -148,7 +148,7 @@ def _cell(value: object) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.3f}"
-    return str(value)
+    return str(value).replace("|", "\\|")  # a literal pipe would split the cell
 
 
 def to_markdown(table: pd.DataFrame, title: str) -> str:
@@ -157,11 +157,11 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
     lines = [f"## {title}", "", "| " + " | ".join(columns) + " | note |"]
     lines.append("|" + " --- |" * (len(columns) + 1))
     for _, row in table.iterrows():
-        cells = [_cell(row[c]) for c in columns] + [row.get("note") or ""]
+        cells = [_cell(row[c]) for c in columns] + [_cell(row.get("note") or "")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "diff = ours - paper; — = no value.", ""]
     if table["note"].str.contains(STAND_IN_NOTE, regex=False).any():
-        lines.append(f"**Stand-in rows are {STAND_IN_NOTE}.**")
+        lines.append(f"**Rows noted stand-in are {STAND_IN_NOTE.removeprefix('stand-in, ')}.**")
     return "\n".join(lines) + "\n"
 
 
