@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
+from torch_fidelity.defaults import DEFAULTS as TORCH_FIDELITY_DEFAULTS
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
@@ -372,8 +373,11 @@ def _calculate(
 ) -> dict[str, float]:
     """torch_fidelity.calculate_metrics with this project's extractor, weights and cache.
 
-    Every keyword is one that torch-fidelity 0.4.0 reads (it silently ignores unknown ones).
+    torch-fidelity silently ignores keywords it does not know, so a misspelt one is a bug here.
     """
+    unknown = set(kwargs) - set(TORCH_FIDELITY_DEFAULTS)
+    if unknown:
+        raise TypeError(f"not torch-fidelity keywords: {', '.join(sorted(unknown))}")
     cuda = _use_cuda(device)
     with _torch_threads(None if cuda else threads):
         return torch_fidelity.calculate_metrics(
