@@ -73,6 +73,16 @@ def test_resume_from_a_checkpoint_is_bit_exact(data, tmp_path):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
+@pytest.mark.parametrize("variant", ["eps_learned_kl", "xprev_fixed_kl"])
+def test_bf16_channels_last_and_the_bound_train(data, tmp_path, variant):
+    j = job(data, tmp_path, steps=4, checkpoint_every=4, bf16=True, channels_last=True)
+    j = dataclasses.replace(j, variant=j.cfg.variant(variant))
+    session = LocalSession(tmp_path / "ck")
+    assert run_worker(j, session)["status"] == "finished"
+    (report,) = session.reports
+    assert report["step"] == 4 and 0 < report["loss"] < float("inf")
+
+
 def test_non_finite_loss_stops_before_saving(data, tmp_path):
     session = LocalSession(tmp_path / "ck")
     outcome = run_worker(

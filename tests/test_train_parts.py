@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
@@ -148,11 +149,9 @@ def test_fault_spec_fires_once(tmp_path, monkeypatch):
         faults.from_environment()
 
 
-def test_progress_lines_without_a_terminal(capsys):
-    import io
-
+def test_progress_lines_without_a_terminal():
     stream = io.StringIO()
-    display = ProgressDisplay("train v", board=None, total=100, stream=stream)
+    display = ProgressDisplay("train v", total=100, stream=stream)
     display.show({"event": "start", "step": 40, "total": 100})
     display.show(
         {"event": "interval", "step": 60, "loss": 0.5, "steps_per_s": 2.0, "images_per_s": 256}

@@ -10,8 +10,11 @@
 - :mod:`~pipeline.training.divergence`: interval statistics and the NaN/inf stop.
 - :mod:`~pipeline.training.identity`: run names, storage, the MLflow run record.
 - :mod:`~pipeline.training.export`: models/<variant>/ (ema.pt, model.pt, model.json).
-- :mod:`~pipeline.training.session`, :mod:`~pipeline.training.monitor`,
-  :mod:`~pipeline.training.progress`, :mod:`~pipeline.training.faults` (test-only hook).
+- :mod:`~pipeline.training.monitor` (rank 0's interval metrics) ->
+  :mod:`~pipeline.training.progress` (driver: display) and :mod:`~pipeline.training.curves`
+  (driver: MLflow).
+- :mod:`~pipeline.training.session` (Ray Train worker or this process),
+  :mod:`~pipeline.training.faults` (test-only hook).
 """
 
 from pipeline.training.divergence import TrainingDivergedError

@@ -44,8 +44,6 @@ class TrainJob:
     data_dir: str  # prepared data folder
     run_dir: str  # the Ray run's storage folder (test-fault markers)
     run: dict[str, str]  # run identity: {"name", "config_hash"}
-    mlflow_uri: str | None = None
-    mlflow_run_id: str | None = None
     board: Any = None  # progress actor handle (pipeline.training.progress), or None
     fault: faults.Fault | None = None  # test-only
 
@@ -132,9 +130,7 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     )
     shape = (train.batch_size, 3, cfg.data.resolution, cfg.data.resolution)
     stats = IntervalStats(session.device)
-    monitor = Monitor(
-        session.rank == 0, train.batch_size, job.mlflow_uri, job.mlflow_run_id, job.board
-    )
+    monitor = Monitor(session.rank == 0, train.batch_size, job.board)
     monitor.start(start, train.steps)
     model.train()
     for step in range(start, train.steps):
@@ -160,9 +156,11 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
             interval = stats.close()
             metrics = monitor.interval(done, interval, state.schedule.get_last_lr()[0])
             if interval.first_bad_step is not None:
+                monitor.close()
                 return _outcome("diverged", start, done, interval.first_bad_step)
             if checkpoint:
                 _report_checkpoint(session, state, job, {"step": done, **metrics})
+    monitor.close()
     return _outcome("finished", start, state.step, None)
 
 

@@ -1,43 +1,29 @@
-"""Rank 0's account of training: metrics per logging interval to MLflow and to the driver.
+"""Rank 0's account of training: the metrics of each logging interval, sent to the driver.
 
 Per interval: ``loss`` (mean over the interval and the global batch), ``lr``, ``grad_norm``
-(mean, before clipping), ``steps_per_s`` and ``images_per_s`` (wall clock, global batch), all at
-MLflow step = optimiser steps done. The same numbers go to the driver's progress board (a Ray
-actor, see :mod:`pipeline.training.progress`). A tracking store that fails is warned about once
-and does not stop training.
+(mean, before clipping), ``steps_per_s`` and ``images_per_s`` (wall clock, global batch), at
+step = optimiser steps done. They go to the driver's progress board (a Ray actor, see
+:mod:`pipeline.training.progress`), which shows them and logs them to the variant's MLflow run:
+the workers never need to reach the tracking store (a SQLite file on the driver's machine, by
+default).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 from pipeline.training.divergence import Interval
 
-log = logging.getLogger(__name__)
-
 
 class Monitor:
-    """Logs intervals when ``enabled`` (rank 0); a no-op on the other ranks."""
+    """Sends interval metrics to ``board`` when ``enabled`` (rank 0); a no-op elsewhere."""
 
-    def __init__(
-        self,
-        enabled: bool,
-        global_batch: int,
-        mlflow_uri: str | None = None,
-        mlflow_run_id: str | None = None,
-        board: Any = None,
-    ):
-        self.enabled, self.global_batch, self.board = enabled, global_batch, board
-        self.run_id = mlflow_run_id if enabled else None
-        self.client = None
-        if self.run_id:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=mlflow_uri)
-        self._warned = False
+    def __init__(self, enabled: bool, global_batch: int, board: Any = None):
+        self.enabled, self.global_batch = enabled, global_batch
+        self.board = board if enabled else None
         self._clock = time.perf_counter()
+        self._last: Any = None  # the last push (an ObjectRef)
 
     def start(self, step: int, total: int) -> None:
         """Training (re)starts at ``step`` of ``total``; the clock starts now."""
@@ -45,7 +31,7 @@ class Monitor:
         self._push({"event": "start", "step": step, "total": total})
 
     def interval(self, step: int, stats: Interval, lr: float) -> dict[str, float]:
-        """Log the interval that ended after ``step`` optimiser steps; returns its metrics."""
+        """The metrics of the interval that ended after ``step`` optimiser steps (and send them)."""
         now = time.perf_counter()
         steps_per_s = stats.steps / max(now - self._clock, 1e-9)
         self._clock = now
@@ -56,25 +42,16 @@ class Monitor:
             "steps_per_s": steps_per_s,
             "images_per_s": steps_per_s * self.global_batch,
         }
-        if self.enabled:
-            self._log_mlflow(step, metrics)
-            self._push({"event": "interval", "step": step, **metrics})
+        self._push({"event": "interval", "step": step, **metrics})
         return metrics
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait until the board has everything sent (pushes from one caller arrive in order)."""
+        if self._last is not None:
+            import ray
+
+            ray.wait([self._last], timeout=timeout)
+
     def _push(self, update: dict[str, Any]) -> None:
-        if self.enabled and self.board is not None:
-            self.board.push.remote(update)
-
-    def _log_mlflow(self, step: int, metrics: dict[str, float]) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        try:
-            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-        except Exception as e:  # a tracking outage must not stop a long run
-            if not self._warned:
-                log.warning("MLflow logging failed (training continues): %s", e)
-                self._warned = True
+        if self.board is not None:
+            self._last = self.board.push.remote(update)

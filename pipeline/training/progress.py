@@ -1,18 +1,23 @@
-"""The driver's progress display, fed by rank 0 through a small Ray actor.
+"""Progress from rank 0 to the driver: a small Ray actor, a polling thread, a display.
 
-Rank 0 pushes an update per logging interval to :class:`ProgressBoard` (a zero-CPU actor);
-a driver thread drains it twice a second and shows a tqdm bar on a terminal, or one line per
-interval otherwise (DVC logs, CI): step, loss, steps/s, images/s and the ETA.
+Rank 0 pushes one update per logging interval (and one when training starts or restarts) to
+:class:`ProgressBoard`, a zero-CPU actor. On the driver, :class:`BoardReader` drains it twice a
+second while ``fit()`` runs and hands each update to its sinks: :class:`ProgressDisplay` (a tqdm
+bar on a terminal, one line per interval otherwise: DVC logs, CI) and the MLflow curves
+(:mod:`pipeline.training.curves`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import ray
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -30,6 +35,47 @@ class ProgressBoard:
         return updates
 
 
+class Sink(Protocol):
+    def show(self, update: dict[str, Any]) -> None: ...
+
+
+class BoardReader:
+    """While in its ``with`` block, feeds the board's updates to ``sinks`` (and once at exit)."""
+
+    def __init__(self, board: Any, sinks: list[Sink], every: float = 0.5):
+        self.board, self.sinks, self.every = board, sinks, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BoardReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.poll()
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        """Take the board's updates and hand them to every sink."""
+        try:
+            updates = ray.get(self.board.take.remote(), timeout=10)
+        except Exception as e:  # progress must never break training
+            log.debug("progress board unavailable: %s", e)
+            return
+        for update in updates:
+            for sink in self.sinks:
+                sink.show(update)
+
+
 def format_eta(seconds: float) -> str:
     """1h02m, 3m05s or 42s."""
     seconds = max(int(seconds), 0)
@@ -41,53 +87,29 @@ def format_eta(seconds: float) -> str:
 
 
 class ProgressDisplay:
-    """Shows what arrives on a board while the driver waits in ``fit()``."""
+    """Shows step, loss, speed and ETA: a tqdm bar on a terminal, else a line per interval."""
 
-    def __init__(self, label: str, board: Any, total: int, stream: TextIO | None = None):
-        self.label, self.board, self.total = label, board, total
+    def __init__(self, label: str, total: int, stream: TextIO | None = None):
+        self.label, self.total = label, total
         self.stream = stream or sys.stderr
         self.starts: list[int] = []  # the steps training started (and restarted) at
-        self.last: dict[str, Any] = {}
         self._bar: tqdm | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ProgressDisplay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.poll()
-        if self._bar is not None:
-            self._bar.close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self.poll()
-
-    def poll(self) -> None:
-        """Take the board's updates and show them."""
-        try:
-            updates = ray.get(self.board.take.remote(), timeout=10)
-        except Exception:  # the display must never break training
-            return
-        for update in updates:
-            self.show(update)
 
     def show(self, update: dict[str, Any]) -> None:
         if update["event"] == "start":
             self._started(update["step"])
         else:
-            self.last = update
             self._interval(update)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
     def _started(self, step: int) -> None:
         restarted = bool(self.starts)
         self.starts.append(step)
-        word = "restarted" if restarted else "resumed"
         if step or restarted:
+            word = "restarted" if restarted else "resumed"
             self._write(f"{self.label}: {word} from the checkpoint at step {step}")
         if self._bar is not None:
             self._bar.reset(self.total)

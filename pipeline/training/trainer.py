@@ -15,6 +15,7 @@ On a cluster of several nodes, ``checkpoints/`` must be on storage every node se
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pipeline.errors import ConfigError
 from pipeline.layout import checkpoint_dir, data_dir, model_dir
 from pipeline.raycluster import init_ray
 from pipeline.training import faults
+from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
 from pipeline.training.export import export_weights
 from pipeline.training.identity import (
@@ -37,7 +39,7 @@ from pipeline.training.identity import (
     write_identity,
 )
 from pipeline.training.loop import TrainJob, train_loop_per_worker
-from pipeline.training.progress import ProgressBoard, ProgressDisplay
+from pipeline.training.progress import BoardReader, ProgressBoard, ProgressDisplay
 
 # Each ray.train.report waits about this long for the controller (Ray's default is 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -146,38 +148,48 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     data = root / data_dir(cfg.scale)
     check_data(cfg, data)
     run = run_identity(cfg, variant, data)
-    storage = root / checkpoint_dir(variant.name)
-    run_dir = storage / run["name"]
+    run_dir = root / checkpoint_dir(variant.name) / run["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_identity(run_dir, cfg, variant, data)
     uri, run_id = open_mlflow_run(cfg, variant, run_dir, root)
-    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
-    init_ray(cfg.ray)
-    board = ProgressBoard.remote()
-    job = TrainJob(
-        cfg, variant, str(data), str(run_dir), run, uri, run_id, board, faults.from_environment()
-    )
-    trainer = make_trainer(cfg, job, storage, run["name"])
     start = time.perf_counter()
-    with ProgressDisplay(f"train {variant.name}", board, cfg.train.steps) as display:
-        try:
-            result = trainer.fit()
-        except Exception:
-            _mark_run(uri, run_id, "failed")
-            raise
+    job = TrainJob(cfg, variant, str(data), str(run_dir), run, fault=faults.from_environment())
+    result, starts = fit(job, uri, run_id)
     seconds = time.perf_counter() - start
-    outcome = result.return_value
-    if outcome["status"] == "diverged":
+    if result.return_value["status"] == "diverged":
         _mark_run(uri, run_id, "diverged")
-        raise TrainingDivergedError(_diverged_message(outcome["bad_step"], result))
+        raise TrainingDivergedError(_diverged_message(result.return_value["bad_step"], result))
     out = root / model_dir(variant.name)
     with result.checkpoint.as_directory() as folder:
         info = export_weights(folder, out, cfg, variant, run, run_id)
     _mark_run(uri, run_id, "finished")
-    starts = display.starts or [outcome["start"]]
     return TrainSummary(
         variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
     )
+
+
+def fit(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
+    """Run the job's TorchTrainer, showing progress and logging curves to the MLflow run.
+
+    Returns Ray's result and the steps the workers started (and restarted) at.
+    """
+    import ray
+
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
+    init_ray(job.cfg.ray)
+    board = ProgressBoard.remote()
+    job = dataclasses.replace(job, board=board)
+    trainer = make_trainer(job.cfg, job, Path(job.run_dir).parent, job.run["name"])
+    display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
+    try:
+        with BoardReader(board, [display, MlflowCurves(uri, run_id)]):
+            result = trainer.fit()
+    except Exception:
+        _mark_run(uri, run_id, "failed")
+        raise
+    finally:
+        ray.kill(board)
+    return result, display.starts or [result.return_value["start"]]
 
 
 def _diverged_message(bad_step: int, result: Any) -> str:
