@@ -5,8 +5,8 @@ checkpoints every 4 steps (train_project.TRAIN), in its own project folder. The 
 an uninterrupted 2-worker run; with dropout 0 (the tiny preset) and the per-step randomness of
 pipeline.training.randomness, a run whose worker fails once must match it bit for bit, and one
 worker with the whole batch must match it to float rounding. Each run costs 15-50 s here (Ray
-Train's start-up dominates): the default suite keeps the reference and the failure; the rest
-is marked slow.
+Train's start-up dominates): the default suite keeps the reference run (two workers, gloo);
+the rest is marked slow.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def test_one_worker_with_the_whole_batch_matches_two_workers(reference, tmp_path
         assert difference < 1e-3 * update, (name, difference.item(), update.item())
 
 
+@pytest.mark.slow
 def test_a_failed_worker_is_restarted_and_changes_nothing(reference, tmp_path, monkeypatch):
     retried = train(tmp_path, monkeypatch, fault="fail:1:6")
     assert retried.restarts == [4]  # rank 1 failed at step 6: all restarted from step 4
@@ -105,12 +106,12 @@ def test_a_failed_worker_is_restarted_and_changes_nothing(reference, tmp_path, m
 @pytest.mark.slow
 def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingDivergedError) as error:
-        train(tmp_path, monkeypatch, fault="nan:1:6")
+        train(tmp_path, monkeypatch, fault="nan:1:6")  # before step 6, counting from 0
     folder = tmp_path / "checkpoints" / VARIANT
     (run_dir,) = folder.iterdir()
     assert str(error.value) == (
-        "training diverged: the loss or the gradient norm became NaN or infinite at step 6; "
-        f"last good checkpoint: step 4 at {run_dir / 'checkpoint_000000004'}"
+        "training diverged: the loss or the gradient norm became NaN or infinite in step 7 of 12;"
+        f" last good checkpoint: after step 4, {run_dir / 'checkpoint_000000004'}"
     )
     assert not (tmp_path / "models").exists()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

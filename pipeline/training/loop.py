@@ -107,66 +107,72 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     """Train from the latest checkpoint to ``train.steps``; returns the outcome.
 
-    Returns ``{"status": "finished" | "diverged", "start": step resumed at, "step": last step,
-    "bad_step": first non-finite step or None}`` (rank 0's is Ray's ``result.return_value``).
+    Returns ``{"status": "finished" | "diverged", "start": step resumed at, "step": steps done,
+    "bad_step": first non-finite step (0-based) or None}``; rank 0's is Ray's
+    ``result.return_value``.
     """
-    cfg, train = job.cfg, job.cfg.train
+    train = job.cfg.train
     if session.device.type == "cpu":
         torch.set_num_threads(train.torch_threads)
-    state = make_state(cfg, job.variant, session.device)
+    state = make_state(job.cfg, job.variant, session.device)
     with session.latest_checkpoint() as folder:
         if folder is not None:
             load_checkpoint(folder, state, job.run)
     start = state.step
     model = session.wrap(state.model)
-    diffusion = make_diffusion(cfg, job.variant)
-    batches = TrainBatches(
-        open_split(job.data_dir, "train"),
-        train.batch_size,
-        session.rank,
-        session.world_size,
-        train.seed,
-        cfg.data.random_flip,
-    )
-    shape = (train.batch_size, 3, cfg.data.resolution, cfg.data.resolution)
+    diffusion = make_diffusion(job.cfg, job.variant)
+    inputs = StepInputs(job, session)
     stats = IntervalStats(session.device)
     monitor = Monitor(session.rank == 0, train.batch_size, job.board)
     monitor.start(start, train.steps)
     model.train()
     for step in range(start, train.steps):
         faults.maybe_inject(job.fault, job.run_dir, session.rank, step, state.model)
-        x_start = _to_device(batches.batch(step), session.device, train.channels_last)
-        t, noise = diffusion_inputs(
-            train.seed, step, cfg.diffusion.num_timesteps, shape, session.rank, session.world_size
-        )
-        seed_dropout(train.seed, step, session.rank)
-        loss, grad_norm = train_step(
-            model,
-            state,
-            diffusion,
-            x_start,
-            t.to(session.device),
-            _to_device(noise, session.device, train.channels_last),
-            cfg,
-        )
+        loss, grad_norm = train_step(model, state, diffusion, *inputs(step), job.cfg)
         stats.add(step, loss, grad_norm)
-        done = step + 1
-        checkpoint = done % train.checkpoint_every == 0 or done == train.steps
-        if done % train.log_every == 0 or checkpoint:
+        checkpoint = state.step % train.checkpoint_every == 0 or state.step == train.steps
+        if state.step % train.log_every == 0 or checkpoint:
             interval = stats.close()
-            metrics = monitor.interval(done, interval, state.schedule.get_last_lr()[0])
+            metrics = monitor.interval(state.step, interval, state.schedule.get_last_lr()[0])
             if interval.first_bad_step is not None:
                 monitor.close()
-                return _outcome("diverged", start, done, interval.first_bad_step)
+                return _outcome("diverged", start, state.step, interval.first_bad_step)
             if checkpoint:
-                _report_checkpoint(session, state, job, {"step": done, **metrics})
+                _report_checkpoint(session, state, job, {"step": state.step, **metrics})
     monitor.close()
     return _outcome("finished", start, state.step, None)
 
 
-def _to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+class StepInputs:
+    """This rank's x_0, t and noise of a step, on the session's device (see the module doc)."""
+
+    def __init__(self, job: TrainJob, session: Session):
+        cfg, train = job.cfg, job.cfg.train
+        self.batches = TrainBatches(
+            open_split(job.data_dir, "train"),
+            train.batch_size,
+            session.rank,
+            session.world_size,
+            train.seed,
+            cfg.data.random_flip,
+        )
+        self.shape = (train.batch_size, 3, cfg.data.resolution, cfg.data.resolution)
+        self.num_timesteps, self.seed = cfg.diffusion.num_timesteps, train.seed
+        self.rank, self.world_size = session.rank, session.world_size
+        self.device, self.channels_last = session.device, train.channels_last
+
+    def __call__(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_start, t, noise) of ``step``; also reseeds dropout for it."""
+        x_start = self._to_device(self.batches.batch(step))
+        t, noise = diffusion_inputs(
+            self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size
+        )
+        seed_dropout(self.seed, step, self.rank)
+        return x_start, t.to(self.device), self._to_device(noise)
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
 
 
 def _report_checkpoint(

@@ -95,12 +95,12 @@ def check_data(cfg: Config, folder: Path) -> int:
     return len(images)
 
 
-def make_trainer(cfg: Config, job: TrainJob, storage: Path, name: str) -> Any:
+def make_trainer(job: TrainJob) -> Any:
     """The TorchTrainer of a job: scaling, backend, storage, checkpoints and retries."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t = cfg.train
+    t = job.cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -110,8 +110,8 @@ def make_trainer(cfg: Config, job: TrainJob, storage: Path, name: str) -> Any:
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
+            name=job.run["name"],
+            storage_path=str(Path(job.run_dir).parent),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -158,7 +158,7 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     seconds = time.perf_counter() - start
     if result.return_value["status"] == "diverged":
         _mark_run(uri, run_id, "diverged")
-        raise TrainingDivergedError(_diverged_message(result.return_value["bad_step"], result))
+        raise TrainingDivergedError(_diverged_message(result, cfg.train.steps))
     out = root / model_dir(variant.name)
     with result.checkpoint.as_directory() as folder:
         info = export_weights(folder, out, cfg, variant, run, run_id)
@@ -179,7 +179,7 @@ def fit(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
     init_ray(job.cfg.ray)
     board = ProgressBoard.remote()
     job = dataclasses.replace(job, board=board)
-    trainer = make_trainer(job.cfg, job, Path(job.run_dir).parent, job.run["name"])
+    trainer = make_trainer(job)
     display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
     try:
         with BoardReader(board, [display, MlflowCurves(uri, run_id)]):
@@ -192,14 +192,16 @@ def fit(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
     return result, display.starts or [result.return_value["start"]]
 
 
-def _diverged_message(bad_step: int, result: Any) -> str:
+def _diverged_message(result: Any, steps: int) -> str:
+    """One line: in which step (1-based) it diverged, and the last good checkpoint."""
+    bad = result.return_value["bad_step"] + 1
     if result.checkpoint is None:
-        last = "none (no checkpoint was saved before it)"
+        last = "none was saved before it"
     else:
-        last = f"step {result.metrics['step']} at {result.checkpoint.path}"
+        last = f"after step {result.metrics['step']}, {result.checkpoint.path}"
     return (
-        f"training diverged: the loss or the gradient norm became NaN or infinite at step "
-        f"{bad_step}; last good checkpoint: {last}"
+        f"training diverged: the loss or the gradient norm became NaN or infinite in step "
+        f"{bad} of {steps}; last good checkpoint: {last}"
     )
 
 
