@@ -84,11 +84,14 @@ def run_tags(cfg: Config, variant: Variant) -> dict[str, str]:
     return tags
 
 
-def start_variant_run(cfg: Config, variant: Variant) -> str:
-    """Create the variant's run with its params and tags; returns the run id."""
+def start_variant_run(cfg: Config, variant: Variant, root: Path | None = None) -> str:
+    """Create the variant's run with its params and tags; returns the run id.
+
+    ``root`` is the project folder of the default store (default: the working directory).
+    """
     import mlflow
 
-    experiment_id = setup(cfg)
+    experiment_id = setup(cfg, root)
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=f"{cfg.scale}/{variant.name}",

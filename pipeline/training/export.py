@@ -1,0 +1,74 @@
+"""The train stage's output: a finished run's weights in ``models/<variant>/``, atomically.
+
+::
+
+    models/<variant>/
+      ema.pt      the EMA weights (what sampling and evaluation load, pipeline.weights)
+      model.pt    the raw weights at the same step
+      model.json  variant, types, scale, steps, resolution, mlflow_run_id, ema_sha256, ...
+
+The folder is written to a temporary sibling and renamed into place (pipeline.atomic), so an
+interrupted export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.config import Config, Variant
+from pipeline.training.checkpoint import read_checkpoint
+from pipeline.training.loop import make_diffusion
+from pipeline.unet import build_unet
+from pipeline.weights import save_weights, sha256_file
+
+
+def export_weights(
+    checkpoint: str | Path,
+    out: str | Path,
+    cfg: Config,
+    variant: Variant,
+    run: dict[str, str],
+    mlflow_run_id: str | None,
+) -> dict[str, Any]:
+    """Write ema.pt, model.pt and model.json from a checkpoint folder; returns model.json."""
+    payload = read_checkpoint(checkpoint)
+    step = int(payload["step"])
+    meta = {
+        "variant": variant.name,
+        "mean_type": variant.mean_type,
+        "var_type": variant.var_type,
+        "loss_type": variant.loss_type,
+        "scale": cfg.scale,
+        "diffusion": dataclasses.asdict(cfg.diffusion),
+        "step": step,
+        "run_name": run["name"],
+        "source": "trained",
+    }
+    out_channels = make_diffusion(cfg, variant).model_output_channels(3)
+    net = build_unet(cfg.model, cfg.data.resolution, out_channels=out_channels)
+    with atomic_dir(out) as tmp:
+        for name, key in (("ema.pt", "ema"), ("model.pt", "model")):
+            net.load_state_dict(payload[key])
+            save_weights(tmp / name, net, {**meta, "weights": key})
+        info = {
+            "variant": variant.name,
+            "mean_type": variant.mean_type,
+            "var_type": variant.var_type,
+            "loss_type": variant.loss_type,
+            "scale": cfg.scale,
+            "resolution": cfg.data.resolution,
+            "steps": step,
+            "mlflow_run_id": mlflow_run_id,
+            "ema_sha256": sha256_file(tmp / "ema.pt"),
+            "model_sha256": sha256_file(tmp / "model.pt"),
+            "source": "trained",
+            "train_config_hash": run["config_hash"],
+            "run_name": run["name"],
+            "ema_decay": cfg.train.ema_decay,
+            "stand_in": cfg.stand_in_reasons(),
+        }
+        write_json(tmp / "model.json", info)
+    return info

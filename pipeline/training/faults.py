@@ -1,0 +1,77 @@
+"""TEST-ONLY fault injection: make one worker fail, hang or diverge once at a given step.
+
+Set ``DDPM_TEST_FAULT`` in the driver's environment (the driver forwards it to the workers):
+
+    fail:RANK:STEP   rank RANK raises InjectedFaultError before optimiser step STEP
+    hang:RANK:STEP   rank RANK sleeps before step STEP until the process is killed
+    nan:RANK:STEP    rank RANK sets one weight to NaN before step STEP (training diverges)
+
+Each fault fires once per run: a marker file in the run's storage folder remembers it, so the
+retry (Ray Train's FailureConfig) or the rerun after a kill goes through. Never set it outside
+tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ENV = "DDPM_TEST_FAULT"
+
+
+class InjectedFaultError(RuntimeError):
+    """The failure that ``fail:RANK:STEP`` raises (test-only)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str  # fail | hang | nan
+    rank: int
+    step: int
+
+    def marker(self, run_dir: str | Path) -> Path:
+        return Path(run_dir) / f".test-fault-{self.action}-{self.rank}-{self.step}"
+
+
+def from_environment() -> Fault | None:
+    """The fault that ``DDPM_TEST_FAULT`` asks for, or None."""
+    spec = os.environ.get(ENV)
+    return parse(spec) if spec else None
+
+
+def parse(spec: str) -> Fault:
+    """``ACTION:RANK:STEP`` as a Fault; ValueError when malformed."""
+    try:
+        action, rank, step = spec.split(":")
+        if action not in ("fail", "hang", "nan"):
+            raise ValueError(action)
+        return Fault(action, int(rank), int(step))
+    except ValueError:
+        raise ValueError(f"{ENV}={spec!r}: expected fail|hang|nan:RANK:STEP") from None
+
+
+def maybe_inject(
+    fault: Fault | None, run_dir: str | Path, rank: int, step: int, model: nn.Module
+) -> None:
+    """Fire ``fault`` if it is this rank's and step's and has not fired in this run yet."""
+    if fault is None or (fault.rank, fault.step) != (rank, step):
+        return
+    marker = fault.marker(run_dir)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    if fault.action == "fail":
+        raise InjectedFaultError(f"test-only fault injected on rank {rank} at step {step}")
+    if fault.action == "nan":
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = math.nan
+        return
+    while True:  # hang: wait to be killed
+        time.sleep(1.0)

@@ -1,0 +1,79 @@
+"""A training run's identity: its name, where Ray Train stores it, and its MLflow run.
+
+The run name is ``<variant>-<hash>``, the hash taken over everything that changes the trained
+weights: the training images (the train split's checksums) and the flip setting, the model and
+diffusion sections, the train section less the keys that only shape the cluster or the
+logging (:data:`NOT_IN_IDENTITY`), and the variant. Ray Train stores the run in
+``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()`` resume from the
+run's last checkpoint, so the same params after a crash continue, and changed params start a
+new run (they never continue stale weights). The MLflow run id lives in that folder too
+(``mlflow_run.json``), so a resumed run logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_json
+from pipeline.config import Config, Variant, config_hash
+from pipeline.data import read_manifest
+
+# Train keys that do not change the weights (beyond float rounding): the cluster's shape,
+# threads and memory layout, retries, logging and checkpoint cadence.
+NOT_IN_IDENTITY = (
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "torch_threads",
+    "channels_last",
+    "max_failures",
+)
+MLFLOW_RECORD = "mlflow_run.json"
+IDENTITY_RECORD = "identity.json"
+
+
+def identity_payload(cfg: Config, variant: Variant, data_dir: str | Path) -> dict[str, Any]:
+    """What the run name hashes (JSON-able)."""
+    train_split = read_manifest(data_dir)["splits"].get("train", {})
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_IDENTITY}
+    return {
+        "data": {
+            "train_files": [f.get("sha256") for f in train_split.get("files", [])],
+            "resolution": cfg.data.resolution,
+            "random_flip": cfg.data.random_flip,
+        },
+        **cfg.section_dict("model", "diffusion"),
+        "train": train,
+        "variant": dataclasses.asdict(variant),
+    }
+
+
+def run_identity(cfg: Config, variant: Variant, data_dir: str | Path) -> dict[str, str]:
+    """``{"name": "<variant>-<hash>", "config_hash": "<hash>"}``."""
+    digest = config_hash(identity_payload(cfg, variant, data_dir))
+    return {"name": f"{variant.name}-{digest}", "config_hash": digest}
+
+
+def write_identity(run_dir: Path, cfg: Config, variant: Variant, data_dir: str | Path) -> None:
+    """Record what the run's name stands for (for people reading the storage folder)."""
+    write_json(run_dir / IDENTITY_RECORD, identity_payload(cfg, variant, data_dir))
+
+
+def recorded_mlflow_run(run_dir: Path, tracking_uri: str) -> str | None:
+    """The MLflow run id recorded for this Ray run in this tracking store, if any."""
+    path = run_dir / MLFLOW_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["run_id"] if record.get("tracking_uri") == tracking_uri else None
+
+
+def record_mlflow_run(run_dir: Path, tracking_uri: str, run_id: str) -> None:
+    write_json(run_dir / MLFLOW_RECORD, {"tracking_uri": tracking_uri, "run_id": run_id})

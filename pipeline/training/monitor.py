@@ -1,0 +1,57 @@
+"""Rank 0's account of training: the metrics of each logging interval, sent to the driver.
+
+Per interval: ``loss`` (mean over the interval and the global batch), ``lr``, ``grad_norm``
+(mean, before clipping), ``steps_per_s`` and ``images_per_s`` (wall clock, global batch), at
+step = optimiser steps done. They go to the driver's progress board (a Ray actor, see
+:mod:`pipeline.training.progress`), which shows them and logs them to the variant's MLflow run:
+the workers never need to reach the tracking store (a SQLite file on the driver's machine, by
+default).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline.training.divergence import Interval
+
+
+class Monitor:
+    """Sends interval metrics to ``board`` when ``enabled`` (rank 0); a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, global_batch: int, board: Any = None):
+        self.enabled, self.global_batch = enabled, global_batch
+        self.board = board if enabled else None
+        self._clock = time.perf_counter()
+        self._last: Any = None  # the last push (an ObjectRef)
+
+    def start(self, step: int, total: int) -> None:
+        """Training (re)starts at ``step`` of ``total``; the clock starts now."""
+        self._clock = time.perf_counter()
+        self._push({"event": "start", "step": step, "total": total})
+
+    def interval(self, step: int, stats: Interval, lr: float) -> dict[str, float]:
+        """The metrics of the interval that ended after ``step`` optimiser steps (and send them)."""
+        now = time.perf_counter()
+        steps_per_s = stats.steps / max(now - self._clock, 1e-9)
+        self._clock = now
+        metrics = {
+            "loss": stats.loss,
+            "lr": lr,
+            "grad_norm": stats.grad_norm,
+            "steps_per_s": steps_per_s,
+            "images_per_s": steps_per_s * self.global_batch,
+        }
+        self._push({"event": "interval", "step": step, **metrics})
+        return metrics
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait until the board has everything sent (pushes from one caller arrive in order)."""
+        if self._last is not None:
+            import ray
+
+            ray.wait([self._last], timeout=timeout)
+
+    def _push(self, update: dict[str, Any]) -> None:
+        if self.board is not None:
+            self._last = self.board.push.remote(update)

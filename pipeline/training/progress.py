@@ -1,0 +1,137 @@
+"""Progress from rank 0 to the driver: a small Ray actor, a polling thread, a display.
+
+Rank 0 pushes one update per logging interval (and one when training starts or restarts) to
+:class:`ProgressBoard`, a zero-CPU actor. On the driver, :class:`BoardReader` drains it twice a
+second while ``fit()`` runs and hands each update to its sinks: :class:`ProgressDisplay` (a tqdm
+bar on a terminal, one line per interval otherwise: DVC logs, CI) and the MLflow curves
+(:mod:`pipeline.training.curves`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Protocol, TextIO
+
+import ray
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """A mailbox: rank 0 pushes updates, the driver takes them."""
+
+    def __init__(self) -> None:
+        self._updates: list[dict[str, Any]] = []
+
+    def push(self, update: dict[str, Any]) -> None:
+        self._updates.append(update)
+
+    def take(self) -> list[dict[str, Any]]:
+        updates, self._updates = self._updates, []
+        return updates
+
+
+class Sink(Protocol):
+    def show(self, update: dict[str, Any]) -> None: ...
+
+
+class BoardReader:
+    """While in its ``with`` block, feeds the board's updates to ``sinks`` (and once at exit)."""
+
+    def __init__(self, board: Any, sinks: list[Sink], every: float = 0.5):
+        self.board, self.sinks, self.every = board, sinks, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BoardReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.poll()
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def poll(self) -> None:
+        """Take the board's updates and hand them to every sink."""
+        try:
+            updates = ray.get(self.board.take.remote(), timeout=10)
+        except Exception as e:  # progress must never break training
+            log.debug("progress board unavailable: %s", e)
+            return
+        for update in updates:
+            for sink in self.sinks:
+                sink.show(update)
+
+
+def format_eta(seconds: float) -> str:
+    """1h02m, 3m05s or 42s."""
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class ProgressDisplay:
+    """Shows step, loss, speed and ETA: a tqdm bar on a terminal, else a line per interval."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None):
+        self.label, self.total = label, total
+        self.stream = stream or sys.stderr
+        self.starts: list[int] = []  # the steps training started (and restarted) at
+        self._bar: tqdm | None = None
+
+    def show(self, update: dict[str, Any]) -> None:
+        if update["event"] == "start":
+            self._started(update["step"])
+        else:
+            self._interval(update)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def _started(self, step: int) -> None:
+        restarted = bool(self.starts)
+        self.starts.append(step)
+        if step or restarted:
+            word = "restarted" if restarted else "resumed"
+            self._write(f"{self.label}: {word} from the checkpoint at step {step}")
+        if self._bar is not None:
+            self._bar.reset(self.total)
+            self._bar.update(step)
+        elif self.stream.isatty():
+            self._bar = tqdm(
+                total=self.total, initial=step, desc=self.label, unit="step", file=self.stream
+            )
+
+    def _interval(self, u: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.update(u["step"] - self._bar.n)
+            self._bar.set_postfix(loss=f"{u['loss']:.4g}", img_s=f"{u['images_per_s']:.0f}")
+            return
+        eta = (self.total - u["step"]) / max(u["steps_per_s"], 1e-9)
+        self._write(
+            f"{self.label}: step {u['step']}/{self.total} loss {u['loss']:.4g} "
+            f"{u['steps_per_s']:.2f} steps/s {u['images_per_s']:.0f} img/s ETA {format_eta(eta)}"
+        )
+
+    def _write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)

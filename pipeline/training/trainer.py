@@ -1,0 +1,214 @@
+"""The train stage's driver: one variant trained with Ray Train, resumable, then exported.
+
+:func:`train_variant` checks the params and the prepared data, names the run
+(:mod:`pipeline.training.identity`), opens (or reopens) the variant's MLflow run, connects to Ray
+(a new local cluster, or RAY_ADDRESS / ``ray.address``), runs a ``TorchTrainer``
+(DistributedDataParallel over ``train.num_workers`` workers; gloo on CPU, NCCL on GPU) whose
+``RunConfig`` keeps the last ``keep_checkpoints`` checkpoints in ``checkpoints/<variant>/`` and
+restarts failed workers from the latest one up to ``max_failures`` times, shows progress, and
+writes the final weights to ``models/<variant>/``. A diverged run raises
+:class:`~pipeline.training.divergence.TrainingDivergedError` naming the step and the last good
+checkpoint.
+
+On a cluster of several nodes, ``checkpoints/`` must be on storage every node sees (NFS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import tracking
+from pipeline.config import Config, Variant
+from pipeline.data import open_split
+from pipeline.errors import ConfigError
+from pipeline.layout import checkpoint_dir, data_dir, model_dir
+from pipeline.raycluster import init_ray
+from pipeline.training import faults
+from pipeline.training.curves import MlflowCurves
+from pipeline.training.divergence import TrainingDivergedError
+from pipeline.training.export import export_weights
+from pipeline.training.identity import (
+    record_mlflow_run,
+    recorded_mlflow_run,
+    run_identity,
+    write_identity,
+)
+from pipeline.training.loop import TrainJob, train_loop_per_worker
+from pipeline.training.progress import BoardReader, ProgressBoard, ProgressDisplay
+
+# Each ray.train.report waits about this long for the controller (Ray's default is 2 s).
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_S = "0.2"
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a finished :func:`train_variant` did."""
+
+    variant: str
+    run_name: str
+    start: int  # step this fit began at (0: a fresh run)
+    restarts: list[int]  # steps that failed workers were restarted from (FailureConfig)
+    steps: int  # steps done in total
+    seconds: float  # wall time of fit(), start-up included
+    model_dir: Path
+    model_json: dict[str, Any]
+
+
+def check_train_config(cfg: Config) -> None:
+    """The train section's values that config.validate cannot judge; ConfigError naming them."""
+    t, where = cfg.train, f"presets.{cfg.scale}.train"
+    checks = {
+        "lr": (t.lr > 0, "positive"),
+        "warmup": (t.warmup >= 0, "0 or more"),
+        "keep_checkpoints": (t.keep_checkpoints >= 1, "at least 1"),
+        "cpus_per_worker": (t.cpus_per_worker >= 1, "at least 1"),
+        "gpus_per_worker": (not t.use_gpu or t.gpus_per_worker > 0, "positive with use_gpu"),
+        "torch_threads": (t.torch_threads >= 1, "at least 1"),
+        "max_failures": (t.max_failures >= 0, "0 or more"),
+        "seed": (t.seed >= 0, "0 or more"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise ConfigError(f"{where}.{key} must be {expected} (got {getattr(t, key)!r})")
+    if t.batch_size % t.num_workers:
+        raise ConfigError(
+            f"{where}.batch_size ({t.batch_size}) must be divisible by train.num_workers "
+            f"({t.num_workers}): the global batch is split evenly over the workers"
+        )
+
+
+def check_data(cfg: Config, folder: Path) -> int:
+    """The prepared train split exists and fits the params; returns its size."""
+    images = open_split(folder, "train")
+    side = images.shape[1]
+    if side != cfg.data.resolution:
+        raise ConfigError(
+            f"{folder} holds {side}x{side} images but presets.{cfg.scale}.data.resolution is "
+            f"{cfg.data.resolution}; rerun `dvc repro prepare`"
+        )
+    return len(images)
+
+
+def make_trainer(job: TrainJob) -> Any:
+    """The TorchTrainer of a job: scaling, backend, storage, checkpoints and retries."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = job.cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.run["name"],
+            storage_path=str(Path(job.run_dir).parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def open_mlflow_run(cfg: Config, variant: Variant, run_dir: Path, root: Path) -> tuple[str, str]:
+    """(tracking URI, run id): the run recorded for this Ray run, else a new one."""
+    import mlflow
+
+    uri = tracking.tracking_uri(cfg, root)
+    run_id = recorded_mlflow_run(run_dir, uri)
+    if run_id is not None:
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+            return uri, run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # the store was reset: start a new MLflow run for this Ray run
+    run_id = tracking.start_variant_run(cfg, variant, root)
+    mlflow.MlflowClient(uri).set_tag(run_id, "ddpm.ray_run", run_dir.name)
+    record_mlflow_run(run_dir, uri, run_id)
+    return uri, run_id
+
+
+def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None) -> TrainSummary:
+    """Train ``variant`` at ``cfg``'s scale (resuming its run if one exists) and export it.
+
+    ``root`` is the project folder (default: the working directory): data/, checkpoints/,
+    models/ and the default MLflow store are under it.
+    """
+    root = Path(root or Path.cwd()).resolve()
+    check_train_config(cfg)
+    data = root / data_dir(cfg.scale)
+    check_data(cfg, data)
+    run = run_identity(cfg, variant, data)
+    run_dir = root / checkpoint_dir(variant.name) / run["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_identity(run_dir, cfg, variant, data)
+    uri, run_id = open_mlflow_run(cfg, variant, run_dir, root)
+    start = time.perf_counter()
+    job = TrainJob(cfg, variant, str(data), str(run_dir), run, fault=faults.from_environment())
+    result, starts = fit(job, uri, run_id)
+    seconds = time.perf_counter() - start
+    if result.return_value["status"] == "diverged":
+        _mark_run(uri, run_id, "diverged")
+        raise TrainingDivergedError(_diverged_message(result, cfg.train.steps))
+    out = root / model_dir(variant.name)
+    with result.checkpoint.as_directory() as folder:
+        info = export_weights(folder, out, cfg, variant, run, run_id)
+    _mark_run(uri, run_id, "finished")
+    return TrainSummary(
+        variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
+    )
+
+
+def fit(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
+    """Run the job's TorchTrainer, showing progress and logging curves to the MLflow run.
+
+    Returns Ray's result and the steps the workers started (and restarted) at.
+    """
+    import ray
+
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
+    init_ray(job.cfg.ray)
+    board = ProgressBoard.remote()
+    job = dataclasses.replace(job, board=board)
+    trainer = make_trainer(job)
+    display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
+    try:
+        with BoardReader(board, [display, MlflowCurves(uri, run_id)]):
+            result = trainer.fit()
+    except Exception:
+        _mark_run(uri, run_id, "failed")
+        raise
+    finally:
+        ray.kill(board)
+    return result, display.starts or [result.return_value["start"]]
+
+
+def _diverged_message(result: Any, steps: int) -> str:
+    """One line: in which step (1-based) it diverged, and the last good checkpoint."""
+    bad = result.return_value["bad_step"] + 1
+    if result.checkpoint is None:
+        last = "none was saved before it"
+    else:
+        last = f"after step {result.metrics['step']}, {result.checkpoint.path}"
+    return (
+        f"training diverged: the loss or the gradient norm became NaN or infinite in step "
+        f"{bad} of {steps}; last good checkpoint: {last}"
+    )
+
+
+def _mark_run(uri: str, run_id: str, status: str) -> None:
+    """Tag the MLflow run with how training ended (finished | failed | diverged)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, "ddpm.train_status", status)
+    client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
