@@ -22,11 +22,13 @@ succeed). It exists for the fault-tolerance tests; never set it in real runs.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,8 @@ def run_blocks(
         RuntimeError when a block still fails after its retries; finished shards are kept,
         so a rerun resumes.
     """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1 (got {num_workers})")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = block_ranges(n_items, block_size)
@@ -199,44 +203,39 @@ def run_blocks(
     done = sum(stop - start for start, stop in run.skipped)
     with tqdm(total=n_items, initial=done, desc=desc, unit=desc, smoothing=0.1) as bar:
         started = time.perf_counter()
-        _dispatch(todo, out_dir, num_workers, task_fn, shared, resources, max_retries, run, bar)
+        if todo:
+            remote = _run_block.options(max_retries=max_retries, retry_exceptions=True, **resources)
+            launch = functools.partial(_launch, remote, task_fn, ray.put(shared), out_dir)
+            with contextlib.closing(_windowed(todo, launch, num_workers, max_retries)) as results:
+                for block, arrays in results:
+                    _store(out_dir, block, arrays)
+                    run.computed.append(block)
+                    bar.update(block[1] - block[0])
         run.elapsed_s = time.perf_counter() - started
     return run
 
 
-def _dispatch(
-    todo: list[Range],
-    out_dir: Path,
-    num_workers: int,
-    task_fn: TaskFn,
-    shared: Any,
-    resources: dict[str, float],
-    max_retries: int,
-    run: BlockRun,
-    bar: tqdm,
-) -> None:
-    """Keep up to ``num_workers`` tasks in flight; write each shard as its task finishes."""
-    if not todo:
-        return
-    remote = _run_block.options(max_retries=max_retries, retry_exceptions=True, **resources)
-    shared_ref = ray.put(shared)
+def _launch(remote: Any, task_fn: TaskFn, shared_ref: Any, out_dir: Path, block: Range) -> Any:
+    """Submit the task of one block; returns its ObjectRef."""
+    marker = _fail_marker(out_dir, block[0])
+    return remote.remote(task_fn, block[0], block[1], shared_ref, marker)
+
+
+def _windowed(
+    todo: list[Range], launch: Callable[[Range], Any], window: int, max_retries: int
+) -> Iterator[tuple[Range, dict[str, np.ndarray]]]:
+    """Yield (block, result) as tasks finish, keeping at most ``window`` of them in flight.
+
+    Closing the generator (an error or an interrupt in the caller) cancels the tasks in flight.
+    """
     queue = iter(todo)
-    pending: dict[Any, Range] = {}
-
-    def submit(blocks: Iterable[Range]) -> None:
-        for start, stop in blocks:
-            marker = _fail_marker(out_dir, start)
-            pending[remote.remote(task_fn, start, stop, shared_ref, marker)] = (start, stop)
-
-    submit(itertools.islice(queue, num_workers))
+    pending = {launch(block): block for block in itertools.islice(queue, window)}
     try:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             block = pending.pop(ref)
-            _store(out_dir, block, _get(ref, block, max_retries))
-            run.computed.append(block)
-            bar.update(block[1] - block[0])
-            submit(itertools.islice(queue, 1))  # one new task per finished one
+            yield block, _get(ref, block, max_retries)
+            pending.update({launch(b): b for b in itertools.islice(queue, 1)})
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

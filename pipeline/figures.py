@@ -20,7 +20,7 @@ from pipeline.atomic import atomic_path
 
 MIN_SIDE = 32  # smallest displayed image side in pixels
 PAD = 2  # pixels between tiles
-CAPTION_LINE = 12  # pixels per caption line (Pillow's default bitmap font)
+MIN_CAPTION_WIDTH = 320  # narrower figures get white margins so the caption stays readable
 
 
 def _enlarge(images: np.ndarray) -> torch.Tensor:
@@ -39,16 +39,19 @@ def tile(images: np.ndarray, nrow: int) -> Image.Image:
 
 
 def captioned(image: Image.Image, caption: str) -> Image.Image:
-    """``image`` with ``caption`` (wrapped to its width) in black on white above it."""
+    """``image`` centred below ``caption`` (black on white, wrapped to the figure's width)."""
     font = ImageFont.load_default()
-    chars = max(20, image.width // 6)
+    width = max(image.width, MIN_CAPTION_WIDTH)
+    char_width = font.getlength(caption.replace("\n", " ")) / max(len(caption), 1)
+    chars = max(16, int((width - 8) / max(char_width, 1.0)) - 2)
     lines = [ln for part in caption.splitlines() for ln in textwrap.wrap(part, chars) or [""]]
-    width = max(image.width, 6 * max(len(ln) for ln in lines) + 8)
-    canvas = Image.new("RGB", (width, image.height + CAPTION_LINE * len(lines) + 6), "white")
+    height = int(font.getbbox("Ag")[3]) + 3
+    top = height * len(lines) + 6
+    canvas = Image.new("RGB", (width, image.height + top), "white")
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text((4, 3 + CAPTION_LINE * i), line, fill="black", font=font)
-    canvas.paste(image, (0, CAPTION_LINE * len(lines) + 6))
+        draw.text((4, 3 + height * i), line, fill="black", font=font)
+    canvas.paste(image, ((width - image.width) // 2, top))
     return canvas
 
 

@@ -77,8 +77,9 @@ class SamplingJob:
     torch_threads: int = 1
 
     @property
-    def resolution(self) -> int:
-        return int(self.unet["resolution"])
+    def respaced(self) -> bool:
+        """Whether this is the respaced extension (fewer steps than T), not Algorithm 2."""
+        return self.steps is not None and self.steps != len(self.betas)
 
     @property
     def device_type(self) -> str:
@@ -106,7 +107,7 @@ class SamplingJob:
         base = GaussianDiffusion(
             np.array(self.betas), self.mean_type, self.var_type, self.loss_type
         )
-        if self.steps is None or self.steps == base.num_timesteps:
+        if not self.respaced:
             return base
         return RespacedDiffusion(base, space_timesteps(base.num_timesteps, self.steps))
 
@@ -125,7 +126,7 @@ def block_key(job: SamplingJob, block_size: int) -> str:
     payload = {
         "weights": job.weights_digest(),
         "seed": job.seed,
-        "steps": job.steps,
+        "steps": job.steps if job.respaced else None,
         "betas": config_hash(list(job.betas), 16),
         "types": [job.mean_type, job.var_type, job.loss_type],
         "bf16": job.bf16,
@@ -203,21 +204,27 @@ def frame_steps(num_steps: int, frames: int) -> list[int]:
 
 
 def progressive_frames(
-    model: UNet, diffusion: GaussianDiffusion, indices: list[int], seed: int, frames: int
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    indices: list[int],
+    seed: int,
+    frames: int,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, np.ndarray]:
     """Fig. 6: the x_0 predictions of samples ``indices`` at evenly spaced steps.
 
     Returns ``frames`` uint8 [S, F, R, R, 3], ``t`` int64 [F] (the paper's 1-based timesteps
-    of the original process) and ``final`` uint8 [S, R, R, 3] (the samples themselves, equal to
-    the merged samples at those indices).
+    of the original process) and ``final`` uint8 [S, R, R, 3]: the samples themselves (on the
+    CPU in float32 byte-identical to the merged samples at those indices).
     """
     device = next(model.parameters()).device
     shape = (len(indices), model.in_channels, model.resolution, model.resolution)
     wanted = frame_steps(diffusion.num_timesteps, frames)
-    shown, final = [], None
-    with torch.inference_mode():
+    net, shown, final = _network(model, channels_last), [], None
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         noise = ImageNoise(seed, indices, device=device)
-        for out in diffusion.p_sample_loop_progressive(model, shape, noise_fn=noise):
+        for out in diffusion.p_sample_loop_progressive(net, shape, noise_fn=noise):
             if out["t"] in wanted:
                 shown.append(to_uint8(out["pred_xstart"]))
             final = out["sample"]
@@ -233,7 +240,10 @@ def progressive_frames(
 def _progressive_task(job: SamplingJob, indices: list[int], frames: int) -> dict[str, np.ndarray]:
     device = _setup_worker(job)
     model = job.model(device)
-    return progressive_frames(model, job.diffusion(), indices, job.seed, frames)
+    diffusion = job.diffusion()
+    return progressive_frames(
+        model, diffusion, indices, job.seed, frames, job.bf16, job.channels_last
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +319,12 @@ def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
     model, _ = load_weights(weights, "cpu")
     d, s = cfg.diffusion, cfg.sample
     betas = linear_beta_schedule(d.num_timesteps, d.beta_start, d.beta_end)
+    want = GaussianDiffusion(betas, **_types(variant)).model_output_channels(model.in_channels)
+    if model.out_channels != want:
+        raise DataError(
+            f"{weights}: the network returns {model.out_channels} channels but var_type "
+            f"{variant.var_type!r} needs {want}; rerun the train stage for this variant"
+        )
     return SamplingJob(
         unet=dict(model.init_kwargs),
         state_dict=model.state_dict(),
@@ -394,7 +410,7 @@ def make_manifest(
         "dtype": str(images.dtype),
         "sha256": _array_sha256(images),
         "sampler": job.label(),
-        "respaced": job.steps is not None and job.steps != len(job.betas),
+        "respaced": job.respaced,
         "steps": job.steps or len(job.betas),
         "num_timesteps": len(job.betas),
         "seed": job.seed,

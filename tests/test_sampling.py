@@ -41,13 +41,15 @@ def tiny_unet(out_channels: int = 3, seed: int = 0) -> UNet:
     return model.eval()
 
 
-def make_model(root: Path, variant: str = VARIANT, seed: int = 0, **meta) -> Path:
+def make_model(
+    root: Path, variant: str = VARIANT, seed: int = 0, channels: int | None = None, **meta
+) -> Path:
     """models/<variant>/ema.pt and a hand-written model.json, as the train stage leaves them."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     types = raw["variants"][variant]
     folder = root / "models" / variant
     folder.mkdir(parents=True, exist_ok=True)
-    out = 6 if types["var_type"] == "learned" else 3
+    out = channels or (6 if types["var_type"] == "learned" else 3)
     save_weights(folder / "ema.pt", tiny_unet(out, seed), {"variant": variant})
     info = {"variant": variant, **types, "scale": "tiny", "mlflow_run_id": None}
     info.update(ema_sha256=sha256_file(folder / "ema.pt"), resolution=8, source="test")
@@ -264,6 +266,45 @@ def test_respaced_samples_are_labelled_not_the_papers(reference, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sampling options and figures
+
+
+def test_channels_last_and_bf16_options_run_the_network_so():
+    base = GaussianDiffusion(linear_beta_schedule(5, 5e-3, 0.5), "eps", "fixedlarge", "mse")
+    model, inputs, outputs = tiny_unet(), [], []
+
+    def record(_, args, out) -> None:
+        inputs.append(args[0])
+        outputs.append(out)
+
+    model.register_forward_hook(record)
+    ref = sample_images(model, base, range(3), 0, 3)
+    model = model.to(memory_format=torch.channels_last)
+    cl = sample_images(model, base, range(3), 0, 3, channels_last=True)
+    laid_out = [x.is_contiguous(memory_format=torch.channels_last) for x in inputs]
+    assert laid_out == [False] * 5 + [True] * 5
+    assert np.abs(cl.astype(int) - ref.astype(int)).max() <= 2  # same maths, other rounding
+    bf16 = sample_images(model, base, range(3), 0, 3, bf16=True)
+    assert bf16.shape == ref.shape and bf16.dtype == np.uint8
+    assert [y.dtype for y in outputs[10:]] == [torch.bfloat16] * 5
+
+
+def test_grid_tiles_enlarged_images_in_order(tmp_path):
+    from PIL import Image
+
+    from pipeline.figures import save_sample_grid, tile
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    grid = np.asarray(tile(images, nrow=2))  # 16 px images are shown at 32 px, 2 px padding
+    assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3)
+    tile_1 = grid[2 : 2 + 32, 36 : 36 + 32]  # row 0, column 1
+    np.testing.assert_array_equal(tile_1, images[1].repeat(2, axis=0).repeat(2, axis=1))
+    save_sample_grid(tmp_path / "g.png", images, "a title")
+    saved = Image.open(tmp_path / "g.png")
+    assert saved.height > grid.shape[0] and saved.width >= grid.shape[1]  # a caption above
+
+
+# ---------------------------------------------------------------------------------------------
 # The stage: python -m stages.sample --variant NAME
 
 
@@ -344,3 +385,50 @@ def test_stage_with_stale_weights_is_one_line_exit_2(tmp_path, monkeypatch, caps
     make_model(tmp_path, ema_sha256="0" * 64)
     code, err = run_stage(capsys)
     assert code == 2 and "sha256 differs" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_interrupted_stage_resumes_where_it_stopped(tmp_path):
+    """SIGINT to the real stage process, then a rerun: finished blocks are reused untouched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["scale"] = "tiny"
+    raw["presets"]["tiny"]["sample"].update(n_samples=64, block_size=4, batch_size=4)
+    raw["presets"]["tiny"]["sample"].update(num_workers=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    make_model(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "stages.sample", "--variant", VARIANT]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    work = tmp_path / "work" / "sample" / VARIANT
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(work.glob("*/block-*.npz")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun to resume" in err
+    [folder] = work.iterdir()
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("block-*")}
+    assert 0 < len(before) < 16 and not (tmp_path / "samples").exists()
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{16 - len(before)} blocks computed, {len(before)} reused" in done.stdout
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("block-*")}
+    assert {name: after[name] for name in before} == before and len(after) == 16
+
+
+def test_a_network_without_the_variance_channels_is_a_data_error(tmp_path):
+    from pipeline.errors import DataError
+
+    make_model(tmp_path, "eps_learned_kl", channels=3)
+    cfg = tiny_config()
+    variant = cfg.variant("eps_learned_kl")
+    info = load_model_info(tmp_path / "models" / variant.name, variant, "tiny")
+    with pytest.raises(DataError, match="returns 3 channels but var_type 'learned' needs 6"):
+        make_job(cfg, variant, info.weights)
