@@ -168,6 +168,7 @@ def run_blocks(
     desc: str = "items",
     shared: Any = None,
     max_retries: int = 3,
+    connect: Callable[[], None] | None = None,
 ) -> BlockRun:
     """Compute every missing block of ``0 .. n_items-1`` on Ray and store it in ``out_dir``.
 
@@ -182,6 +183,8 @@ def run_blocks(
         shared: one object every task receives (e.g. the model's state dict), put in Ray's
             object store once.
         max_retries: Ray retries of a failed task (exceptions included).
+        connect: called once before the first task when there is work to do (e.g. to start
+            Ray only then: a rerun with every shard present needs no cluster).
 
     Raises:
         RuntimeError when a block still fails after its retries; finished shards are kept,
@@ -198,6 +201,8 @@ def run_blocks(
     for block in blocks:
         (run.skipped if _is_finished(out_dir, block) else todo).append(block)
     resources = dict(resources or {"num_cpus": 1})
+    if todo and connect is not None:
+        connect()
     if todo:
         check_resources(resources)
     done = sum(stop - start for start, stop in run.skipped)

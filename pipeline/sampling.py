@@ -16,6 +16,7 @@ still does not depend on the number of workers (same blocks, same batch split in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -370,27 +371,36 @@ def draw_samples(
     s = cfg.sample
     key = block_key(job, s.block_size)
     work = (root / layout.work_dir("sample", variant.name) / key).resolve()
-    init_ray(cfg.ray)
     resources = task_resources(cfg)
     run = run_blocks(
-        sample_block, s.n_samples, s.block_size, work, s.num_workers, resources, "samples", job
+        sample_block,
+        s.n_samples,
+        s.block_size,
+        work,
+        s.num_workers,
+        resources,
+        desc="samples",
+        shared=job,
+        connect=functools.partial(init_ray, cfg.ray),
     )
     images = merge_blocks(work, s.n_samples, s.block_size)["images"]
-    progressive = _progressive(job, work, s.progressive_seeds, s.progressive_frames, resources)
+    progressive = _progressive(cfg, job, work, resources)
     manifest = make_manifest(cfg, variant, info, job, images, key)
     return SampleSet(images, progressive, manifest, run, work)
 
 
 def _progressive(
-    job: SamplingJob, work: Path, seeds: tuple[int, ...], frames: int, resources: dict
+    cfg: Config, job: SamplingJob, work: Path, resources: dict
 ) -> dict[str, np.ndarray]:
-    """Fig. 6 frames of samples ``seeds``, computed once per key (cached beside the blocks)."""
+    """Fig. 6 frames of the progressive seeds, computed once per key (cached beside the blocks)."""
+    seeds, frames = cfg.sample.progressive_seeds, cfg.sample.progressive_frames
     if not seeds:
         return {}
     path = work / f"progressive-{config_hash([list(seeds), frames], 8)}.npz"
     if path.is_file():
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
+    init_ray(cfg.ray)
     task = _progressive_task.options(max_retries=3, retry_exceptions=True, **resources)
     out = ray.get(task.remote(job, list(seeds), frames))
     save_npz(path, **out)

@@ -100,6 +100,13 @@ def test_more_items_reuse_finished_blocks_and_replace_the_short_last_one(ray_ses
     np.testing.assert_array_equal(merge_blocks(tmp_path, 16, 4)["index"], np.arange(16))
 
 
+def test_ray_is_connected_only_when_there_is_work(ray_session, tmp_path):
+    calls = []
+    run_blocks(squares, 8, 4, tmp_path, 2, shared=0, connect=lambda: calls.append("first"))
+    run_blocks(squares, 8, 4, tmp_path, 2, shared=0, connect=lambda: calls.append("again"))
+    assert calls == ["first"]  # a rerun with every shard present needs no cluster
+
+
 def test_a_damaged_shard_is_recomputed(ray_session, tmp_path):
     run_blocks(squares, 8, 4, tmp_path, num_workers=2, shared=0)
     shard_path(tmp_path, 4, 8).write_bytes(b"not a zip")
