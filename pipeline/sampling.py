@@ -38,12 +38,13 @@ from pipeline.figures import save_progressive, save_sample_grid
 from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
-from pipeline.tracking import variant_run
+from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import load_weights, sha256_file
 
 FORMAT = "ddpm-repro/samples-v1"
-TAG_SAMPLER = "ddpm.sampler"
+TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
+TAG_KEY = "ddpm.sample_key"  # MLflow tag: the block key (work/sample/<variant>/<key>)
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -475,18 +476,22 @@ def log_to_mlflow(cfg: Config, result: SampleSet, figures: list[Path]) -> bool:
     if not run_id:
         return False
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     metrics = {"n_samples": result.manifest["count"], "sampling_steps": result.manifest["steps"]}
     if result.run.items_per_s is not None:
         metrics["samples_per_s"] = result.run.items_per_s
-    with variant_run(cfg, run_id):
-        mlflow.set_tags(
-            {
-                TAG_SAMPLER: result.manifest["sampler"],
-                "ddpm.sample_key": result.manifest["block_key"],
-            }
-        )
-        mlflow.log_metrics(metrics)
-        for path in figures:
-            mlflow.log_artifact(str(path), "samples")
+    tags = {TAG_SAMPLER: result.manifest["sampler"], TAG_KEY: result.manifest["block_key"]}
+    try:
+        with variant_run(cfg, run_id):
+            mlflow.set_tags(tags)
+            mlflow.log_metrics(metrics)
+            for path in figures:
+                mlflow.log_artifact(str(path), "samples")
+    except MlflowException as e:
+        raise DataError(
+            f"MLflow run {run_id} of models/{result.manifest['variant']}/model.json cannot be "
+            f"logged to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point "
+            f"MLFLOW_TRACKING_URI at the store the train stage used, or rerun it"
+        ) from None
     return True

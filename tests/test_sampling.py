@@ -432,3 +432,16 @@ def test_a_network_without_the_variance_channels_is_a_data_error(tmp_path):
     info = load_model_info(tmp_path / "models" / variant.name, variant, "tiny")
     with pytest.raises(DataError, match="returns 3 channels but var_type 'learned' needs 6"):
         make_job(cfg, variant, info.weights)
+
+
+def test_stage_with_an_unknown_mlflow_run_is_one_line_exit_2(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    stage_project(tmp_path, monkeypatch, n_samples=4, block_size=4, progressive_seeds=[])
+    make_model(tmp_path, mlflow_run_id="0123456789abcdef0123456789abcdef")
+    code, err = run_stage(capsys)
+    assert code == 2 and "Traceback" not in err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert err.endswith(line + "\n")  # the progress bar, then one error line
+    assert "MLflow run 0123456789abcdef0123456789abcdef" in err and "MLFLOW_TRACKING_URI" in err
+    assert list((tmp_path / "samples").iterdir()) == []  # nothing half-written
