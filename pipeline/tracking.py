@@ -70,7 +70,7 @@ def run_tags(cfg: Config, variant: Variant) -> dict[str, str]:
         "ddpm.var_type": variant.var_type,
         "ddpm.loss_type": variant.loss_type,
         "ddpm.dataset": cfg.data.dataset,
-        TAG_STAND_IN: str(bool(cfg.stand_in_reasons())).lower(),
+        TAG_STAND_IN: _stand_in(cfg),
         TAG_SOURCE: "published weights" if cfg.model.source == "checkpoint" else "trained",
     }
     commit = git_commit()
@@ -114,3 +114,34 @@ def _param(value: Any) -> str:
     if isinstance(value, tuple | list):
         return ",".join(map(str, value))
     return "null" if value is None else str(value)
+
+
+def log_reproduction(cfg: Config, run_ids: dict[str, str], files: list[Path]) -> str:
+    """A parent run for the whole reproduction: the tables as artifacts, the variants nested.
+
+    Each variant run gets the ``mlflow.parentRunId`` tag, so the UI shows them under it.
+    Returns the parent run's id.
+    """
+    import mlflow
+
+    experiment_id = setup(cfg)
+    tags = {TAG_SCALE: cfg.scale, "ddpm.role": "reproduction", TAG_STAND_IN: _stand_in(cfg)}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"{cfg.scale}/reproduction", tags=tags
+    ) as parent:
+        mlflow.log_param("variants", ",".join(run_ids))
+        for path in files:
+            mlflow.log_artifact(str(path), "tables")
+    client = mlflow.MlflowClient()
+    for run_id in run_ids.values():
+        client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
+    return parent.info.run_id
+
+
+def _stand_in(cfg: Config) -> str:
+    return str(bool(cfg.stand_in_reasons())).lower()

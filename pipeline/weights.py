@@ -30,8 +30,10 @@ def save_weights(path: str | Path, model: UNet, meta: dict[str, Any]) -> None:
     """Save ``model``'s state dict, architecture and ``meta`` to ``path``, atomically."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "unet": unet_kwargs(model), "state_dict": state, "meta": meta}
-    with atomic_path(path, ".pt") as tmp:
-        torch.save(payload, tmp)
+    # Through a file object: torch.save names the zip's records after a *path* it is given,
+    # which would put the random temporary name into the bytes.
+    with atomic_path(path, ".pt") as tmp, tmp.open("wb") as f:
+        torch.save(payload, f)
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:

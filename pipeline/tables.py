@@ -1,0 +1,171 @@
+"""The paper's Tables 1, 2 and 4 beside ours: runs read back from MLflow, written as MD and CSV.
+
+``read_runs`` uses ``mlflow.search_runs`` (a pandas DataFrame with ``metrics.*``, ``params.*``
+and ``tags.*`` columns). Each table builder takes that frame, indexed by variant, and returns a
+DataFrame with, for every figure, the paper's number, ours and the difference (ours - paper).
+Rows whose runs carry ``stand_in = true`` are labelled with STAND_IN_NOTE; rows the paper leaves
+empty (unstable training) say so; rows from published weights say so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import paper
+from pipeline.atomic import write_text
+from pipeline.config import STAND_IN_NOTE
+from pipeline.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
+
+# Metric names every variant run carries (evaluate stage): MLflow metrics and metrics JSON keys.
+METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd", "nll_train_bpd")
+UNSTABLE = "not reported in the paper (training unstable)"
+PUBLISHED = "published weights"
+
+
+def rd_metric(kind: str, steps: int) -> str:
+    """MLflow metric name of a Table-4 value: kind 'rate_bpd' or 'rmse' after ``steps`` steps."""
+    return f"rd_{kind}_{steps}"
+
+
+def read_runs(experiment: str, run_ids: dict[str, str]) -> pd.DataFrame:
+    """The variants' runs (``mlflow.search_runs``) as a DataFrame indexed by variant name."""
+    import mlflow
+
+    ids = ", ".join(f"'{r}'" for r in run_ids.values())
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string=f"attributes.run_id IN ({ids})"
+    )
+    if runs.empty:
+        return pd.DataFrame(index=pd.Index([], name="variant"))
+    return runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant")
+
+
+def _value(runs: pd.DataFrame, variant: str, metric: str) -> float | None:
+    column = f"metrics.{metric}"
+    if variant not in runs.index or column not in runs.columns:
+        return None
+    value = runs.at[variant, column]
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return None if missing else float(value)
+
+
+def _note(runs: pd.DataFrame, variant: str, *, paper_empty: bool = False) -> str:
+    notes = []
+    if paper_empty:
+        notes.append(UNSTABLE)
+    if variant not in runs.index:
+        notes.append("not run")
+        return "; ".join(notes)
+    tags = runs.loc[variant]
+    if str(tags.get(f"tags.{TAG_SOURCE}", "")) == PUBLISHED:
+        notes.append(PUBLISHED)
+    if str(tags.get(f"tags.{TAG_STAND_IN}", "")).lower() == "true":
+        reason = tags.get("tags.stand_in_reason")
+        notes.append(STAND_IN_NOTE + (f" ({reason})" if isinstance(reason, str) else ""))
+    return "; ".join(notes)
+
+
+def _diff(ours: float | None, theirs: float | None) -> float | None:
+    return None if ours is None or theirs is None else ours - theirs
+
+
+def _triple(name: str, theirs: float | None, ours: float | None) -> dict[str, float | None]:
+    return {f"{name} paper": theirs, f"{name} ours": ours, f"{name} diff": _diff(ours, theirs)}
+
+
+def table1(runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 (CIFAR10): IS, FID against train and test, NLL test (train), paper's two rows."""
+    rows = []
+    for row in paper.TABLE1:
+        v = row.variant
+        rows.append(
+            {
+                "model": row.model,
+                "variant": v,
+                **_triple("IS", row.is_mean, _value(runs, v, "is_mean")),
+                "IS std ours": _value(runs, v, "is_std"),
+                **_triple("FID train", row.fid_train, _value(runs, v, "fid_train")),
+                **_triple("FID test", row.fid_test, _value(runs, v, "fid_test")),
+                **_triple("NLL test bpd", row.nll_test, _value(runs, v, "nll_bpd")),
+                **_triple("NLL train bpd", row.nll_train, _value(runs, v, "nll_train_bpd")),
+                "note": _note(runs, v),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def table2(runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 (ablation): IS and FID for the six mean/objective combinations."""
+    rows = []
+    for row in paper.TABLE2:
+        v = row.variant
+        rows.append(
+            {
+                "mean": row.mean,
+                "objective": row.objective,
+                "variant": v,
+                **_triple("IS", row.is_mean, _value(runs, v, "is_mean")),
+                "IS std paper": row.is_std,
+                "IS std ours": _value(runs, v, "is_std"),
+                **_triple("FID", row.fid, _value(runs, v, "fid_train")),
+                "note": _note(runs, v, paper_empty=row.fid is None),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def table4(runs: pd.DataFrame, num_timesteps: int, steps: tuple[int, ...]) -> pd.DataFrame:
+    """Table 4: rate and distortion of the L_simple model after n reverse steps.
+
+    With T != 1000 (smoke scales), our row n is set beside the paper's row at the same fraction
+    of the reverse process (n * 1000 / T), when the paper has one.
+    """
+    published = {n: (rate, rmse) for n, rate, rmse in paper.TABLE4}
+    v = paper.TABLE4_VARIANT
+    note = _note(runs, v)
+    if num_timesteps != 1000:
+        scaled = f"T = {num_timesteps}: matched to the paper's row at the same fraction of T"
+        note = "; ".join(x for x in (note, scaled) if x)
+    rows = []
+    for n in steps:
+        theirs = published.get(round(n * 1000 / num_timesteps), (None, None))
+        rows.append(
+            {
+                "steps": n,
+                **_triple("rate bpd", theirs[0], _value(runs, v, rd_metric("rate_bpd", n))),
+                **_triple("RMSE", theirs[1], _value(runs, v, rd_metric("rmse", n))),
+                "note": note,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _cell(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e4 else f"{value:.3f}"
+    return str(value).replace("|", "\\|")  # a literal pipe would split the cell
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency), with notes below it."""
+    columns = [c for c in table.columns if c != "note"]
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + " | note |"]
+    lines.append("|" + " --- |" * (len(columns) + 1))
+    for _, row in table.iterrows():
+        cells = [_cell(row[c]) for c in columns] + [_cell(row.get("note") or "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "diff = ours - paper; — = no value.", ""]
+    if table["note"].str.contains(STAND_IN_NOTE, regex=False).any():
+        lines.append(f"**Rows noted stand-in are {STAND_IN_NOTE.removeprefix('stand-in, ')}.**")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: pd.DataFrame, stem: Path, title: str) -> None:
+    """Write ``stem``.md and ``stem``.csv atomically."""
+    write_text(stem.with_suffix(".md"), to_markdown(table, title))
+    write_text(stem.with_suffix(".csv"), table.to_csv(index=False))

@@ -1,0 +1,71 @@
+"""Reference statistics for FID: ``python -m stages.reference`` writes reference/<scale>/.
+
+For each split of eval.fid_against: the Inception statistics of its first eval.ref_images
+images (the whole split when null), with the weights named by eval.inception_weights, as
+``<split>-stats.pt``, plus ``manifest.json`` (weights identity, counts, stand-in label). The
+Inception pass is cached by content in work/fidelity, so a rerun over the same images with the
+same weights (e.g. after an unrelated eval key changed) takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch_fidelity
+
+from pipeline import layout
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.cli import entry_point
+from pipeline.config import load_config
+from pipeline.data import open_split, read_manifest
+from pipeline.fidelity import compute_reference_stats, inception_options, stand_in_label
+from pipeline.inception import resolve_inception_weights
+from pipeline.weights import sha256_file
+
+CACHE_ROOT = layout.WORK / "fidelity"
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    cfg = load_config()
+    data_dir, out_dir = layout.data_dir(cfg.scale), layout.reference_dir(cfg.scale)
+    data = read_manifest(data_dir)
+    weights = resolve_inception_weights(cfg.eval, CACHE_ROOT)
+    label = stand_in_label(cfg, weights, synthetic=bool(data.get("synthetic")))
+    splits = {}
+    with atomic_dir(out_dir) as tmp:
+        for split in cfg.eval.fid_against:
+            full = open_split(data_dir, split)
+            images = full[: min(cfg.eval.ref_images or len(full), len(full))]
+            meta = {"dataset": data["dataset"], "split": split, "stand_in": label["stand_in"]}
+            path = compute_reference_stats(
+                images, split, weights, CACHE_ROOT, tmp,
+                is_splits=cfg.eval.is_splits, meta=meta, **inception_options(cfg.eval),
+            )  # fmt: skip
+            splits[split] = _entry(path, len(images), len(full))
+            print(f"reference {cfg.scale}/{split}: {len(images)} of {len(full)} images")
+        weights_info = {
+            "source": cfg.eval.inception_weights,
+            "identity": weights.identity,
+            "sha256": weights.sha256,
+        }
+        write_json(tmp / "manifest.json", {
+            "scale": cfg.scale,
+            "dataset": data["dataset"],
+            "resolution": int(data["resolution"]),
+            "weights": weights_info,
+            "torch_fidelity": torch_fidelity.__version__,
+            **label,
+            "splits": splits,
+        })  # fmt: skip
+
+
+def _entry(path: Path, count: int, available: int) -> dict:
+    """One split's manifest entry."""
+    return {"file": path.name, "count": count, "of": available, "sha256": sha256_file(path)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Stage ``report``: the paper's Tables 1, 2 and 4 beside ours, read back from MLflow.
+
+``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (its id is in
+models/<variant>/model.json) with mlflow.search_runs and writes reports/table{1,2,4}.{md,csv},
+then logs them to a parent MLflow run for the whole reproduction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline import layout, tables, tracking
+from pipeline.cli import entry_point
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+
+def variant_run_ids(variants: list[str]) -> dict[str, str]:
+    """The MLflow run id of each variant, from models/<variant>/model.json."""
+    ids = {}
+    for name in variants:
+        path = layout.model_dir(name) / "model.json"
+        if not path.is_file():
+            raise UserError(f"{path}: missing; run the pipeline first (dvc repro)")
+        run_id = json.loads(path.read_text()).get("mlflow_run_id")
+        if not run_id:
+            raise UserError(f"{path}: no mlflow_run_id; rerun the train stage")
+        ids[name] = run_id
+    return ids
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", help="a preset of params.yaml (default: its `scale` key)")
+    parser.add_argument("--params", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params, args.scale)
+    run_ids = variant_run_ids(list(cfg.variants))
+    tracking.setup(cfg)
+    runs = tables.read_runs(cfg.mlflow.experiment, run_ids)
+    missing = sorted(set(run_ids) - set(runs.index))
+    if missing:
+        raise UserError(
+            f"MLflow store {tracking.tracking_uri(cfg)} has no run for: {', '.join(missing)} "
+            "(was MLFLOW_TRACKING_URI changed since training?)"
+        )
+    built = {
+        "table1": (tables.table1(runs), "Table 1: CIFAR10 sample quality and NLL"),
+        "table2": (tables.table2(runs), "Table 2: ablation over the mean and the objective"),
+        "table4": (
+            tables.table4(runs, cfg.diffusion.num_timesteps, cfg.eval.rd_steps),
+            "Table 4: rate and distortion along the reverse process (L_simple)",
+        ),
+    }
+    files = []
+    for stem, (table, title) in built.items():
+        path = layout.REPORTS / stem
+        tables.write_table(table, path, f"{title} ({cfg.scale} scale)")
+        files += [path.with_suffix(".md"), path.with_suffix(".csv")]
+    parent = tracking.log_reproduction(cfg, run_ids, files)
+    print((layout.REPORTS / "table2.md").read_text())
+    print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
+
+
+if __name__ == "__main__":
+    main()

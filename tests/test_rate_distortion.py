@@ -1,0 +1,72 @@
+"""Rate-distortion bookkeeping against a direct, loop-based reading of Section 4.3."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.diffusion import GaussianDiffusion, bits_per_dim, linear_beta_schedule
+from pipeline.paper import TABLE4
+from pipeline.rate_distortion import rate_distortion, table4_rows
+
+
+def test_rate_is_prior_plus_the_kl_terms_already_sent():
+    rng = np.random.default_rng(0)
+    T, B = 12, 5
+    vb, prior, mse = rng.uniform(0, 1, (B, T)), rng.uniform(0, 0.01, B), rng.uniform(0, 1, (B, T))
+    curve = rate_distortion(vb.sum(0), prior.sum(), mse.sum(0), B)
+    for n in range(1, T + 1):  # n reverse steps received: 1-based x_t with t = T - n + 1
+        t = T - n + 1
+        sent = prior.mean() + sum(vb[:, k].mean() for k in range(t, T))  # x_T, then x_{T-1}..x_t
+        j = t - 1
+        assert curve["steps"][j] == n
+        assert math.isclose(curve["rate_bpd"][j], sent, rel_tol=1e-12)
+        assert math.isclose(curve["distortion_rmse"][j], 127.5 * math.sqrt(mse[:, j].mean()))
+    # After all T steps: the whole bound but the decoder term L_0.
+    total = prior.mean() + vb.sum(1).mean()
+    assert math.isclose(curve["rate_bpd"][0], total - vb[:, 0].mean(), rel_tol=1e-12)
+
+
+def test_blocks_aggregate_exactly():
+    rng = np.random.default_rng(1)
+    vb, prior, mse = rng.uniform(0, 1, (7, 4)), rng.uniform(0, 1, 7), rng.uniform(0, 1, (7, 4))
+    whole = rate_distortion(vb.sum(0), prior.sum(), mse.sum(0), 7)
+    parts = [(vb[:3], prior[:3], mse[:3]), (vb[3:], prior[3:], mse[3:])]  # blocks of 3 and 4
+    summed = rate_distortion(
+        sum(p[0].sum(0) for p in parts),
+        sum(p[1].sum() for p in parts),
+        sum(p[2].sum(0) for p in parts),
+        7,
+    )
+    for key in whole:
+        np.testing.assert_allclose(summed[key], whole[key], rtol=1e-12)
+
+
+def test_table4_rows_follow_the_papers_step_convention():
+    T = 1000
+    curve = {
+        "steps": T - np.arange(T),
+        "rate_bpd": np.linspace(2, 0, T),
+        "distortion_rmse": np.linspace(1, 70, T),
+    }
+    rows = table4_rows(curve, tuple(n for n, _, _ in TABLE4))
+    assert [r["steps"] for r in rows] == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]
+    assert rows[0]["rate_bpd"] == 2.0  # 1000 steps: x_1 received
+    with pytest.raises(ValueError, match="outside"):
+        table4_rows(curve, (1001,))
+
+
+def test_nats_to_bits_per_dim():
+    D = 3 * 32 * 32
+    assert math.isclose(bits_per_dim(D * math.log(2.0), D), 1.0)
+    assert math.isclose(bits_per_dim(1000.0, D), 1000.0 / (3072 * math.log(2)))
+    # calc_bpd_loop's per-term bits/dim are per-dimension means of nats divided by ln 2.
+    d = GaussianDiffusion(linear_beta_schedule(4, 0.1, 0.4), "eps", "fixedlarge", "kl")
+    x = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+    prior_nats_per_dim = d.prior_bpd(x).item() * math.log(2)
+    ab = np.prod(1 - linear_beta_schedule(4, 0.1, 0.4))
+    ref = 0.5 * (-math.log(1 - ab) + (1 - ab) - 1)  # KL(N(0, 1 - ab) || N(0, 1)) per dim
+    assert math.isclose(prior_nats_per_dim, ref, rel_tol=1e-10)

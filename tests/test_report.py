@@ -1,0 +1,96 @@
+"""The report stage: the paper's tables beside ours, read back from a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline import tables, tracking
+from pipeline.config import STAND_IN_NOTE, load_config
+from stages import report
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"fid_train": 30.5, "fid_test": 31.25, "is_mean": 1.5, "is_std": 0.25, "nll_bpd": 5.5}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with the repo's params at the tiny scale and a SQLite MLflow store."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(scale="tiny")
+    for name, variant in cfg.variants.items():
+        run_id = tracking.start_variant_run(cfg, variant)
+        if name != "xprev_learned_kl":  # one variant has no metrics yet
+            client = mlflow.MlflowClient()
+            for key, value in OURS.items():
+                client.log_metric(run_id, key, value)
+            for n, rate, rmse in ((20, 1.25, 2.0), (10, 0.5, 40.0)):
+                client.log_metric(run_id, tables.rd_metric("rate_bpd", n), rate)
+                client.log_metric(run_id, tables.rd_metric("rmse", n), rmse)
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    return tmp_path
+
+
+def test_tables_put_paper_ours_and_difference_side_by_side(project):
+    report.main(["--scale", "tiny"])
+    t2 = pd.read_csv(project / "reports" / "table2.csv").set_index("variant")
+    row = t2.loc["eps_fixed_mse"]
+    assert row["FID paper"] == 3.17 and row["FID ours"] == 30.5
+    assert row["FID diff"] == pytest.approx(30.5 - 3.17)
+    assert row["IS diff"] == pytest.approx(1.5 - 9.46)
+    assert STAND_IN_NOTE in row["note"]
+    unstable = t2.loc["xprev_fixed_mse"]
+    assert pd.isna(unstable["FID paper"]) and "training unstable" in unstable["note"]
+    assert pd.isna(t2.loc["xprev_learned_kl", "FID ours"])  # not evaluated: left empty
+
+    t1 = pd.read_csv(project / "reports" / "table1.csv").set_index("variant")
+    assert t1.loc["eps_fixed_mse", "FID test paper"] == 5.24
+    assert t1.loc["eps_fixed_mse", "NLL test bpd diff"] == pytest.approx(5.5 - 3.75)
+
+    t4 = pd.read_csv(project / "reports" / "table4.csv")
+    # T = 20: our 20 and 10 steps sit beside the paper's 1000 and 500.
+    assert list(t4["rate bpd paper"]) == [1.77581, 0.00716]
+    assert list(t4["RMSE ours"]) == [2.0, 40.0]
+    assert "T = 20" in t4["note"][0]
+
+    md = (project / "reports" / "table2.md").read_text()
+    assert "| eps prediction | \\|\\|eps - eps_theta\\|\\|^2 (L_simple) |" in md
+    assert "Rows noted stand-in are not comparable to published numbers" in md
+
+
+def test_parent_run_holds_the_tables_and_nests_the_variants(project):
+    report.main(["--scale", "tiny"])
+    runs = mlflow.search_runs(experiment_names=["ddpm-repro"])
+    parent = runs[runs["tags.ddpm.role"] == "reproduction"]
+    assert len(parent) == 1
+    parent_id = parent["run_id"].iloc[0]
+    variants = runs[runs["tags.ddpm.variant"].notna()]
+    assert len(variants) == 6 and set(variants["tags.mlflow.parentRunId"]) == {parent_id}
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "tables")}
+    assert "tables/table2.md" in names and "tables/table4.csv" in names
+
+
+def test_missing_model_is_one_clear_line(project):
+    shutil.rmtree(project / "models" / "eps_fixed_kl")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.report", "--scale", "tiny"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: models/eps_fixed_kl/model.json: missing; run the pipeline first (dvc repro)"
+    ]
+    assert not (project / "reports").exists()
