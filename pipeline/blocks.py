@@ -231,7 +231,9 @@ def _windowed(
 ) -> Iterator[tuple[Range, dict[str, np.ndarray]]]:
     """Yield (block, result) as tasks finish, keeping at most ``window`` of them in flight.
 
-    Closing the generator (an error or an interrupt in the caller) cancels the tasks in flight.
+    Closing the generator (an error or an interrupt in the caller) cancels the tasks in flight,
+    gently: ``force=True`` racing a finishing task can abort the driver (seen with Ray 2.60),
+    and when the driver exits Ray ends the tasks it owns anyway.
     """
     queue = iter(todo)
     pending = {launch(block): block for block in itertools.islice(queue, window)}
@@ -243,7 +245,7 @@ def _windowed(
             pending.update({launch(b): b for b in itertools.islice(queue, 1)})
     finally:
         for ref in pending:
-            ray.cancel(ref, force=True)
+            ray.cancel(ref)
 
 
 def _get(ref: Any, block: Range, max_retries: int) -> dict[str, np.ndarray]:

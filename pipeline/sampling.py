@@ -32,6 +32,7 @@ from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
 from pipeline.blocks import BlockRun, merge_blocks, run_blocks
 from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
+from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.errors import ConfigError, DataError
 from pipeline.figures import save_progressive, save_sample_grid
@@ -45,15 +46,6 @@ from pipeline.weights import load_weights, sha256_file
 FORMAT = "ddpm-repro/samples-v1"
 TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
 TAG_KEY = "ddpm.sample_key"  # MLflow tag: the block key (work/sample/<variant>/<key>)
-
-
-def to_uint8(x: Tensor) -> np.ndarray:
-    """float [B, 3, R, R] in [-1, 1] -> uint8 [B, R, R, 3]: clip, then round((x + 1) * 127.5).
-
-    The same formula as pipeline.data.to_uint8 (the data branch); kept here until it is merged.
-    """
-    pixels = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +87,8 @@ class SamplingJob:
     def weights_digest(self) -> str:
         """sha256 of the architecture and every tensor's name, dtype, shape and bytes.
 
-        Unlike the file's sha256, it does not change when identical weights are saved again
-        (torch.save records the temporary file name inside the archive).
+        Unlike the file's sha256, it ignores the file's ``meta`` (step, provenance): only what
+        changes a sample's bytes.
         """
         digest = hashlib.sha256(json.dumps(self.unet, sort_keys=True).encode())
         for name in sorted(self.state_dict):

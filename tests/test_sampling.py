@@ -144,16 +144,6 @@ def test_another_seed_or_other_weights_give_other_samples(reference, tmp_path):
     assert other_weights.run.skipped == []
 
 
-def test_to_uint8_clips_and_rounds():
-    x = (
-        torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0])
-        .reshape(1, 1, 1, 7)
-        .expand(1, 3, 1, 7)
-    )
-    want = np.clip(np.round((np.clip(x.numpy(), -1, 1) + 1) * 127.5), 0, 255)
-    np.testing.assert_array_equal(to_uint8(x), want.transpose(0, 2, 3, 1).astype(np.uint8))
-
-
 # ---------------------------------------------------------------------------------------------
 # Resume
 
@@ -177,8 +167,8 @@ def test_rerun_and_more_samples_reuse_finished_blocks(reference, tmp_path):
 
 
 def test_block_key_follows_the_bytes_not_the_schedule_of_work(tmp_path):
-    folder = make_model(tmp_path)
-    make_model(tmp_path / "again")  # identical weights saved again: another file sha256
+    make_model(tmp_path)
+    make_model(tmp_path / "again")  # identical weights saved again
 
     def key(root=tmp_path, block_size=4, **sample):
         cfg = tiny_config(**sample)
@@ -195,9 +185,6 @@ def test_block_key_follows_the_bytes_not_the_schedule_of_work(tmp_path):
         assert key(**same) == key(), same
     # Not batch-invariant (bf16): then the batch size is part of a block's identity.
     assert key(bf16=True, batch_size=3) != key(bf16=True, batch_size=4)
-    assert sha256_file(folder / "ema.pt") != sha256_file(
-        tmp_path / "again/models" / VARIANT / "ema.pt"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
