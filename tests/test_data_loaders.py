@@ -196,16 +196,11 @@ def test_eval_batches_walk_the_split_in_order(prepared):
 
 
 @pytest.mark.slow  # ~18 s here (Ray start, torch import in two workers); pickling is tested above
-def test_ray_workers_rebuild_the_single_worker_batch(prepared):
+def test_ray_workers_rebuild_the_single_worker_batch(prepared, ray_session):
     """An ImageSet travels to Ray workers as its path; their slices make the global batch."""
-    import ray
-
+    ray = ray_session  # the session's shared local instance (conftest)
     images = open_split(prepared[0], "train")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        rank_batch = ray.remote(lambda images, rank: TrainBatches(images, 8, rank, 2, 5).batch(3))
-        parts = ray.get([rank_batch.remote(images, rank) for rank in range(2)])
-    finally:
-        ray.shutdown()
+    rank_batch = ray.remote(lambda images, rank: TrainBatches(images, 8, rank, 2, 5).batch(3))
+    parts = ray.get([rank_batch.remote(images, rank) for rank in range(2)])
     single = TrainBatches(images, 8, seed=5).batch(3)
     torch.testing.assert_close(torch.cat(parts), single, rtol=0, atol=0)

@@ -1,0 +1,330 @@
+"""Resumable work in fixed blocks of item indices, fanned out as Ray tasks.
+
+Items ``0 .. n_items-1`` (sample indices, test-image indices) are cut into fixed blocks
+``[start, min(start + block_size, n_items))``. Each block is one Ray task that returns a dict of
+arrays whose first axis is the block's items; the driver writes it atomically as
+``block-{start:08d}-{stop:08d}.npz`` in ``out_dir``. So:
+
+- resume: a block whose shard exists and is readable is skipped (a rerun after an interrupt, or
+  with more items, computes only what is missing);
+- fault tolerance: a failed task is retried by Ray (``max_retries`` with
+  ``retry_exceptions=True``); a shard appears only once its block is complete, never twice;
+- workers need no shared filesystem: results travel through the object store and only the
+  driver writes files (``ray job submit`` onto a multi-node cluster works as is).
+
+:func:`merge_blocks` reads the shards back and checks that every index is covered exactly once.
+The module knows nothing about what a block computes; sampling and the NLL evaluation use it.
+
+Test-only fault hook: with ``DDPM_TEST_FAIL_BLOCK=<start>`` in the driver's environment, the
+task of the block starting at ``start`` raises once (a marker file in ``out_dir`` makes the retry
+succeed). It exists for the fault-tolerance tests; never set it in real runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from pipeline.atomic import save_npz
+from pipeline.errors import ConfigError, DataError
+
+FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
+SHARD_RE = re.compile(r"^block-(\d{8})-(\d{8})\.npz$")
+
+TaskFn = Callable[[int, int, Any], dict[str, np.ndarray]]
+"""``task_fn(start, stop, shared) -> {name: array [stop - start, ...]}``, run in a Ray worker."""
+
+Range = tuple[int, int]
+
+
+@dataclass
+class BlockRun:
+    """What :func:`run_blocks` did: blocks computed now, blocks reused, compute time."""
+
+    computed: list[Range] = field(default_factory=list)
+    skipped: list[Range] = field(default_factory=list)
+    elapsed_s: float = 0.0  # wall time from the first submission to the last shard written
+
+    @property
+    def items_computed(self) -> int:
+        return sum(stop - start for start, stop in self.computed)
+
+    @property
+    def items_per_s(self) -> float | None:
+        """Throughput of this run's computed blocks (None when nothing was computed)."""
+        if not self.computed or self.elapsed_s <= 0:
+            return None
+        return self.items_computed / self.elapsed_s
+
+
+def block_ranges(n_items: int, block_size: int) -> list[Range]:
+    """The fixed blocks [start, stop) covering 0 .. n_items-1 (the last may be shorter)."""
+    if n_items < 0 or block_size <= 0:
+        raise ValueError(f"need n_items >= 0 and block_size > 0 (got {n_items}, {block_size})")
+    return [(s, min(s + block_size, n_items)) for s in range(0, n_items, block_size)]
+
+
+def shard_path(out_dir: str | os.PathLike, start: int, stop: int) -> Path:
+    """Where the block [start, stop) is stored."""
+    return Path(out_dir) / f"block-{start:08d}-{stop:08d}.npz"
+
+
+def list_shards(out_dir: str | os.PathLike) -> list[Range]:
+    """The (start, stop) of every shard file in ``out_dir``, sorted."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    found = (SHARD_RE.match(p.name) for p in folder.iterdir())
+    return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+
+def read_shard(path: Path, n_rows: int) -> dict[str, np.ndarray]:
+    """A shard's arrays; DataError if unreadable or if an array has not ``n_rows`` rows."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # truncated, not a zip, bad header
+        raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+    bad = {k: a.shape for k, a in arrays.items() if a.ndim == 0 or a.shape[0] != n_rows}
+    if not arrays or bad:
+        raise DataError(f"{path}: expected arrays of {n_rows} rows, found {bad or 'none'}")
+    return arrays
+
+
+def _is_finished(out_dir: Path, block: Range) -> bool:
+    path = shard_path(out_dir, *block)
+    if not path.is_file():
+        return False
+    try:
+        read_shard(path, block[1] - block[0])
+    except DataError as e:
+        tqdm.write(f"recomputing a damaged shard: {e}")
+        path.unlink()
+        return False
+    return True
+
+
+def _remove_superseded(out_dir: Path, blocks: list[Range]) -> None:
+    """Delete shards that overlap this run's blocks without being one (an old last block)."""
+    wanted = set(blocks)
+    n_items = blocks[-1][1] if blocks else 0
+    for start, stop in list_shards(out_dir):
+        if (start, stop) not in wanted and start < n_items:
+            shard_path(out_dir, start, stop).unlink()
+
+
+def _fail_marker(out_dir: Path, start: int) -> str | None:
+    """The marker path that arms the test-only fault hook for this block, or None."""
+    if os.environ.get(FAIL_BLOCK_ENV) != str(start):
+        return None
+    return str(out_dir / f".failed-once-{start:08d}")
+
+
+@ray.remote
+def _run_block(
+    task_fn: TaskFn, start: int, stop: int, shared: Any, fail_marker: str | None
+) -> dict[str, np.ndarray]:
+    if fail_marker is not None and not os.path.exists(fail_marker):
+        Path(fail_marker).touch()
+        raise RuntimeError(f"test fault hook: block [{start}, {stop}) fails once")
+    return task_fn(start, stop, shared)
+
+
+def check_resources(resources: dict[str, float]) -> None:
+    """ConfigError when no node of the Ray cluster could ever run a task with ``resources``."""
+    total = ray.cluster_resources()
+    short = {
+        name: need
+        for name, need in resources.items()
+        if need and total.get("GPU" if name == "num_gpus" else "CPU", 0.0) < need
+    }
+    if short:
+        have = {k: total.get(k, 0.0) for k in ("CPU", "GPU")}
+        raise ConfigError(
+            f"each task needs {short} but the Ray cluster has {have}; lower cpus_per_worker / "
+            f"gpus_per_worker, set use_gpu: false, or connect to a cluster with GPUs"
+        )
+
+
+def run_blocks(
+    task_fn: TaskFn,
+    n_items: int,
+    block_size: int,
+    out_dir: str | os.PathLike,
+    num_workers: int,
+    resources: dict[str, float] | None = None,
+    desc: str = "items",
+    shared: Any = None,
+    max_retries: int = 3,
+    connect: Callable[[], None] | None = None,
+) -> BlockRun:
+    """Compute every missing block of ``0 .. n_items-1`` on Ray and store it in ``out_dir``.
+
+    Args:
+        task_fn: ``task_fn(start, stop, shared)`` returns ``{name: array}`` with
+            ``stop - start`` rows each; a module-level function (Ray pickles it by reference).
+        n_items: items to cover; block_size: items per block (the unit of work and resume).
+        out_dir: the shard folder (absolute or relative to the driver's cwd).
+        num_workers: Ray tasks kept in flight at once.
+        resources: per-task Ray resources, e.g. ``{"num_cpus": 1, "num_gpus": 0.5}``.
+        desc: the progress bar's unit (``samples``, ``images``).
+        shared: one object every task receives (e.g. the model's state dict), put in Ray's
+            object store once.
+        max_retries: Ray retries of a failed task (exceptions included).
+        connect: called once before the first task when there is work to do (e.g. to start
+            Ray only then: a rerun with every shard present needs no cluster).
+
+    Raises:
+        RuntimeError when a block still fails after its retries; finished shards are kept,
+        so a rerun resumes.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1 (got {num_workers})")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = block_ranges(n_items, block_size)
+    _remove_superseded(out_dir, blocks)
+    run = BlockRun()
+    todo = []
+    for block in blocks:
+        (run.skipped if _is_finished(out_dir, block) else todo).append(block)
+    resources = dict(resources or {"num_cpus": 1})
+    if todo and connect is not None:
+        connect()
+    if todo:
+        check_resources(resources)
+    done = sum(stop - start for start, stop in run.skipped)
+    with tqdm(total=n_items, initial=done, desc=desc, unit=desc, smoothing=0.1) as bar:
+        started = time.perf_counter()
+        if todo:
+            remote = _run_block.options(max_retries=max_retries, retry_exceptions=True, **resources)
+            launch = functools.partial(_launch, remote, task_fn, ray.put(shared), out_dir)
+            with contextlib.closing(_windowed(todo, launch, num_workers, max_retries)) as results:
+                for block, arrays in results:
+                    _store(out_dir, block, arrays)
+                    run.computed.append(block)
+                    bar.update(block[1] - block[0])
+        run.elapsed_s = time.perf_counter() - started
+    return run
+
+
+def _launch(remote: Any, task_fn: TaskFn, shared_ref: Any, out_dir: Path, block: Range) -> Any:
+    """Submit the task of one block; returns its ObjectRef."""
+    marker = _fail_marker(out_dir, block[0])
+    return remote.remote(task_fn, block[0], block[1], shared_ref, marker)
+
+
+def _windowed(
+    todo: list[Range], launch: Callable[[Range], Any], window: int, max_retries: int
+) -> Iterator[tuple[Range, dict[str, np.ndarray]]]:
+    """Yield (block, result) as tasks finish, keeping at most ``window`` of them in flight.
+
+    Closing the generator (an error or an interrupt in the caller) cancels the tasks in flight,
+    gently: ``force=True`` racing a finishing task can abort the driver (seen with Ray 2.60),
+    and when the driver exits Ray ends the tasks it owns anyway.
+    """
+    queue = iter(todo)
+    pending = {launch(block): block for block in itertools.islice(queue, window)}
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            block = pending.pop(ref)
+            yield block, _get(ref, block, max_retries)
+            pending.update({launch(b): b for b in itertools.islice(queue, 1)})
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
+def _get(ref: Any, block: Range, max_retries: int) -> dict[str, np.ndarray]:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        raise RuntimeError(
+            f"block [{block[0]}, {block[1]}) failed after {max_retries} retries: {e}; "
+            f"finished blocks are kept, rerun to resume"
+        ) from e
+
+
+def _store(out_dir: Path, block: Range, arrays: dict[str, np.ndarray]) -> None:
+    rows = block[1] - block[0]
+    if not isinstance(arrays, dict) or not arrays:
+        raise TypeError(f"task for block {block} returned {type(arrays).__name__}, not arrays")
+    bad = {k: np.shape(a) for k, a in arrays.items() if np.ndim(a) == 0 or len(a) != rows}
+    if bad:
+        raise ValueError(f"task for block {block} returned arrays without {rows} rows: {bad}")
+    save_npz(shard_path(out_dir, *block), **arrays)
+
+
+def merge_blocks(
+    out_dir: str | os.PathLike, n_items: int, block_size: int
+) -> dict[str, np.ndarray]:
+    """Concatenate the shards of ``0 .. n_items-1`` in index order: ``{name: [n_items, ...]}``.
+
+    Raises DataError naming the index ranges that are missing, or covered by more than one
+    shard (overlapping shards of another block size or item count), and unreadable shards.
+    Shards that start at or beyond ``n_items`` are ignored.
+    """
+    out_dir = Path(out_dir)
+    blocks = block_ranges(n_items, block_size)
+    present = [r for r in list_shards(out_dir) if r[0] < n_items]
+    _check_coverage(out_dir, n_items, present)
+    wrong = sorted(set(present) - set(blocks))
+    if wrong:
+        raise DataError(
+            f"{out_dir}: shards {_fmt(wrong)} are not blocks of {block_size} items; "
+            f"merge with the block size they were computed with"
+        )
+    parts: dict[str, list[np.ndarray]] = {}
+    for start, stop in blocks:
+        arrays = read_shard(shard_path(out_dir, start, stop), stop - start)
+        if parts and set(arrays) != set(parts):
+            raise DataError(
+                f"{shard_path(out_dir, start, stop)}: arrays {sorted(arrays)} differ from the "
+                f"other shards' {sorted(parts)}"
+            )
+        for key, value in arrays.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def _check_coverage(out_dir: Path, n_items: int, present: list[Range]) -> None:
+    """DataError naming the indices that no shard, or more than one shard, covers."""
+    counts = np.zeros(n_items, dtype=np.int64)
+    for start, stop in present:
+        counts[start : min(stop, n_items)] += 1
+    missing, duplicated = _runs(counts == 0), _runs(counts > 1)
+    if missing or duplicated:
+        parts = []
+        if missing:
+            parts.append(f"missing indices {_fmt(missing)}")
+        if duplicated:
+            parts.append(f"indices {_fmt(duplicated)} in more than one shard")
+        raise DataError(
+            f"{out_dir}: cannot merge {n_items} items: {'; '.join(parts)} "
+            f"({len(present)} shards found); rerun the stage to compute the missing blocks"
+        )
+
+
+def _runs(mask: np.ndarray) -> list[Range]:
+    """Maximal [start, stop) runs where ``mask`` is true."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
+    return list(zip(starts, stops, strict=True))
+
+
+def _fmt(ranges: list[Range], limit: int = 5) -> str:
+    shown = ", ".join(f"[{a}, {b})" for a, b in ranges[:limit])
+    return shown + (f" and {len(ranges) - limit} more" if len(ranges) > limit else "")

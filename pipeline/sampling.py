@@ -1,0 +1,489 @@
+"""Drawing N samples with Algorithm 2 from a variant's EMA weights, fanned out over Ray.
+
+Sample i draws x_T and every step's noise from its own generator seeded by (seed, i)
+(pipeline.noise). Samples are computed in fixed blocks of indices by pipeline.blocks (resumable,
+retried, written atomically as uint8 shards under ``work/sample/<variant>/<key>/``) and merged
+into ``samples/<variant>/samples.npz``. ``key`` hashes everything that changes a block's bytes
+(weights, seed, sampler, diffusion settings, precision, memory format, block size, device type,
+torch version, and the batch size where the network is not batch-invariant), so blocks are
+reused across reruns, more samples or another worker count, and never mixed across weights.
+
+Reproducibility: on the CPU in float32 (the default memory format) the U-Net is batch-invariant,
+so sample i is bit-identical for any batch size and worker count. With bf16, channels_last or a
+GPU it is not (kernels depend on the batch), so the key includes the batch size: the result
+still does not depend on the number of workers (same blocks, same batch split in each block).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import Tensor
+
+from pipeline import layout
+from pipeline.atomic import atomic_dir, save_npz, write_json
+from pipeline.blocks import BlockRun, merge_blocks, run_blocks
+from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
+from pipeline.data import to_uint8
+from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.errors import ConfigError, DataError
+from pipeline.figures import save_progressive, save_sample_grid
+from pipeline.noise import ImageNoise
+from pipeline.raycluster import init_ray
+from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.tracking import tracking_uri, variant_run
+from pipeline.unet import UNet
+from pipeline.weights import load_weights, sha256_file
+
+FORMAT = "ddpm-repro/samples-v1"
+TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
+TAG_KEY = "ddpm.sample_key"  # MLflow tag: the block key (work/sample/<variant>/<key>)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: what every Ray task needs, shipped once through the object store.
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """The network and the sampler settings of one sampling run."""
+
+    unet: dict[str, Any]  # UNet constructor kwargs
+    state_dict: dict[str, Tensor]  # EMA weights
+    betas: tuple[float, ...]  # the training schedule (float64 values)
+    mean_type: str
+    var_type: str
+    loss_type: str
+    steps: int | None  # None: all T steps (Algorithm 2); fewer: respaced
+    seed: int
+    batch_size: int
+    bf16: bool = False
+    channels_last: bool = False
+    use_gpu: bool = False
+    torch_threads: int = 1
+
+    @property
+    def respaced(self) -> bool:
+        """Whether this is the respaced extension (fewer steps than T), not Algorithm 2."""
+        return self.steps is not None and self.steps != len(self.betas)
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether an image's output is independent of its batch (measured; see pipeline.unet)."""
+        return self.device_type == "cpu" and not self.bf16 and not self.channels_last
+
+    def weights_digest(self) -> str:
+        """sha256 of the architecture and every tensor's name, dtype, shape and bytes.
+
+        Unlike the file's sha256, it ignores the file's ``meta`` (step, provenance): only what
+        changes a sample's bytes.
+        """
+        digest = hashlib.sha256(json.dumps(self.unet, sort_keys=True).encode())
+        for name in sorted(self.state_dict):
+            tensor = self.state_dict[name].detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
+
+    def diffusion(self) -> GaussianDiffusion:
+        base = GaussianDiffusion(
+            np.array(self.betas), self.mean_type, self.var_type, self.loss_type
+        )
+        if not self.respaced:
+            return base
+        return RespacedDiffusion(base, space_timesteps(base.num_timesteps, self.steps))
+
+    def label(self) -> str:
+        return sampler_label(len(self.betas), self.steps)
+
+    def model(self, device: torch.device) -> UNet:
+        model = UNet(**self.unet)
+        model.load_state_dict(self.state_dict)
+        model = model.to(device).eval()
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def block_key(job: SamplingJob, block_size: int) -> str:
+    """The identity of a block's bytes (see the module docstring); names the shard folder."""
+    payload = {
+        "weights": job.weights_digest(),
+        "seed": job.seed,
+        "steps": job.steps if job.respaced else None,
+        "betas": config_hash(list(job.betas), 16),
+        "types": [job.mean_type, job.var_type, job.loss_type],
+        "bf16": job.bf16,
+        "channels_last": job.channels_last,
+        "block_size": block_size,
+        "device": job.device_type,
+        "torch": torch.__version__,
+        "batch_size": None if job.batch_invariant else job.batch_size,
+    }
+    return config_hash(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling in one process (what a Ray task runs).
+
+
+def _device(job: SamplingJob) -> torch.device:
+    if job.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("sample.use_gpu is true but this Ray worker sees no CUDA device")
+    return torch.device(job.device_type)
+
+
+def _setup_worker(job: SamplingJob) -> torch.device:
+    torch.set_num_threads(job.torch_threads)
+    torch.backends.cudnn.benchmark = False  # kernel choice by timing would change bits
+    torch.backends.cudnn.deterministic = True
+    return _device(job)
+
+
+def _network(model: UNet, channels_last: bool):
+    """model(x, t), with x laid out channels_last when asked (the sampler's x is contiguous)."""
+    if not channels_last:
+        return model
+    return lambda x, t: model(x.contiguous(memory_format=torch.channels_last), t)
+
+
+def sample_images(
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    indices: range | list[int],
+    seed: int,
+    batch_size: int,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Samples ``indices`` (Algorithm 2, per-image noise from (seed, i)): uint8 [n, R, R, 3]."""
+    device = next(model.parameters()).device
+    shape = (model.in_channels, model.resolution, model.resolution)
+    net = _network(model, channels_last)
+    out = []
+    indices = list(indices)
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        for b in range(0, len(indices), batch_size):
+            chunk = indices[b : b + batch_size]
+            noise = ImageNoise(seed, chunk, device=device)
+            x = diffusion.p_sample_loop(net, (len(chunk), *shape), noise_fn=noise)
+            out.append(to_uint8(x))
+    return np.concatenate(out) if out else np.zeros((0, *shape[1:], shape[0]), np.uint8)
+
+
+def sample_block(start: int, stop: int, job: SamplingJob) -> dict[str, np.ndarray]:
+    """The Ray task of one block: ``{"images": uint8 [stop - start, R, R, 3]}``."""
+    device = _setup_worker(job)
+    model = job.model(device)
+    diffusion, indices = job.diffusion(), range(start, stop)
+    images = sample_images(
+        model, diffusion, indices, job.seed, job.batch_size, job.bf16, job.channels_last
+    )
+    return {"images": images}
+
+
+def frame_steps(num_steps: int, frames: int) -> list[int]:
+    """The reverse-process steps (0-indexed, descending) whose x_0 predictions are shown."""
+    return sorted(set(np.round(np.linspace(num_steps - 1, 0, frames)).astype(int)), reverse=True)
+
+
+def progressive_frames(
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    indices: list[int],
+    seed: int,
+    frames: int,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> dict[str, np.ndarray]:
+    """Fig. 6: the x_0 predictions of samples ``indices`` at evenly spaced steps.
+
+    Returns ``frames`` uint8 [S, F, R, R, 3], ``t`` int64 [F] (the paper's 1-based timesteps
+    of the original process) and ``final`` uint8 [S, R, R, 3]: the samples themselves (on the
+    CPU in float32 byte-identical to the merged samples at those indices).
+    """
+    device = next(model.parameters()).device
+    shape = (len(indices), model.in_channels, model.resolution, model.resolution)
+    wanted = frame_steps(diffusion.num_timesteps, frames)
+    net, shown, final = _network(model, channels_last), [], None
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        noise = ImageNoise(seed, indices, device=device)
+        for out in diffusion.p_sample_loop_progressive(net, shape, noise_fn=noise):
+            if out["t"] in wanted:
+                shown.append(to_uint8(out["pred_xstart"]))
+            final = out["sample"]
+    original = getattr(diffusion, "timesteps", np.arange(diffusion.num_timesteps))
+    return {
+        "frames": np.stack(shown, axis=1),
+        "t": np.asarray([int(original[t]) + 1 for t in wanted], dtype=np.int64),
+        "final": to_uint8(final),
+    }
+
+
+@ray.remote
+def _progressive_task(job: SamplingJob, indices: list[int], frames: int) -> dict[str, np.ndarray]:
+    device = _setup_worker(job)
+    model = job.model(device)
+    diffusion = job.diffusion()
+    return progressive_frames(
+        model, diffusion, indices, job.seed, frames, job.bf16, job.channels_last
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver.
+
+
+@dataclass
+class ModelInfo:
+    """A variant's trained weights as the train stage left them."""
+
+    weights: Path  # models/<variant>/ema.pt
+    meta: dict[str, Any]  # models/<variant>/model.json
+    sha256: str  # of the weights file
+
+
+def load_model_info(model_dir: Path, variant: Variant, scale: str) -> ModelInfo:
+    """Read model.json and check it against the params' variant; DataError otherwise."""
+    weights, info = model_dir / "ema.pt", model_dir / "model.json"
+    for path in (weights, info):
+        if not path.is_file():
+            raise DataError(f"{path}: not found (run the train stage first: dvc repro train)")
+    try:
+        meta = json.loads(info.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{info}: not readable JSON ({e}); rerun the train stage") from None
+    want = {"variant": variant.name, "scale": scale, **_types(variant)}
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        raise DataError(
+            f"{info} describes {_describe(got)} but params.yaml asks for {_describe(want)}; "
+            f"rerun the train stage for this variant"
+        )
+    sha = sha256_file(weights)
+    if meta.get("ema_sha256") not in (None, sha):
+        raise DataError(
+            f"{weights}: sha256 differs from {info}'s ema_sha256; rerun the train stage"
+        )
+    return ModelInfo(weights=weights, meta=meta, sha256=sha)
+
+
+def _types(variant: Variant) -> dict[str, str]:
+    return {
+        "mean_type": variant.mean_type,
+        "var_type": variant.var_type,
+        "loss_type": variant.loss_type,
+    }
+
+
+def _describe(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v!r}" for k, v in d.items())
+
+
+def check_sample_config(cfg: Config) -> None:
+    """ConfigError for sample settings that params' types alone cannot rule out."""
+    s, where = cfg.sample, f"presets.{cfg.scale}.sample"
+    positive = {
+        "torch_threads": s.torch_threads,
+        "cpus_per_worker": s.cpus_per_worker,
+        "progressive_frames": s.progressive_frames,
+        "grid_size": s.grid_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}.{key} must be positive (got {value})")
+    if s.use_gpu and s.gpus_per_worker <= 0:
+        raise ConfigError(f"{where}.gpus_per_worker must be positive with use_gpu (got 0)")
+    if any(i < 0 for i in s.progressive_seeds):
+        raise ConfigError(f"{where}.progressive_seeds are sample indices: need >= 0")
+
+
+def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
+    """The sampling job of a variant: its EMA weights and the params' sample section."""
+    model, _ = load_weights(weights, "cpu")
+    d, s = cfg.diffusion, cfg.sample
+    betas = linear_beta_schedule(d.num_timesteps, d.beta_start, d.beta_end)
+    want = GaussianDiffusion(betas, **_types(variant)).model_output_channels(model.in_channels)
+    if model.out_channels != want:
+        raise DataError(
+            f"{weights}: the network returns {model.out_channels} channels but var_type "
+            f"{variant.var_type!r} needs {want}; rerun the train stage for this variant"
+        )
+    return SamplingJob(
+        unet=dict(model.init_kwargs),
+        state_dict=model.state_dict(),
+        betas=tuple(float(b) for b in betas),
+        mean_type=variant.mean_type,
+        var_type=variant.var_type,
+        loss_type=variant.loss_type,
+        steps=s.steps,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        bf16=s.bf16,
+        channels_last=s.channels_last,
+        use_gpu=s.use_gpu,
+        torch_threads=s.torch_threads,
+    )
+
+
+def task_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources of one sampling task."""
+    s = cfg.sample
+    resources: dict[str, float] = {"num_cpus": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["num_gpus"] = s.gpus_per_worker
+    return resources
+
+
+@dataclass
+class SampleSet:
+    """The outcome of :func:`draw_samples`."""
+
+    images: np.ndarray  # uint8 [N, R, R, 3]
+    progressive: dict[str, np.ndarray]  # see progressive_frames
+    manifest: dict[str, Any]
+    run: BlockRun  # blocks computed and reused now, and the time it took
+    work_dir: Path  # the shard folder
+
+
+def draw_samples(
+    cfg: Config, variant: Variant, info: ModelInfo, root: Path = Path(".")
+) -> SampleSet:
+    """Compute (or reuse) every block of the variant's samples on Ray and merge them."""
+    job = make_job(cfg, variant, info.weights)
+    s = cfg.sample
+    key = block_key(job, s.block_size)
+    work = (root / layout.work_dir("sample", variant.name) / key).resolve()
+    resources = task_resources(cfg)
+    run = run_blocks(
+        sample_block,
+        s.n_samples,
+        s.block_size,
+        work,
+        s.num_workers,
+        resources,
+        desc="samples",
+        shared=job,
+        connect=functools.partial(init_ray, cfg.ray),
+    )
+    images = merge_blocks(work, s.n_samples, s.block_size)["images"]
+    progressive = _progressive(cfg, job, work, resources)
+    manifest = make_manifest(cfg, variant, info, job, images, key)
+    return SampleSet(images, progressive, manifest, run, work)
+
+
+def _progressive(
+    cfg: Config, job: SamplingJob, work: Path, resources: dict
+) -> dict[str, np.ndarray]:
+    """Fig. 6 frames of the progressive seeds, computed once per key (cached beside the blocks)."""
+    seeds, frames = cfg.sample.progressive_seeds, cfg.sample.progressive_frames
+    if not seeds:
+        return {}
+    path = work / f"progressive-{config_hash([list(seeds), frames], 8)}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    init_ray(cfg.ray)
+    task = _progressive_task.options(max_retries=3, retry_exceptions=True, **resources)
+    out = ray.get(task.remote(job, list(seeds), frames))
+    save_npz(path, **out)
+    return out
+
+
+def make_manifest(
+    cfg: Config, variant: Variant, info: ModelInfo, job: SamplingJob, images: np.ndarray, key: str
+) -> dict[str, Any]:
+    """What samples.npz holds and how it was drawn (deterministic: no timings)."""
+    manifest = {
+        "format": FORMAT,
+        "variant": variant.name,
+        "scale": cfg.scale,
+        "count": int(images.shape[0]),
+        "shape": list(images.shape),
+        "dtype": str(images.dtype),
+        "sha256": _array_sha256(images),
+        "sampler": job.label(),
+        "respaced": job.respaced,
+        "steps": job.steps or len(job.betas),
+        "num_timesteps": len(job.betas),
+        "seed": job.seed,
+        "seeding": "sample i: torch CPU generator seeded by SeedSequence([seed, i])",
+        "weights_sha256": info.sha256,
+        "weights_digest": job.weights_digest(),
+        "mlflow_run_id": info.meta.get("mlflow_run_id"),
+        "block_size": cfg.sample.block_size,
+        "block_key": key,
+        "device": job.device_type,
+        "bf16": job.bf16,
+        "channels_last": job.channels_last,
+        "torch": torch.__version__,
+    }
+    if "synthetic data" in cfg.stand_in_reasons():
+        manifest["stand_in"] = f"{STAND_IN_NOTE} (model trained on synthetic data)"
+    return manifest
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: samples/<variant>/ written whole (atomic folder), figures logged to MLflow.
+
+
+def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
+    """samples.npz, manifest.json, grid.png and progressive.png in ``out_dir``, all or nothing.
+
+    The figures and sampling metrics go to the variant's MLflow run (when model.json names
+    one) before the folder is put in place, so a tracking error leaves no partial output.
+    """
+    title = f"{result.manifest['variant']}: {result.manifest['sampler']}"
+    if "stand_in" in result.manifest:
+        title += f" ({STAND_IN_NOTE})"
+    with atomic_dir(out_dir) as tmp:
+        save_npz(tmp / "samples.npz", images=result.images)
+        write_json(tmp / "manifest.json", result.manifest)
+        figures = [tmp / "grid.png"]
+        save_sample_grid(figures[0], result.images[: cfg.sample.grid_size], title)
+        if result.progressive:
+            figures.append(tmp / "progressive.png")
+            prog = result.progressive
+            save_progressive(figures[1], prog["frames"], prog["t"], title)
+        log_to_mlflow(cfg, result, figures)
+
+
+def log_to_mlflow(cfg: Config, result: SampleSet, figures: list[Path]) -> bool:
+    """Log figures, the sampler tag and samples/s to the variant's run; False if it has none."""
+    run_id = result.manifest.get("mlflow_run_id")
+    if not run_id:
+        return False
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    metrics = {"n_samples": result.manifest["count"], "sampling_steps": result.manifest["steps"]}
+    if result.run.items_per_s is not None:
+        metrics["samples_per_s"] = result.run.items_per_s
+    tags = {TAG_SAMPLER: result.manifest["sampler"], TAG_KEY: result.manifest["block_key"]}
+    try:
+        with variant_run(cfg, run_id):
+            mlflow.set_tags(tags)
+            mlflow.log_metrics(metrics)
+            for path in figures:
+                mlflow.log_artifact(str(path), "samples")
+    except MlflowException as e:
+        raise DataError(
+            f"MLflow run {run_id} of models/{result.manifest['variant']}/model.json cannot be "
+            f"logged to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point "
+            f"MLFLOW_TRACKING_URI at the store the train stage used, or rerun it"
+        ) from None
+    return True

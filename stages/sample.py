@@ -1,0 +1,39 @@
+"""Stage ``sample``: draw the variant's samples on Ray (``python -m stages.sample --variant V``).
+
+Reads models/<V>/ema.pt and model.json, computes the missing blocks under work/sample/<V>/ and
+writes samples/<V>/ (samples.npz, manifest.json, grid.png, progressive.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline import layout
+from pipeline.cli import entry_point
+from pipeline.config import load_config
+from pipeline.sampling import check_sample_config, draw_samples, load_model_info, write_outputs
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True, help="a variant of params.yaml")
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params)
+    variant = cfg.variant(args.variant)
+    check_sample_config(cfg)
+    info = load_model_info(layout.model_dir(variant.name), variant, cfg.scale)
+    result = draw_samples(cfg, variant, info)
+    out_dir = layout.samples_dir(variant.name)
+    write_outputs(cfg, out_dir, result)
+    rate = result.run.items_per_s
+    print(
+        f"{variant.name}: {result.manifest['count']} samples ({result.manifest['sampler']}) "
+        f"in {out_dir}; {len(result.run.computed)} blocks computed, "
+        f"{len(result.run.skipped)} reused" + (f", {rate:.2f} samples/s" if rate else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
