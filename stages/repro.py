@@ -1,0 +1,62 @@
+"""Run the whole pipeline where there is no git checkout, e.g. as a Ray job.
+
+``ray job submit --working-dir . -- python -m stages.repro [--scale NAME] [DVC REPRO ARGS]``
+
+Ray uploads the working directory without ``.git``, and ``dvc repro`` refuses to run outside a
+git repository unless DVC is told not to use one (``core.no_scm``, set here in the local DVC
+config, which is never committed). ``--scale`` rewrites params.yaml's ``scale:`` line (comments
+kept) before running. Results are in MLflow (set MLFLOW_TRACKING_URI in the job's runtime_env)
+and in the job's working directory; configure a DVC remote to keep the outputs (``--push``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.cli import entry_point
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+
+def in_git_repo() -> bool:
+    done = subprocess.run(["git", "rev-parse", "--git-dir"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def set_scale(params: Path, scale: str) -> None:
+    """Point params.yaml's top-level ``scale:`` at ``scale`` (checked against the presets)."""
+    text = params.read_text()
+    new, count = re.subn(r"(?m)^scale:[^\n#]*", f"scale: {scale}", text, count=1)
+    if count != 1:
+        raise UserError(f"{params}: no top-level `scale:` line to set")
+    params.write_text(new)
+    load_config(params)  # fails with a clear error for an unknown preset
+
+
+def dvc(*args: str) -> None:
+    done = subprocess.run(["dvc", *args], check=False)
+    if done.returncode:
+        raise SystemExit(done.returncode)
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", help="switch params.yaml to this preset first")
+    parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")
+    args, repro_args = parser.parse_known_args(argv)
+    if args.scale:
+        set_scale(Path("params.yaml"), args.scale)
+    if not in_git_repo():
+        dvc("config", "--local", "core.no_scm", "true")
+    dvc("repro", *repro_args)
+    if args.push:
+        dvc("push")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,175 @@
+"""The tiny preset end to end: dvc repro in a copy of the repo, and the same as a Ray job.
+
+Real components only: DVC, a local Ray cluster started by ``ray start --head``, a real
+``mlflow server``, Ray Train, torch-fidelity (stand-in weights). Every variant must reach MLflow
+with its metrics, and the report must write the three tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    base.pop("PYTHONPATH", None)  # the copy must run on its own code
+    return {**base, "PATH": f"{BIN}:{base['PATH']}", "DVC_NO_ANALYTICS": "1", **extra}
+
+
+def copy_repo(dest: Path, scale: str = "tiny") -> Path:
+    """The repo's tracked files (the working tree's content) in a fresh git repo at ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        target = dest / name.decode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name.decode()).is_file():
+            shutil.copy2(ROOT / name.decode(), target)
+    params = dest / "params.yaml"
+    params.write_text(params.read_text().replace("\nscale: smoke\n", f"\nscale: {scale}\n"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "snapshot"], cwd=dest, check=True)
+    return dest
+
+
+def wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(url, timeout=2)
+            return
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store; yields its URI."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real ``ray start --head`` cluster (own ports and temp dir); yields the job address."""
+    temp = Path("/tmp") / f"ddpm-ray-{os.getpid()}-{free_port()}"  # short: unix socket paths
+    dashboard = free_port()
+    proc = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", "--num-cpus=2", f"--temp-dir={temp}",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+        env=env(RAY_AUTH_MODE="disabled"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", proc)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        # Every process of this cluster has the temp dir on its command line.
+        subprocess.run(["pkill", "-KILL", "-f", str(temp)], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def variant_runs(tracking_uri: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["ddpm-repro"])
+    return runs[runs["tags.ddpm.variant"].notna()].set_index("tags.ddpm.variant")
+
+
+def check_results(runs: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> None:
+    """Every variant has its metrics in MLflow; the tables show them beside the paper's."""
+    variants = set(load_config(ROOT / "params.yaml", "tiny").variants)
+    assert set(runs.index) == variants
+    for metric in METRICS:
+        assert runs[f"metrics.{metric}"].notna().all(), metric
+    assert (runs["tags.stand_in"] == "true").all()
+    t2 = tables["table2"].set_index("variant")
+    assert set(t2.index) == variants
+    for name in variants:
+        assert t2.loc[name, "FID ours"] == pytest.approx(runs.loc[name, "metrics.fid_train"])
+    assert len(tables["table1"]) == 2 and len(tables["table4"]) == 2
+
+
+@pytest.mark.e2e
+def test_dvc_repro_tiny_in_a_copy_of_the_repo(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    run = subprocess.run(["dvc", "repro"], cwd=repo, env=env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tables = {t: pd.read_csv(repo / "reports" / f"{t}.csv") for t in ("table1", "table2", "table4")}
+    check_results(variant_runs(f"sqlite:///{repo / 'mlflow.db'}"), tables)
+    for t in tables:
+        assert (repo / "reports" / f"{t}.md").read_text().count("stand-in") >= 1
+    shown = subprocess.run(
+        ["dvc", "metrics", "show", "--json"], cwd=repo, env=env(), capture_output=True, text=True
+    )
+    metrics = next(iter(json.loads(shown.stdout).values()))["data"]
+    assert len(metrics) == 6 and all(m["data"]["stand_in"] is True for m in metrics.values())
+    again = subprocess.run(["dvc", "status"], cwd=repo, env=env(), capture_output=True, text=True)
+    assert "up to date" in again.stdout  # a second repro would do nothing
+
+
+@pytest.mark.e2e
+def test_ray_job_on_a_cluster_tracked_by_an_mlflow_server(tmp_path, ray_head, mlflow_server):
+    repo = copy_repo(tmp_path / "repo")
+    runtime = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
+    job = subprocess.run(
+        [BIN / "ray", "job", "submit", "--address", ray_head, "--working-dir", str(repo),
+         "--runtime-env-json", json.dumps(runtime), "--", "python", "-m", "stages.repro"],
+        env=env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True,
+    )  # fmt: skip
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:]
+    runs = variant_runs(mlflow_server)
+    client = mlflow.MlflowClient()
+    parent = mlflow.search_runs(
+        experiment_names=["ddpm-repro"], filter_string="tags.`ddpm.role` = 'reproduction'"
+    )
+    assert len(parent) == 1
+    tables = {}
+    for t in ("table1", "table2", "table4"):
+        local = client.download_artifacts(parent["run_id"][0], f"tables/{t}.csv", str(tmp_path))
+        tables[t] = pd.read_csv(local)
+    check_results(runs, tables)
