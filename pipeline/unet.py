@@ -63,7 +63,8 @@ class Conv2d(nn.Conv2d):
     PyTorch picks its own or oneDNN's CPU kernel by batch size and thread count (a batch of one,
     or 1x1 kernels with fewer than 16 images on one thread, take its own), and the two round
     differently. Calling oneDNN directly makes an image's output independent of the batch it is
-    in, which per-image reproducible sampling needs. GPUs and autocast use F.conv2d.
+    in, which per-image reproducible sampling needs. GPUs, autocast and
+    ``torch.backends.mkldnn.flags(enabled=False)`` use F.conv2d.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -71,6 +72,7 @@ class Conv2d(nn.Conv2d):
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
         ):
             return torch.mkldnn_convolution(
