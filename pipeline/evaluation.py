@@ -7,16 +7,13 @@
   (pipeline.rate_distortion, Fig. 5, Table 4). ``eval.nll_images: 0`` skips both.
 - Fig. 7 and Fig. 8 in one Ray task (pipeline.reconstruction), cached beside the NLL blocks.
 
-Ray starts once, and only when a block or a figure must be computed. Outputs (written by
-:func:`write_outputs`, all or nothing): ``metrics/<variant>.json``, ``plots/<variant>/`` (the
-curve and the per-timestep terms as CSV) and ``figures/<variant>/`` (PNG), all logged to the
-variant's MLflow run with the metric names the report reads (pipeline.tables).
+Ray starts once, and only when a block or a figure must be computed. Every input is checked
+first, so a missing or short sample set, a resolution mismatch or a wrong checksum is a one-line
+DataError before any long computation. pipeline.eval_outputs writes and logs the result.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout, tables
-from pipeline.atomic import atomic_dir, atomic_path, write_json
-from pipeline.config import STAND_IN_NOTE, Config, Variant
+from pipeline import layout
+from pipeline.config import Config, Variant
 from pipeline.data import open_split, read_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.fidelity import (
@@ -37,17 +33,14 @@ from pipeline.fidelity import (
     reference_files,
     stand_in_label,
 )
-from pipeline.figures_eval import save_interpolation, save_rate_distortion, save_reconstructions
 from pipeline.inception import resolve_inception_weights
 from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
 from pipeline.rate_distortion import rate_distortion, table4_rows
 from pipeline.raycluster import init_ray
-from pipeline.reconstruction import FigureSpec, lambdas, submit_figures
-from pipeline.sampling import ModelInfo, load_model_info
-from pipeline.tracking import TAG_STAND_IN, tracking_uri, variant_run
+from pipeline.reconstruction import FigureSpec, submit_figures
+from pipeline.sampling import ModelInfo, SamplingJob, load_model_info
 
 INCEPTION_CACHE = layout.WORK / "fidelity"  # the reference stage's (the stand-in weights)
-CSV_COLUMNS = ("t", "steps", "rate_bpd", "distortion_rmse", "vb_bpd", "xstart_mse", "eps_mse")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +87,10 @@ def load_samples(variant: str, info: ModelInfo, root: Path = Path(".")) -> tuple
     for p in (path, manifest_path):
         if not p.is_file():
             raise DataError(f"{p}: not found ({hint})")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{manifest_path}: unreadable ({type(e).__name__}); {hint}") from None
     if manifest.get("weights_sha256") not in (None, info.sha256):
         raise DataError(f"{path}: drawn from other weights than {info.weights} ({hint})")
     try:
@@ -106,11 +102,11 @@ def load_samples(variant: str, info: ModelInfo, root: Path = Path(".")) -> tuple
 
 
 def check_resolution(
-    cfg: Config, info: ModelInfo, samples: np.ndarray, variant: str, root: Path = Path(".")
+    cfg: Config, network: SamplingJob, samples: np.ndarray, variant: str, root: Path = Path(".")
 ) -> None:
     """DataError unless the network, the samples and the prepared data share one resolution."""
     data = int(read_manifest(root / layout.data_dir(cfg.scale))["resolution"])
-    found = {"the network": info.meta.get("resolution", data), "the samples": samples.shape[1]}
+    found = {"the network": network.unet["resolution"], "the samples": samples.shape[1]}
     bad = {k: v for k, v in found.items() if v != data}
     if bad:
         what = ", ".join(f"{k} {v}x{v}" for k, v in bad.items())
@@ -167,7 +163,8 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     samples, sample_manifest = load_samples(variant.name, info, root)
     hint = f"rerun `dvc repro sample@{variant.name}`"
     check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
-    check_resolution(cfg, info, samples, variant.name, root)
+    network = eval_network(cfg, variant, info.weights)
+    check_resolution(cfg, network, samples, variant.name, root)
     weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
@@ -184,7 +181,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     )
     clock.add("fid_is", t0)
     t0 = time.perf_counter()
-    run_on_ray(cfg, variant, info, result, clock, root)
+    run_on_ray(cfg, variant.name, network, result, clock, root)
     clock.add("nll_and_figures", t0)
     result.metrics = metrics_json(cfg, variant, fid, result, sample_manifest)
     clock.add("total", started)
@@ -193,22 +190,21 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
 
 
 def run_on_ray(
-    cfg: Config, variant: Variant, info: ModelInfo, result: Evaluation, clock: _Clock, root: Path
+    cfg: Config, variant: str, network: SamplingJob, result: Evaluation, clock: _Clock, root: Path
 ) -> None:
     """The figures' task and the NLL blocks (test, then train), sharing the Ray workers.
 
     Fills ``result.figures``, ``result.spec``, ``result.nll`` and ``result.curve``.
     """
-    network = eval_network(cfg, variant, info.weights)
-    digest = network.weights_digest()
+    digest = network.weights_digest()  # reads every weight: once
     result.spec = figure_spec(cfg, root)
-    work = root / layout.work_dir("nll", variant.name)
+    work = root / layout.work_dir("nll", variant)
     resources = eval_resources(cfg)
     pending = submit_figures(network, digest, result.spec, work, resources, clock.connect)
     for split, count in (("test", cfg.eval.nll_images), ("train", cfg.eval.nll_train_images)):
         if count > 0:
             result.nll[split] = compute_nll(
-                cfg, variant.name, network, digest, split, count, root, clock.connect
+                cfg, variant, network, digest, split, count, root, clock.connect
             )
     result.figures = pending.result()
     if "test" in result.nll:
@@ -262,153 +258,3 @@ def metrics_json(
         }
     out.update(result.label)
     return {"variant": variant.name, "scale": cfg.scale, **out}
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs.
-
-
-def figure_title(cfg: Config, result: Evaluation) -> str:
-    """``<variant> (<scale> scale)``, with the stand-in note where it applies."""
-    title = f"{result.variant} ({cfg.scale} scale)"
-    if result.label["stand_in"]:
-        reasons = ", ".join(result.label["stand_in_reasons"])
-        title += f": {STAND_IN_NOTE} ({reasons})"
-    return title
-
-
-def write_figures(cfg: Config, result: Evaluation, folder: Path) -> list[Path]:
-    """reconstructions.png (Fig. 7), interpolation.png (Fig. 8), rate_distortion.png (Fig. 5)."""
-    title, spec, arrays, paths = figure_title(cfg, result), result.spec, result.figures, []
-    if "recon_x_0" in arrays:
-        paths.append(folder / "reconstructions.png")
-        save_reconstructions(
-            paths[-1],
-            spec.recon_images,
-            arrays["recon_x_t"],
-            arrays["recon_x_0"],
-            spec.recon_ts,
-            title,
-        )
-    if "interp" in arrays:
-        paths.append(folder / "interpolation.png")
-        save_interpolation(
-            paths[-1],
-            spec.interp_sources,
-            spec.interp_targets,
-            arrays["interp"],
-            lambdas(spec.interp_lambdas),
-            spec.interp_t,
-            title,
-        )
-    if result.curve is not None:
-        paths.append(folder / "rate_distortion.png")
-        n = result.nll["test"].summary["count"]
-        save_rate_distortion(paths[-1], result.curve, f"{title}\nrate-distortion, {n} test images")
-    return paths
-
-
-def write_curve_csv(path: Path, result: Evaluation) -> None:
-    """The curve and the per-timestep means, one row per 1-based t (header only without NLL)."""
-    with atomic_path(path, ".csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        if result.curve is None:
-            return
-        s, c = result.nll["test"].summary, result.curve
-        for j in range(len(c["steps"])):
-            values = (
-                c["rate_bpd"][j],
-                c["distortion_rmse"][j],
-                s["vb_bpd"][j],
-                s["xstart_mse"][j],
-                s["mse"][j],
-            )
-            writer.writerow([j + 1, int(c["steps"][j]), *(f"{v:.10g}" for v in values)])
-
-
-def write_outputs(cfg: Config, result: Evaluation, root: Path = Path(".")) -> None:
-    """figures/, plots/ and metrics/ of the variant, and its MLflow run, all or nothing."""
-    name = result.variant
-    with (
-        atomic_dir(root / layout.figures_dir(name)) as figures,
-        atomic_dir(root / layout.plots_dir(name)) as plots,
-    ):
-        pngs = write_figures(cfg, result, figures)
-        write_curve_csv(plots / "rate_distortion.csv", result)
-        log_to_mlflow(cfg, result, pngs, [plots / "rate_distortion.csv"])
-    write_json(root / layout.metrics_path(name), result.metrics)
-
-
-# ---------------------------------------------------------------------------------------------
-# MLflow.
-
-
-def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
-    """The run's metrics: pipeline.tables names, Table 4 values and the timings."""
-    m = result.metrics
-    out = {k: float(m[k]) for k in tables.METRICS if m.get(k) is not None}
-    for n, row in m.get("table4", {}).items():
-        out[tables.rd_metric("rate_bpd", int(n))] = row["rate_bpd"]
-        out[tables.rd_metric("rmse", int(n))] = row["rmse"]
-    for k in ("nll_prior_bpd", "nll_decoder_bpd"):
-        if k in m:
-            out[k] = m[k]
-    out.update({f"eval_{k}_s": v for k, v in result.timings.items()})
-    test = result.nll.get("test")
-    if test is not None and test.run.items_per_s is not None:
-        out["nll_images_per_s"] = test.run.items_per_s
-    return out
-
-
-def stand_in_tags(label: dict[str, Any]) -> dict[str, str]:
-    """The report's tags: ``stand_in`` (true/false) and ``stand_in_reason``."""
-    tags = {TAG_STAND_IN: str(bool(label["stand_in"])).lower()}
-    if label["stand_in"]:
-        tags["stand_in_reason"] = "; ".join(label["stand_in_reasons"])
-    return tags
-
-
-def log_to_mlflow(cfg: Config, result: Evaluation, figures: list[Path], plots: list[Path]) -> bool:
-    """Metrics, tags, the curve as metric history and the files; False if there is no run."""
-    if not result.run_id:
-        return False
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        with variant_run(cfg, result.run_id):
-            client, now = mlflow.MlflowClient(), int(time.time() * 1000)
-            tags = stand_in_tags(result.label)
-            mlflow.set_tags(tags)
-            if "stand_in_reason" not in tags:
-                with contextlib.suppress(MlflowException):
-                    client.delete_tag(result.run_id, "stand_in_reason")
-            mlflow.log_metrics(mlflow_metrics(cfg, result))
-            history = _curve_history(result.curve, now) if result.curve is not None else []
-            for i in range(0, len(history), 1000):  # log_batch takes 1000 metrics a call
-                client.log_batch(result.run_id, metrics=history[i : i + 1000])
-            for path in figures:
-                mlflow.log_artifact(str(path), "figures")
-            for path in plots:
-                mlflow.log_artifact(str(path), "plots")
-            mlflow.log_dict(result.metrics, f"metrics/{result.variant}.json")
-    except MlflowException as e:
-        raise DataError(
-            f"MLflow run {result.run_id} of models/{result.variant}/model.json cannot be logged "
-            f"to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point MLFLOW_TRACKING_URI "
-            f"at the store the train stage used, or rerun it"
-        ) from None
-    return True
-
-
-def _curve_history(curve: dict[str, np.ndarray], timestamp: int) -> list:
-    """rd_curve_rate_bpd and rd_curve_rmse with step = reverse steps (MLflow's chart view)."""
-    from mlflow.entities import Metric
-
-    out = []
-    for j in range(len(curve["steps"])):
-        step = int(curve["steps"][j])
-        out.append(Metric("rd_curve_rate_bpd", float(curve["rate_bpd"][j]), timestamp, step))
-        out.append(Metric("rd_curve_rmse", float(curve["distortion_rmse"][j]), timestamp, step))
-    return out

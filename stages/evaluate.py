@@ -14,7 +14,8 @@ import argparse
 
 from pipeline.cli import entry_point
 from pipeline.config import load_config
-from pipeline.evaluation import check_eval_config, evaluate_variant, write_outputs
+from pipeline.eval_outputs import write_outputs
+from pipeline.evaluation import check_eval_config, evaluate_variant
 
 
 @entry_point
