@@ -121,7 +121,9 @@ def test_figure_pngs(tmp_path, images):
     assert Image.open(tmp_path / "rd.png").size[0] > 600
 
 
-def test_ray_task_matches_in_process_and_is_cached(ray_session, model, diffusion, images, tmp_path):
+def test_one_batched_loop_and_the_ray_task_match_and_are_cached(
+    ray_session, model, diffusion, images, tmp_path
+):
     job = SamplingJob(
         model.init_kwargs, model.state_dict(), tuple(BETAS), "eps", "fixedlarge", "mse", None, 0, 4
     )
@@ -131,7 +133,12 @@ def test_ray_task_matches_in_process_and_is_cached(ray_session, model, diffusion
         job, "digest", spec, tmp_path, {"num_cpus": 1}, lambda: connects.append(1)
     )
     out = pending.result()
-    direct = figure_arrays(model, diffusion, spec)
+    direct = figure_arrays(model, diffusion, spec)  # every chain in one batched loop
+    alone = reconstructions(model, diffusion, images[:2], (5, 20), 2, seed=0)
+    assert np.array_equal(direct["recon_x_0"], alone["x_0"])
+    assert np.array_equal(direct["recon_x_t"], alone["x_t"])
+    mixes = interpolations(model, diffusion, images[:1], images[1:2], 10, 3, seed=0)
+    assert np.array_equal(direct["interp"], mixes)
     assert set(out) == {"recon_x_t", "recon_x_0", "interp"} and connects == [1]
     assert all(np.array_equal(out[k], direct[k]) for k in out)
     again = submit_figures(job, "digest", spec, tmp_path, {"num_cpus": 1}, _no_ray).result()
