@@ -169,9 +169,13 @@ class EvalConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
     torch_threads: int = 1
+    seed: int = 0  # base seed of the NLL's q(x_t | x_0) noise (per test image) and the figures
     interp_t: int = 500  # Fig. 8: the latent step of the interpolation (1-based, paper: 500)
     interp_lambdas: int = 9  # Fig. 8: interpolation weights, evenly spaced in [0, 1]
+    interp_pairs: int = 2  # Fig. 8 rows: pairs of test images (0, 1), (2, 3), ...
     recon_ts: tuple[int, ...] = (250, 500, 750, 1000)  # Fig. 7: reconstruct from these x_t
+    recon_images: int = 2  # Fig. 7 rows: the first test images
+    recon_draws: int = 3  # Fig. 7: samples of p(x_0 | x_t) per t, all from the same x_t
     rd_steps: tuple[int, ...] = (1000, 900, 800, 700, 600, 500, 400, 300, 200, 100)  # Table 4
 
 

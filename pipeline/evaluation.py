@@ -1,0 +1,260 @@
+"""Evaluating one variant (stage ``evaluate``): FID/IS, the NLL bound, rate-distortion, figures.
+
+- FID against the reference splits and IS of ``samples/<variant>/samples.npz`` through
+  torch-fidelity (pipeline.fidelity), in this process, cached under ``work/fid/<variant>``.
+- The NLL bound on the test set (and optionally a train subset) on Ray (pipeline.likelihood),
+  resumable under ``work/nll/<variant>``; from its per-timestep sums the rate-distortion curve
+  (pipeline.rate_distortion, Fig. 5, Table 4). ``eval.nll_images: 0`` skips both.
+- Fig. 7 and Fig. 8 in one Ray task (pipeline.reconstruction), cached beside the NLL blocks.
+
+Ray starts once, and only when a block or a figure must be computed. Every input is checked
+first, so a missing or short sample set, a resolution mismatch or a wrong checksum is a one-line
+DataError before any long computation. pipeline.eval_outputs writes and logs the result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import layout
+from pipeline.config import Config, Variant
+from pipeline.data import open_split, read_manifest
+from pipeline.errors import ConfigError, DataError
+from pipeline.fidelity import (
+    check_images,
+    compute_fid_is,
+    inception_options,
+    reference_files,
+    stand_in_label,
+)
+from pipeline.inception import resolve_inception_weights
+from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
+from pipeline.rate_distortion import rate_distortion, table4_rows
+from pipeline.raycluster import init_ray
+from pipeline.reconstruction import FigureSpec, submit_figures
+from pipeline.sampling import ModelInfo, SamplingJob, load_model_info
+
+INCEPTION_CACHE = layout.WORK / "fidelity"  # the reference stage's (the stand-in weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
+
+
+def check_eval_config(cfg: Config) -> None:
+    """ConfigError for eval settings that params' types alone cannot rule out."""
+    e, T, where = cfg.eval, cfg.diffusion.num_timesteps, f"presets.{cfg.scale}.eval"
+    counts = {
+        "nll_images": e.nll_images,
+        "nll_train_images": e.nll_train_images,
+        "recon_images": e.recon_images,
+        "interp_pairs": e.interp_pairs,
+        "seed": e.seed,
+    }
+    for key, value in counts.items():
+        if value < 0:
+            raise ConfigError(f"{where}.{key} must be >= 0 (got {value})")
+    positive = {
+        "recon_draws": e.recon_draws,
+        "torch_threads": e.torch_threads,
+        "cpus_per_worker": e.cpus_per_worker,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}.{key} must be positive (got {value})")
+    if e.interp_lambdas < 2:
+        raise ConfigError(f"{where}.interp_lambdas must be at least 2 (0 and 1)")
+    steps_1based = {"recon_ts": e.recon_ts, "rd_steps": e.rd_steps, "interp_t": [e.interp_t]}
+    for key, steps in steps_1based.items():
+        bad = [t for t in steps if not 1 <= t <= T]
+        if bad:
+            raise ConfigError(f"{where}.{key}: {bad} outside [1, {T}] (1-based, T = {T})")
+    if e.use_gpu and e.gpus_per_worker <= 0:
+        raise ConfigError(f"{where}.gpus_per_worker must be positive with use_gpu (got 0)")
+
+
+def load_samples(variant: str, info: ModelInfo, root: Path = Path(".")) -> tuple[np.ndarray, dict]:
+    """samples/<variant>/samples.npz (``images``) and its manifest; DataError when missing/stale."""
+    folder = root / layout.samples_dir(variant)
+    path, manifest_path = folder / "samples.npz", folder / "manifest.json"
+    hint = f"run `dvc repro sample@{variant}`"
+    for p in (path, manifest_path):
+        if not p.is_file():
+            raise DataError(f"{p}: not found ({hint})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{manifest_path}: unreadable ({type(e).__name__}); {hint}") from None
+    if manifest.get("weights_sha256") not in (None, info.sha256):
+        raise DataError(f"{path}: drawn from other weights than {info.weights} ({hint})")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images = f["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: unreadable samples ({type(e).__name__}); {hint}") from None
+    return images, manifest
+
+
+def check_resolution(
+    cfg: Config, network: SamplingJob, samples: np.ndarray, variant: str, root: Path = Path(".")
+) -> None:
+    """DataError unless the network, the samples and the prepared data share one resolution."""
+    data = int(read_manifest(root / layout.data_dir(cfg.scale))["resolution"])
+    found = {"the network": network.unet["resolution"], "the samples": samples.shape[1]}
+    bad = {k: v for k, v in found.items() if v != data}
+    if bad:
+        what = ", ".join(f"{k} {v}x{v}" for k, v in bad.items())
+        raise DataError(
+            f"{variant}: {what}, but data/{cfg.scale} holds {data}x{data} images; "
+            f"rerun `dvc repro train@{variant} sample@{variant}`"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation.
+
+
+@dataclass
+class Evaluation:
+    """Everything the evaluate stage writes for one variant."""
+
+    variant: str
+    metrics: dict[str, Any]  # metrics/<variant>.json
+    label: dict[str, Any]  # stand_in_label
+    nll: dict[str, NllResult] = field(default_factory=dict)  # by split
+    curve: dict[str, np.ndarray] | None = None  # rate_distortion over the test split
+    figures: dict[str, np.ndarray] = field(default_factory=dict)  # reconstruction arrays
+    spec: FigureSpec | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds
+    run_id: str | None = None
+
+
+class _Clock:
+    """Seconds spent per part, and a Ray connect that counts its own start-up."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.seconds = cfg, {}
+
+    def add(self, part: str, started: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - started
+
+    def connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            started = time.perf_counter()
+            init_ray(self.cfg.ray)
+            self.add("ray_init", started)
+
+
+def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> Evaluation:
+    """Compute every metric and figure of ``variant`` (see the module docstring).
+
+    Every input is checked (one-line DataError) before any long computation starts.
+    """
+    clock, started = _Clock(cfg), time.perf_counter()
+    info = load_model_info(root / layout.model_dir(variant.name), variant, cfg.scale)
+    samples, sample_manifest = load_samples(variant.name, info, root)
+    hint = f"rerun `dvc repro sample@{variant.name}`"
+    check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
+    network = eval_network(cfg, variant, info.weights)
+    check_resolution(cfg, network, samples, variant.name, root)
+    weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE)
+    synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
+    result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
+    result.run_id = info.meta.get("mlflow_run_id")
+    t0 = time.perf_counter()
+    fid = compute_fid_is(
+        samples,
+        reference_files(root / layout.reference_dir(cfg.scale)),
+        weights,
+        cache_root=root / layout.work_dir("fid", variant.name),
+        is_splits=cfg.eval.is_splits,
+        expected=cfg.sample.n_samples,
+        **inception_options(cfg.eval),
+    )
+    clock.add("fid_is", t0)
+    t0 = time.perf_counter()
+    run_on_ray(cfg, variant.name, network, result, clock, root)
+    clock.add("nll_and_figures", t0)
+    result.metrics = metrics_json(cfg, variant, fid, result, sample_manifest)
+    clock.add("total", started)
+    result.timings = clock.seconds
+    return result
+
+
+def run_on_ray(
+    cfg: Config, variant: str, network: SamplingJob, result: Evaluation, clock: _Clock, root: Path
+) -> None:
+    """The figures' task and the NLL blocks (test, then train), sharing the Ray workers.
+
+    Fills ``result.figures``, ``result.spec``, ``result.nll`` and ``result.curve``.
+    """
+    digest = network.weights_digest()  # reads every weight: once
+    result.spec = figure_spec(cfg, root)
+    work = root / layout.work_dir("nll", variant)
+    resources = eval_resources(cfg)
+    pending = submit_figures(network, digest, result.spec, work, resources, clock.connect)
+    for split, count in (("test", cfg.eval.nll_images), ("train", cfg.eval.nll_train_images)):
+        if count > 0:
+            result.nll[split] = compute_nll(
+                cfg, variant, network, digest, split, count, root, clock.connect
+            )
+    result.figures = pending.result()
+    if "test" in result.nll:
+        s = result.nll["test"].summary
+        result.curve = rate_distortion(s["vb_sum"], s["prior_sum"], s["xstart_mse_sum"], s["count"])
+
+
+def figure_spec(cfg: Config, root: Path = Path(".")) -> FigureSpec:
+    """Fig. 7 and 8 settings with their test images (the first images of the test split)."""
+    e = cfg.eval
+    test = open_split(root / layout.data_dir(cfg.scale), "test")
+    n_recon = min(e.recon_images, len(test))
+    pairs = min(e.interp_pairs, len(test) // 2)
+    both = test[: 2 * pairs]
+    return FigureSpec(
+        recon_images=test[:n_recon],
+        recon_ts=tuple(e.recon_ts),
+        recon_draws=e.recon_draws,
+        interp_sources=both[0::2],
+        interp_targets=both[1::2],
+        interp_t=e.interp_t,
+        interp_lambdas=e.interp_lambdas,
+        seed=e.seed,
+    )
+
+
+def metrics_json(
+    cfg: Config, variant: Variant, fid: dict[str, Any], result: Evaluation, samples: dict
+) -> dict[str, Any]:
+    """The content of metrics/<variant>.json: deterministic (no timings), flat where it can be."""
+    test, train = result.nll.get("test"), result.nll.get("train")
+    out: dict[str, Any] = {
+        "fid_train": fid["fid_train"],
+        "fid_test": fid["fid_test"],
+        "is_mean": fid["is_mean"],
+        "is_std": fid["is_std"],
+        "n_samples": fid["n_samples"],
+        "sampler": samples.get("sampler"),
+        "nll_bpd": test.summary["nll_bpd"] if test else None,
+        "nll_train_bpd": train.summary["nll_bpd"] if train else None,
+        "nll_images": test.summary["count"] if test else 0,
+        "nll_train_images": train.summary["count"] if train else 0,
+    }
+    if test:
+        s = test.summary
+        out["nll_prior_bpd"] = s["prior_sum"] / s["count"]
+        out["nll_decoder_bpd"] = float(s["vb_bpd"][0])  # L_0, the distortion term in bits
+        rows = table4_rows(result.curve, tuple(cfg.eval.rd_steps))
+        out["table4"] = {
+            str(r["steps"]): {"rate_bpd": r["rate_bpd"], "rmse": r["distortion_rmse"]} for r in rows
+        }
+    out.update(result.label)
+    return {"variant": variant.name, "scale": cfg.scale, **out}
