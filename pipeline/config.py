@@ -91,6 +91,7 @@ class ModelConfig:
     norm_groups: int = 32
     source: str = "trained"  # trained | checkpoint (published weights, see pipeline.convert)
     checkpoint: str | None = None  # folder with a diffusers config.json and weights
+    checkpoint_variant: str = "eps_fixed_mse"  # the variant the published weights are
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,10 @@ def validate(cfg: Config) -> None:
     where = f"presets.{cfg.scale}"
     _check_choice(f"{where}.data.dataset", cfg.data.dataset, DATASETS)
     _check_choice(f"{where}.model.source", cfg.model.source, ("trained", "checkpoint"))
+    if cfg.model.source == "checkpoint" and cfg.model.checkpoint_variant not in cfg.variants:
+        _check_choice(
+            f"{where}.model.checkpoint_variant", cfg.model.checkpoint_variant, tuple(cfg.variants)
+        )
     _check_choice(f"{where}.diffusion.schedule", cfg.diffusion.schedule, ("linear",))
     positive = {
         "data.resolution": cfg.data.resolution,

@@ -103,6 +103,16 @@ def start_variant_run(cfg: Config, variant: Variant, root: Path | None = None) -
         return run.info.run_id
 
 
+def tag_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on an existing run."""
+    import mlflow
+
+    setup(cfg)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 @contextlib.contextmanager
 def variant_run(cfg: Config, run_id: str) -> Iterator[Any]:
     """Reopen a variant's run (made by the train stage) to log into it."""

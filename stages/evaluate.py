@@ -14,8 +14,7 @@ import argparse
 
 from pipeline.cli import entry_point
 from pipeline.config import load_config
-from pipeline.eval_outputs import write_outputs
-from pipeline.evaluation import check_eval_config, evaluate_variant
+from pipeline.published import skip_evaluate, skip_reason
 
 
 @entry_point
@@ -26,6 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.params)
     variant = cfg.variant(args.variant)
+    if reason := skip_reason(cfg, variant.name):
+        skip_evaluate(cfg, variant.name, reason)
+        print(f"{variant.name}: not run ({reason})")
+        return
+    from pipeline.eval_outputs import write_outputs
+    from pipeline.evaluation import check_eval_config, evaluate_variant
+
     check_eval_config(cfg)
     result = evaluate_variant(cfg, variant)
     write_outputs(cfg, result)

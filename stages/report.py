@@ -14,19 +14,24 @@ from pipeline import layout, tables, tracking
 from pipeline.cli import entry_point
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.published import is_skipped
 
 
 def variant_run_ids(variants: list[str]) -> dict[str, str]:
-    """The MLflow run id of each variant, from models/<variant>/model.json."""
+    """The MLflow run id of each variant that ran, from models/<variant>/model.json."""
     ids = {}
     for name in variants:
         path = layout.model_dir(name) / "model.json"
         if not path.is_file():
             raise UserError(f"{path}: missing; run the pipeline first (dvc repro)")
-        run_id = json.loads(path.read_text()).get("mlflow_run_id")
-        if not run_id:
+        meta = json.loads(path.read_text())
+        if is_skipped(meta):  # not run at this scale (published weights of another variant)
+            continue
+        if not meta.get("mlflow_run_id"):
             raise UserError(f"{path}: no mlflow_run_id; rerun the train stage")
-        ids[name] = run_id
+        ids[name] = meta["mlflow_run_id"]
+    if not ids:
+        raise UserError("no variant has run at this scale; nothing to report")
     return ids
 
 

@@ -3,7 +3,8 @@
 python -m stages.train --variant NAME [--params params.yaml]
 
 Resumes the variant's run from its last checkpoint in checkpoints/<variant>/ when the params are
-unchanged; set RAY_ADDRESS (or ray.address) to train on an existing Ray cluster.
+unchanged; set RAY_ADDRESS (or ray.address) to train on an existing Ray cluster. With
+``model.source: checkpoint`` it imports published weights instead (pipeline.published).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 
 from pipeline.cli import entry_point
 from pipeline.config import load_config
-from pipeline.training import train_variant
+from pipeline.published import import_checkpoint, skip_reason, skip_train
 
 
 @entry_point
@@ -22,7 +23,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.params)
-    summary = train_variant(cfg, cfg.variant(args.variant))
+    variant = cfg.variant(args.variant)
+    if reason := skip_reason(cfg, variant.name):
+        skip_train(cfg, variant.name, reason)
+        print(f"{variant.name}: not run ({reason})")
+        return
+    if cfg.model.source == "checkpoint":
+        info = import_checkpoint(cfg, variant)
+        print(
+            f"{variant.name}: published weights from {info['checkpoint']} (sha256 "
+            f"{info['checkpoint_sha256'][:12]}) in models/{variant.name}; MLflow run "
+            f"{info['mlflow_run_id']}"
+        )
+        return
+    from pipeline.training import train_variant  # torch and Ray: only when training
+
+    summary = train_variant(cfg, variant)
     info = summary.model_json
     began = f"resumed at step {summary.start}" if summary.start else "from scratch"
     print(

@@ -1,0 +1,155 @@
+"""Published weights in place of training: ``model.source: checkpoint``.
+
+A scale whose model section says ``source: checkpoint`` evaluates a converted published
+checkpoint (diffusers format, pipeline.convert) instead of training: the train stage of the
+variant named by ``model.checkpoint_variant`` (the paper's released CIFAR10 and LSUN models are
+L_simple, ``eps_fixed_mse``) imports the weights into models/<variant>/ and opens an MLflow run
+tagged "published weights" with the checkpoint's sha256; sampling, evaluation and the report
+then treat it like a trained variant. The other variants are not run at that scale: their
+stages write small markers (every declared DVC output exists, each says why it is empty) and the
+report shows them as not run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline import layout, tracking
+from pipeline.atomic import atomic_dir, write_json, write_text
+from pipeline.config import Config, Variant
+from pipeline.errors import ConfigError
+
+PUBLISHED = "published weights"
+SKIPPED_KEY = "skipped"
+
+
+def skip_reason(cfg: Config, variant: str) -> str | None:
+    """Why ``variant`` is not run at this scale, or None when it is."""
+    if cfg.model.source == "checkpoint" and variant != cfg.model.checkpoint_variant:
+        return (
+            f"scale {cfg.scale} evaluates the published weights of "
+            f"{cfg.model.checkpoint_variant} only"
+        )
+    return None
+
+
+def is_skipped(meta: dict[str, Any]) -> bool:
+    """Whether a model.json / manifest / metrics file is a not-run marker."""
+    return SKIPPED_KEY in meta
+
+
+def _marker(cfg: Config, variant: str, reason: str) -> dict[str, Any]:
+    return {"variant": variant, "scale": cfg.scale, SKIPPED_KEY: reason}
+
+
+def skip_train(cfg: Config, variant: str, reason: str) -> None:
+    """The train stage's outputs for a variant that is not run: a marker model.json."""
+    with atomic_dir(layout.model_dir(variant)) as tmp:
+        write_json(tmp / "model.json", _marker(cfg, variant, reason))
+    layout.checkpoint_dir(variant).mkdir(parents=True, exist_ok=True)
+
+
+def skip_sample(cfg: Config, variant: str, reason: str) -> None:
+    """The sample stage's outputs for a variant that is not run."""
+    with atomic_dir(layout.samples_dir(variant)) as tmp:
+        write_json(tmp / "manifest.json", _marker(cfg, variant, reason))
+    layout.work_dir("sample", variant).mkdir(parents=True, exist_ok=True)
+
+
+def skip_evaluate(cfg: Config, variant: str, reason: str) -> None:
+    """The evaluate stage's outputs for a variant that is not run (DVC needs every one)."""
+    for folder in (layout.figures_dir(variant), layout.plots_dir(variant)):
+        with atomic_dir(folder) as tmp:
+            write_text(tmp / "SKIPPED.txt", reason + "\n")
+    for stage in ("nll", "fid"):
+        layout.work_dir(stage, variant).mkdir(parents=True, exist_ok=True)
+    write_json(layout.metrics_path(variant), _marker(cfg, variant, reason))
+
+
+def _check_schedule(cfg: Config, scheduler: dict[str, Any] | None, where: str) -> None:
+    """The checkpoint's DDPMScheduler must describe the params' forward process."""
+    if scheduler is None:
+        return
+    d = cfg.diffusion
+    want = {
+        "num_train_timesteps": d.num_timesteps,
+        "beta_start": d.beta_start,
+        "beta_end": d.beta_end,
+        "beta_schedule": d.schedule,
+    }
+    wrong = {
+        k: scheduler.get(k)
+        for k, v in want.items()
+        if not (
+            math.isclose(scheduler.get(k), v, rel_tol=1e-9)
+            if isinstance(v, float) and isinstance(scheduler.get(k), int | float)
+            else scheduler.get(k) == v
+        )
+    }
+    if wrong:
+        raise ConfigError(
+            f"{where}: the checkpoint was trained with {wrong}, but presets.{cfg.scale}.diffusion "
+            f"says { ({k: want[k] for k in wrong}) }"
+        )
+
+
+def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
+    """Convert ``cfg.model.checkpoint`` into models/<variant>/; returns its model.json."""
+    from pipeline.convert import load_diffusers_unet, scheduler_info
+    from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+    from pipeline.weights import save_weights, sha256_file
+
+    source = cfg.model.checkpoint
+    where = f"presets.{cfg.scale}.model.checkpoint"
+    if not source:
+        raise ConfigError(f"{where}: set it to the folder of a diffusers-format DDPM checkpoint")
+    model, info = load_diffusers_unet(source)
+    if model.resolution != cfg.data.resolution:
+        raise ConfigError(
+            f"{where}: the checkpoint is for {model.resolution}x{model.resolution} images, "
+            f"but presets.{cfg.scale}.data.resolution is {cfg.data.resolution}"
+        )
+    d = cfg.diffusion
+    betas = linear_beta_schedule(d.num_timesteps, d.beta_start, d.beta_end)
+    diffusion = GaussianDiffusion(betas, variant.mean_type, variant.var_type, variant.loss_type)
+    needed = diffusion.model_output_channels(3)
+    if model.out_channels != needed:
+        raise ConfigError(
+            f"{where}: the checkpoint outputs {model.out_channels} channels; variant "
+            f"{variant.name} ({variant.var_type} variance) needs {needed}"
+        )
+    scheduler = scheduler_info(source)
+    _check_schedule(cfg, scheduler, where)
+    run_id = tracking.start_variant_run(cfg, variant)
+    tracking.tag_run(
+        cfg,
+        run_id,
+        {"ddpm.checkpoint": str(Path(source).resolve()), "ddpm.checkpoint_sha256": info["sha256"]},
+    )
+    meta = {
+        "variant": variant.name,
+        "mean_type": variant.mean_type,
+        "var_type": variant.var_type,
+        "loss_type": variant.loss_type,
+        "scale": cfg.scale,
+        "source": PUBLISHED,
+        "weights": "ema",
+    }
+    with atomic_dir(layout.model_dir(variant.name)) as tmp:
+        save_weights(tmp / "ema.pt", model, {**meta, "checkpoint": info})
+        model_json = {
+            **meta,
+            "resolution": model.resolution,
+            "mlflow_run_id": run_id,
+            "ema_sha256": sha256_file(tmp / "ema.pt"),
+            "checkpoint": str(Path(source).resolve()),
+            "checkpoint_weights": info["weights"],
+            "checkpoint_sha256": info["sha256"],
+            "scheduler": {k: v for k, v in (scheduler or {}).items() if not k.startswith("_")},
+            "stand_in": cfg.stand_in_reasons(),
+        }
+        write_json(tmp / "model.json", model_json)
+    layout.checkpoint_dir(variant.name).mkdir(parents=True, exist_ok=True)
+    return model_json
