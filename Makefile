@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $@
 
 repro: $(STAMP)
-	dvc repro
+	$(PY) -m stages.repro --local-ray   # dvc repro, all stages on one local Ray cluster
 
 test: $(STAMP) lint
 	$(PY) -m pytest

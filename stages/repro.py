@@ -7,11 +7,16 @@ git repository unless DVC is told not to use one (``core.no_scm``, set here in t
 config, which is never committed). ``--scale`` rewrites params.yaml's ``scale:`` line (comments
 kept) before running. Results are in MLflow (set MLFLOW_TRACKING_URI in the job's runtime_env)
 and in the job's working directory; configure a DVC remote to keep the outputs (``--push``).
+
+``--local-ray`` (what ``make repro`` uses) starts one private Ray head for the whole run and
+points every stage at it (RAY_ADDRESS), instead of each Ray stage starting its own local cluster:
+~10 s less per Ray stage. It is stopped when the run ends. An existing RAY_ADDRESS wins.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -37,8 +42,8 @@ def set_scale(params: Path, scale: str) -> None:
     load_config(params)  # fails with a clear error for an unknown preset
 
 
-def dvc(*args: str) -> None:
-    done = subprocess.run(["dvc", *args], check=False)
+def dvc(*args: str, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(["dvc", *args], check=False, env=env)
     if done.returncode:
         raise SystemExit(done.returncode)
 
@@ -48,12 +53,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", help="switch params.yaml to this preset first")
     parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")
+    parser.add_argument(
+        "--local-ray",
+        action="store_true",
+        help="run every stage on one private local Ray cluster (unless RAY_ADDRESS is set)",
+    )
     args, repro_args = parser.parse_known_args(argv)
     if args.scale:
         set_scale(Path("params.yaml"), args.scale)
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
-    dvc("repro", *repro_args)
+    if args.local_ray and not os.environ.get("RAY_ADDRESS"):
+        from pipeline.raycluster import local_head
+
+        cfg = load_config(Path("params.yaml"))
+        print("starting a local Ray cluster for this run", flush=True)
+        with local_head(cfg.ray.num_cpus) as head:
+            dvc("repro", *repro_args, env={**os.environ, "RAY_ADDRESS": head.address})
+    else:
+        dvc("repro", *repro_args)
     if args.push:
         dvc("push")
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from pipeline.raycluster import free_port  # noqa: F401  (the tests' import point)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -25,8 +22,11 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, "PATH": f"{BIN}:{base['PATH']}", "DVC_NO_ANALYTICS": "1", **extra}
 
 
-def copy_repo(dest: Path, scale: str = "tiny") -> Path:
-    """The repo's tracked files (the working tree's content) in a fresh git repo at ``dest``."""
+def copy_repo(dest: Path, scale: str = "tiny", variants: set[str] | None = None) -> Path:
+    """The repo's tracked files (the working tree's content) in a fresh git repo at ``dest``.
+
+    ``variants`` keeps only those rows of params.yaml's ``variants`` (DVC's matrix shrinks).
+    """
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.split(b"\0")
@@ -37,6 +37,10 @@ def copy_repo(dest: Path, scale: str = "tiny") -> Path:
             shutil.copy2(ROOT / name.decode(), target)
     params = dest / "params.yaml"
     params.write_text(params.read_text().replace("\nscale: smoke\n", f"\nscale: {scale}\n"))
+    if variants is not None:
+        data = yaml.safe_load(params.read_text())
+        data["variants"] = {k: v for k, v in data["variants"].items() if k in variants}
+        params.write_text(yaml.safe_dump(data, sort_keys=False))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
