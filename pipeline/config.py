@@ -58,6 +58,15 @@ class Variant:
                 f"bound; use loss_type: kl (got {self.loss_type!r})"
             )
 
+    def describe(self) -> dict[str, str]:
+        """The variant's name and types, as model.json and manifests record them."""
+        return {
+            "variant": self.name,
+            "mean_type": self.mean_type,
+            "var_type": self.var_type,
+            "loss_type": self.loss_type,
+        }
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -129,10 +129,7 @@ def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
         {"ddpm.checkpoint": str(Path(source).resolve()), "ddpm.checkpoint_sha256": info["sha256"]},
     )
     meta = {
-        "variant": variant.name,
-        "mean_type": variant.mean_type,
-        "var_type": variant.var_type,
-        "loss_type": variant.loss_type,
+        **variant.describe(),
         "scale": cfg.scale,
         "source": PUBLISHED,
         "weights": "ema",

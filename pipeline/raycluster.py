@@ -65,16 +65,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(url: str, proc: subprocess.Popen, seconds: float) -> None:
+def wait_for_url(url: str, proc: subprocess.Popen, seconds: float, what: str) -> None:
+    """Wait until ``url`` answers; ``what`` (the server ``proc`` runs) names it in errors."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise UserError(f"`ray start --head` exited with status {proc.returncode}")
+            raise UserError(f"{what} exited with status {proc.returncode}")
         with contextlib.suppress(OSError):
             urllib.request.urlopen(url, timeout=2)
             return
         time.sleep(0.25)
-    raise UserError(f"`ray start --head` did not answer at {url} within {seconds:.0f} s")
+    raise UserError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
 @contextlib.contextmanager
@@ -105,7 +106,9 @@ def local_head(
         start_new_session=True,
     )
     try:
-        _wait_for(f"http://127.0.0.1:{dashboard}/api/version", proc, timeout_s)
+        wait_for_url(
+            f"http://127.0.0.1:{dashboard}/api/version", proc, timeout_s, "ray start --head"
+        )
         yield LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp)
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -3,6 +3,7 @@
 - :func:`make_cifar_archive`: a ``cifar-10-python.tar.gz`` laid out as the official one
   (``cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta``: pickled dicts, bytes keys).
 - :func:`make_lmdb`: an LMDB as the LSUN project distributes it (key -> encoded image bytes).
+- :func:`ddpm_unet`: a diffusers UNet2DModel laid out as the published DDPM checkpoints.
 """
 
 from __future__ import annotations
@@ -128,3 +129,28 @@ def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
 def data_config(**data: object) -> Config:
     """A resolved config (scale ``t``) whose data section is ``data``, other sections default."""
     return config_from_dict({"scale": "t", "presets": {"t": {"data": data}}})
+
+
+def ddpm_unet(layout: dict, out_channels: int = 3, seed: int = 0, layers_per_block: int = 2):
+    """A randomly initialised diffusers UNet2DModel in the published DDPM configuration."""
+    import diffusers
+    import torch
+
+    model = diffusers.UNet2DModel(
+        in_channels=3,
+        out_channels=out_channels,
+        layers_per_block=layers_per_block,
+        attention_head_dim=None,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        norm_num_groups=32,
+        act_fn="silu",
+        **layout,
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every tensor random: a mapping error cannot hide behind zeros
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()

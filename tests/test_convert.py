@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from data_formats import ddpm_unet
 
 from pipeline.convert import ConversionError, load_diffusers_unet
 from pipeline.weights import load_weights
@@ -26,28 +27,6 @@ LSUN_LAYOUT = {
     "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
     "sample_size": 256,
 }
-
-
-def ddpm_unet(layout: dict, out_channels: int = 3, seed: int = 0):
-    """A randomly initialised diffusers UNet2DModel in the published DDPM configuration."""
-    model = diffusers.UNet2DModel(
-        in_channels=3,
-        out_channels=out_channels,
-        layers_per_block=2,
-        attention_head_dim=None,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        norm_eps=1e-6,
-        norm_num_groups=32,
-        act_fn="silu",
-        **layout,
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # every tensor random: a mapping error cannot hide behind zeros
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def assert_same_function(ref, ours, resolution, batch=2):

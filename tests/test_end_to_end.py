@@ -7,13 +7,10 @@ with its metrics, and the report must write the three tables.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import time
-import urllib.request
 
 import mlflow
 import pandas as pd
@@ -21,23 +18,11 @@ import pytest
 from repo_copy import BIN, ROOT, copy_repo, env, free_port
 
 from pipeline.config import load_config
-from pipeline.raycluster import local_head
+from pipeline.raycluster import local_head, wait_for_url
 
 METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd")
 ALL_VARIANTS = set(load_config(ROOT / "params.yaml", "tiny").variants)
 TABLE1_VARIANTS = {"eps_fixed_kl", "eps_fixed_mse"}  # Table 1's rows: the Ray-job test runs these
-
-
-def wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(url, timeout=2)
-            return
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 @pytest.fixture
@@ -52,7 +37,7 @@ def mlflow_server(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        wait_for_url(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from data_formats import ddpm_unet
 from repo_copy import ROOT, copy_repo, env
 
 from pipeline.config import load_config
@@ -22,20 +23,13 @@ TINY = load_config(ROOT / "params.yaml", "tiny")
 
 def write_checkpoint(folder, num_timesteps=TINY.diffusion.num_timesteps, resolution=8):
     """A randomly initialised diffusers-format DDPM checkpoint in the tiny layout."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=resolution,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        attention_head_dim=None,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        norm_eps=1e-6,
-        norm_num_groups=32,
-    )
+    layout = {
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "sample_size": resolution,
+    }
+    unet = ddpm_unet(layout, layers_per_block=1)
     unet.save_pretrained(folder)
     d = TINY.diffusion
     scheduler = {

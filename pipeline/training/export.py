@@ -37,10 +37,7 @@ def export_weights(
     payload = read_checkpoint(checkpoint)
     step = int(payload["step"])
     meta = {
-        "variant": variant.name,
-        "mean_type": variant.mean_type,
-        "var_type": variant.var_type,
-        "loss_type": variant.loss_type,
+        **variant.describe(),
         "scale": cfg.scale,
         "diffusion": dataclasses.asdict(cfg.diffusion),
         "step": step,
@@ -54,10 +51,7 @@ def export_weights(
             net.load_state_dict(payload[key])
             save_weights(tmp / name, net, {**meta, "weights": key})
         info = {
-            "variant": variant.name,
-            "mean_type": variant.mean_type,
-            "var_type": variant.var_type,
-            "loss_type": variant.loss_type,
+            **variant.describe(),
             "scale": cfg.scale,
             "resolution": cfg.data.resolution,
             "steps": step,
