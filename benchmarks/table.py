@@ -24,6 +24,8 @@ def table() -> str:
     lines = [head]
     for path in sorted((HERE / "results").glob("*.json"), reverse=True):
         r = json.loads(path.read_text())
+        if "rows" not in r:  # another kind of result (bf16_fid.py)
+            continue
         s = r["settings"]
         settings = f"batch {s['batch']}, {s['threads']} thr" + "".join(
             f", {k}" for k in ("bf16", "channels_last", "compile") if s.get(k)
