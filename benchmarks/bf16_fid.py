@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,15 @@ from pipeline.config import load_config
 def experiment(repo: Path, variant: str, scale: str, **sample: object) -> dict:
     """``dvc exp run`` of one variant with sample-section overrides; its metrics JSON."""
     sets = [f"++presets.{scale}.sample.{k}={json.dumps(v)}" for k, v in sample.items()]
-    cmd = ["dvc", "exp", "run", f"evaluate@{variant}", *(a for s in sets for a in ("-S", s))]
-    print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    dvc = Path(sys.executable).with_name("dvc")  # this environment's DVC
+    cmd = [str(dvc), "exp", "run", f"evaluate@{variant}", *(a for s in sets for a in ("-S", s))]
+    print("$ dvc", " ".join(cmd[1:]), flush=True)
+    env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ['PATH']}"}  # its python
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"error: {' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        sys.exit(
+            f"error: dvc {' '.join(cmd[1:])} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return json.loads((repo / "metrics" / f"{variant}.json").read_text())
 
 
