@@ -47,12 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.repo / "params.yaml")
     seed = cfg.sample.seed
+    device = "cuda" if cfg.sample.use_gpu else "cpu"  # where the sample stage runs
     runs = {
         "fp32": experiment(args.repo, args.variant, cfg.scale, bf16=False, seed=seed),
         "bf16": experiment(args.repo, args.variant, cfg.scale, bf16=True, seed=seed),
         "fp32_reseeded": experiment(args.repo, args.variant, cfg.scale, bf16=False, seed=seed + 1),
     }
-    fid = {name: {k: m[k] for k in ("fid_train", "fid_test")} for name, m in runs.items()}
+    if any("skipped" in m for m in runs.values()):
+        sys.exit(f"error: {args.variant} is not run at scale {cfg.scale}; pick another --variant")
+    keys = [k for k in ("fid_train", "fid_test") if runs["fp32"].get(k) is not None]
+    fid = {name: {k: m[k] for k in keys} for name, m in runs.items()}
     shift = {
         f"{name}_minus_fp32": {k: fid[name][k] - fid["fp32"][k] for k in fid["fp32"]}
         for name in ("bf16", "fp32_reseeded")
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": machine("cpu"),
+        "machine": machine(device),
         "scale": cfg.scale,
         "variant": args.variant,
         "n_samples": runs["fp32"]["n_samples"],
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         "bf16_within_seed_noise": within,
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bf16-fid-cpu-{cfg.scale}-{result['date']}.json"
+    out = RESULTS / f"bf16-fid-{device}-{cfg.scale}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")

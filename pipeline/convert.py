@@ -58,6 +58,17 @@ class ConversionError(UserError):
     """A checkpoint that is not the DDPM U-Net in diffusers' layout."""
 
 
+# DDPMScheduler's defaults: what a scheduler_config.json that leaves a key out means.
+SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+}
+
+
 def find_weights(folder: Path) -> tuple[Path, Path]:
     """(config.json, weights file) of a UNet2DModel folder or a pipeline folder's unet/."""
     if not folder.is_dir():
@@ -258,7 +269,13 @@ def scheduler_info(folder: str | Path) -> dict[str, Any] | None:
     folder = Path(folder)
     for path in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
+            if not isinstance(config, dict):
+                raise ConversionError(f"{path}: expected a JSON object")
+            return {**SCHEDULER_DEFAULTS, **config}
     return None
 
 

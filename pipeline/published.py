@@ -23,6 +23,9 @@ from pipeline.errors import ConfigError
 
 PUBLISHED = "published weights"
 SKIPPED_KEY = "skipped"
+SKIPPED_FILE = "SKIPPED.txt"
+# diffusers' prediction_type for each mean_type it has (it has no x_{t-1}-mean prediction)
+PREDICTION_TYPES = {"eps": "epsilon", "xstart": "sample"}
 
 
 def skip_reason(cfg: Config, variant: str) -> str | None:
@@ -40,6 +43,12 @@ def is_skipped(meta: dict[str, Any]) -> bool:
     return SKIPPED_KEY in meta
 
 
+def _mark_folder(folder: Path, reason: str) -> None:
+    """A persistent work folder of a variant not run: it exists and says why it is empty."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / SKIPPED_FILE, reason + "\n")
+
+
 def _marker(cfg: Config, variant: str, reason: str) -> dict[str, Any]:
     return {"variant": variant, "scale": cfg.scale, SKIPPED_KEY: reason}
 
@@ -48,23 +57,26 @@ def skip_train(cfg: Config, variant: str, reason: str) -> None:
     """The train stage's outputs for a variant that is not run: a marker model.json."""
     with atomic_dir(layout.model_dir(variant)) as tmp:
         write_json(tmp / "model.json", _marker(cfg, variant, reason))
-    layout.checkpoint_dir(variant).mkdir(parents=True, exist_ok=True)
+    _mark_folder(layout.checkpoint_dir(variant), reason)
 
 
 def skip_sample(cfg: Config, variant: str, reason: str) -> None:
     """The sample stage's outputs for a variant that is not run."""
     with atomic_dir(layout.samples_dir(variant)) as tmp:
         write_json(tmp / "manifest.json", _marker(cfg, variant, reason))
-    layout.work_dir("sample", variant).mkdir(parents=True, exist_ok=True)
+    _mark_folder(layout.work_dir("sample", variant), reason)
 
 
 def skip_evaluate(cfg: Config, variant: str, reason: str) -> None:
     """The evaluate stage's outputs for a variant that is not run (DVC needs every one)."""
-    for folder in (layout.figures_dir(variant), layout.plots_dir(variant)):
-        with atomic_dir(folder) as tmp:
-            write_text(tmp / "SKIPPED.txt", reason + "\n")
+    from pipeline.eval_outputs import CSV_COLUMNS
+
+    with atomic_dir(layout.figures_dir(variant)) as tmp:
+        write_text(tmp / SKIPPED_FILE, reason + "\n")
+    with atomic_dir(layout.plots_dir(variant)) as tmp:  # header only: what DVC plots can read
+        write_text(tmp / "rate_distortion.csv", ",".join(CSV_COLUMNS) + "\n")
     for stage in ("nll", "fid"):
-        layout.work_dir(stage, variant).mkdir(parents=True, exist_ok=True)
+        _mark_folder(layout.work_dir(stage, variant), reason)
     write_json(layout.metrics_path(variant), _marker(cfg, variant, reason))
 
 
@@ -93,11 +105,13 @@ def _check_schedule(cfg: Config, scheduler: dict[str, Any] | None, where: str) -
             f"{where}: the checkpoint was trained with {wrong}, but presets.{cfg.scale}.diffusion "
             f"says { ({k: want[k] for k in wrong}) }"
         )
+    if scheduler.get("trained_betas") is not None:
+        raise ConfigError(f"{where}: the checkpoint uses trained_betas; only a linear schedule is")
 
 
 def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
     """Convert ``cfg.model.checkpoint`` into models/<variant>/; returns its model.json."""
-    from pipeline.convert import load_diffusers_unet, scheduler_info
+    from pipeline.convert import SCHEDULER_DEFAULTS, load_diffusers_unet, scheduler_info
     from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
     from pipeline.weights import save_weights, sha256_file
 
@@ -122,6 +136,13 @@ def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
         )
     scheduler = scheduler_info(source)
     _check_schedule(cfg, scheduler, where)
+    predicts = (scheduler or SCHEDULER_DEFAULTS)["prediction_type"]  # no config: diffusers' default
+    if PREDICTION_TYPES.get(variant.mean_type) != predicts:
+        raise ConfigError(
+            f"{where}: the checkpoint predicts {predicts!r} (scheduler prediction_type), but "
+            f"presets.{cfg.scale}.model.checkpoint_variant {variant.name} predicts "
+            f"{variant.mean_type!r}; use a variant whose mean_type matches (eps for 'epsilon')"
+        )
     run_id = tracking.start_variant_run(cfg, variant)
     tracking.tag_run(
         cfg,

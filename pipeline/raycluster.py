@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -78,6 +79,40 @@ def wait_for_url(url: str, proc: subprocess.Popen, seconds: float, what: str) ->
     raise UserError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
+def _kill_cluster(proc: subprocess.Popen | None, temp: Path) -> None:
+    """SIGKILL the head's process group and every process with ``temp`` on its command line."""
+    import psutil
+
+    if proc is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp) in arg for arg in p.info["cmdline"] or ()):
+                p.kill()
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+
+
+@contextlib.contextmanager
+def _exit_on_termination() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into SystemExit, so that ``finally`` blocks run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    saved = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def local_head(
     num_cpus: int | None = None, env: dict[str, str] | None = None, timeout_s: float = 120
@@ -85,34 +120,41 @@ def local_head(
     """Start a private Ray head on 127.0.0.1 for the duration of the block, then stop it.
 
     Every stage of a ``dvc repro`` joins it through RAY_ADDRESS instead of starting (and
-    stopping) a local cluster of its own, which saves ~10 s per Ray stage. Own ports and temp
-    dir, so it never meets another cluster on the machine; on exit every process of this
-    cluster (they all carry the temp dir on their command line) is killed.
+    stopping) a local cluster of its own, which saves ~10 s per Ray stage. Its own ports (GCS,
+    dashboard, agent, client server) and temp dir; on exit, including SIGTERM and SIGHUP, every
+    process of this cluster (they all carry the temp dir on their command line) is killed. The
+    temp dir (Ray's session logs, ``ray-start.log``) is removed after a clean run and kept, with
+    its path in the error, when the cluster failed to start.
     """
     temp = Path(tempfile.mkdtemp(prefix="ddpm-ray-", dir="/tmp"))  # short: unix socket paths
-    port, dashboard = free_port(), free_port()
     ray_bin = Path(sys.executable).parent / "ray"
+    port, dashboard = free_port(), free_port()
     cmd = [
         str(ray_bin if ray_bin.exists() else "ray"), "start", "--head", "--block",
         f"--temp-dir={temp}", f"--port={port}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
-        "--disable-usage-stats", *([f"--num-cpus={num_cpus}"] if num_cpus else []),
+        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+        *([f"--num-cpus={num_cpus}"] if num_cpus else []),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_url(
-            f"http://127.0.0.1:{dashboard}/api/version", proc, timeout_s, "ray start --head"
-        )
-        yield LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-KILL", "-f", str(temp)], check=False)
-        proc.wait(30)
-        shutil.rmtree(temp, ignore_errors=True)
+    proc = None
+    started = False
+    with _exit_on_termination():
+        try:
+            try:
+                with open(temp / "ray-start.log", "wb") as log:
+                    proc = subprocess.Popen(
+                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+            except OSError as e:
+                raise UserError(f"cannot start a local Ray head ({cmd[0]}): {e}") from None
+            url = f"http://127.0.0.1:{dashboard}/api/version"
+            try:
+                wait_for_url(url, proc, timeout_s, "ray start --head")
+            except UserError as e:
+                raise UserError(f"{e}; its log: {temp / 'ray-start.log'}") from None
+            started = True
+            yield LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp)
+        finally:
+            _kill_cluster(proc, temp)
+            if started:
+                shutil.rmtree(temp, ignore_errors=True)

@@ -10,7 +10,8 @@ and in the job's working directory; configure a DVC remote to keep the outputs (
 
 ``--local-ray`` (what ``make repro`` uses) starts one private Ray head for the whole run and
 points every stage at it (RAY_ADDRESS), instead of each Ray stage starting its own local cluster:
-~10 s less per Ray stage. It is stopped when the run ends. An existing RAY_ADDRESS wins.
+~10 s less per Ray stage. It is stopped when the run ends. A cluster named by RAY_ADDRESS or
+params' ``ray.address`` wins.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from pipeline.cli import entry_point
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.raycluster import local_head, ray_address
 
 
 def in_git_repo() -> bool:
@@ -43,9 +45,15 @@ def set_scale(params: Path, scale: str) -> None:
 
 
 def dvc(*args: str, env: dict[str, str] | None = None) -> None:
-    done = subprocess.run(["dvc", *args], check=False, env=env)
-    if done.returncode:
-        raise SystemExit(done.returncode)
+    """Run ``dvc ARGS``; on Ctrl-C wait for it to stop (it got the SIGINT too), then re-raise."""
+    proc = subprocess.Popen(["dvc", *args], env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        raise
+    if code:
+        raise SystemExit(code)
 
 
 @entry_point
@@ -56,17 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--local-ray",
         action="store_true",
-        help="run every stage on one private local Ray cluster (unless RAY_ADDRESS is set)",
+        help="run every stage on one private local Ray head (unless a cluster is configured)",
     )
     args, repro_args = parser.parse_known_args(argv)
     if args.scale:
         set_scale(Path("params.yaml"), args.scale)
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
-    if args.local_ray and not os.environ.get("RAY_ADDRESS"):
-        from pipeline.raycluster import local_head
-
-        cfg = load_config(Path("params.yaml"))
+    cfg = load_config(Path("params.yaml"))
+    if args.local_ray and not ray_address(cfg.ray):
         print("starting a local Ray cluster for this run", flush=True)
         with local_head(cfg.ray.num_cpus) as head:
             dvc("repro", *repro_args, env={**os.environ, "RAY_ADDRESS": head.address})

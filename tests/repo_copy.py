@@ -36,7 +36,9 @@ def copy_repo(dest: Path, scale: str = "tiny", variants: set[str] | None = None)
         if (ROOT / name.decode()).is_file():
             shutil.copy2(ROOT / name.decode(), target)
     params = dest / "params.yaml"
-    params.write_text(params.read_text().replace("\nscale: smoke\n", f"\nscale: {scale}\n"))
+    text = params.read_text()
+    assert text.count("\nscale: smoke\n") == 1, "params.yaml: expected one `scale: smoke` line"
+    params.write_text(text.replace("\nscale: smoke\n", f"\nscale: {scale}\n"))
     if variants is not None:
         data = yaml.safe_load(params.read_text())
         data["variants"] = {k: v for k, v in data["variants"].items() if k in variants}

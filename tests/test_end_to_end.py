@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 from repo_copy import BIN, ROOT, copy_repo, env, free_port
 
@@ -51,6 +53,21 @@ def ray_head():
         yield head.dashboard_url
 
 
+def ray_sessions() -> set[Path]:
+    """Session folders of local clusters started with Ray's default temp dir."""
+    return set(Path("/tmp/ray").glob("session_2*"))
+
+
+def head_processes(known: set[Path]) -> list[psutil.Process]:
+    """Processes of private Ray heads (``/tmp/ddpm-ray-*`` on the command line) not in ``known``."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        args = [a for a in p.info["cmdline"] or () if "/tmp/ddpm-ray-" in a]
+        if args and not any(str(k) in a for k in known for a in args):
+            found.append(p)
+    return found
+
+
 def variant_runs(tracking_uri: str) -> pd.DataFrame:
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(experiment_names=["ddpm-repro"])
@@ -77,11 +94,15 @@ def check_results(
 def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
     """What `make repro` runs (dvc repro, every stage on one local Ray head), all six variants."""
     repo = copy_repo(tmp_path / "repo")
+    sessions, heads = ray_sessions(), set(Path("/tmp").glob("ddpm-ray-*"))
     run = subprocess.run(
         [BIN / "python", "-m", "stages.repro", "--local-ray"],
         cwd=repo, env=env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert ray_sessions() == sessions  # every stage joined the private head: no local clusters
+    assert set(Path("/tmp").glob("ddpm-ray-*")) == heads  # and the head is gone
+    assert not head_processes(heads)  # none of its processes is left
     tables = {t: pd.read_csv(repo / "reports" / f"{t}.csv") for t in ("table1", "table2", "table4")}
     check_results(variant_runs(f"sqlite:///{repo / 'mlflow.db'}"), tables)
     for t in tables:

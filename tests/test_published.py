@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import mlflow
@@ -21,7 +20,9 @@ diffusers = pytest.importorskip("diffusers")
 TINY = load_config(ROOT / "params.yaml", "tiny")
 
 
-def write_checkpoint(folder, num_timesteps=TINY.diffusion.num_timesteps, resolution=8):
+def write_checkpoint(
+    folder, num_timesteps=TINY.diffusion.num_timesteps, resolution=8, prediction_type="epsilon"
+):
     """A randomly initialised diffusers-format DDPM checkpoint in the tiny layout."""
     layout = {
         "block_out_channels": (32, 64),
@@ -39,6 +40,7 @@ def write_checkpoint(folder, num_timesteps=TINY.diffusion.num_timesteps, resolut
         "beta_end": d.beta_end,
         "beta_schedule": "linear",
         "variance_type": "fixed_large",
+        "prediction_type": prediction_type,
     }
     (folder / "scheduler_config.json").write_text(json.dumps(scheduler))
     return folder
@@ -131,12 +133,24 @@ def test_wrong_shape_is_named_in_one_line(project, capsys):
     [
         ({"num_timesteps": 1000}, "trained with {'num_train_timesteps': 1000}"),
         ({"resolution": 16}, "is for 16x16 images, but presets.tiny.data.resolution is 8"),
+        ({"prediction_type": "sample"}, "predicts 'sample' (scheduler prediction_type)"),
     ],
 )
 def test_checkpoint_for_another_process_is_refused(project, capsys, kwargs, message):
     write_checkpoint(project / "ck", **kwargs)
     code, lines = train_stage(capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0]
+
+
+def dvc_outs(variant: str) -> list[str]:
+    """The outs dvc.yaml declares for the variant's train, sample and evaluate stages."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = []
+    for name in ("train", "sample", "evaluate"):
+        for out in stages[name]["do"]["outs"] + stages[name]["do"].get("metrics", []):
+            path = out if isinstance(out, str) else next(iter(out))
+            outs.append(path.replace("${key}", variant))
+    return outs
 
 
 def test_other_variants_are_marked_not_run(project, capsys):
@@ -146,7 +160,12 @@ def test_other_variants_are_marked_not_run(project, capsys):
         stage.main(["--variant", "xprev_learned_kl"])
     marker = json.loads((project / "models/xprev_learned_kl/model.json").read_text())
     assert "published weights of eps_fixed_mse only" in marker["skipped"]
-    assert (project / "metrics/xprev_learned_kl.json").is_file()
-    assert (project / "figures/xprev_learned_kl/SKIPPED.txt").is_file()
+    outs = dvc_outs("xprev_learned_kl")
+    assert len(outs) >= 8
+    for out in outs:  # every declared output exists, and no folder is bare
+        path = project / out
+        assert path.exists(), out
+        assert path.is_file() or any(path.iterdir()), out
+    csv = (project / "plots/xprev_learned_kl/rate_distortion.csv").read_text()
+    assert csv.startswith("t,steps,rate_bpd") and csv.count("\n") == 1  # header only
     assert not (project / "mlflow.db").exists()  # nothing was tracked for it
-    shutil.rmtree(project / "models")
