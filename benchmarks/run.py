@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -51,8 +50,8 @@ def network(name: str, device: str) -> UNet:
     return build_unet(cfg, resolution).to(device)
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
+def timed(fn, repeats: int, device: str, summary=statistics.median) -> float:
+    """Seconds of ``fn()`` over ``repeats`` calls after one warm-up call (their median)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -63,7 +62,7 @@ def timed(fn, repeats: int, device: str) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return summary(times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,17 +216,7 @@ def matmul_peak(device: str, bf16: bool, threads: int) -> float:
     n = 4096 if device == "cuda" else 2048
     dtype = torch.bfloat16 if bf16 else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
-    a @ a
-    best = math.inf
-    for _ in range(10):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ a
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / timed(lambda: a @ a, 10, device, summary=min)
 
 
 def machine(device: str) -> str:

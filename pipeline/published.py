@@ -143,11 +143,13 @@ def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
             f"presets.{cfg.scale}.model.checkpoint_variant {variant.name} predicts "
             f"{variant.mean_type!r}; use a variant whose mean_type matches (eps for 'epsilon')"
         )
-    run_id = tracking.start_variant_run(cfg, variant)
-    tracking.tag_run(
+    run_id = tracking.start_variant_run(
         cfg,
-        run_id,
-        {"ddpm.checkpoint": str(Path(source).resolve()), "ddpm.checkpoint_sha256": info["sha256"]},
+        variant,
+        tags={
+            "ddpm.checkpoint": str(Path(source).resolve()),
+            "ddpm.checkpoint_sha256": info["sha256"],
+        },
     )
     meta = {
         **variant.describe(),

@@ -84,8 +84,10 @@ def run_tags(cfg: Config, variant: Variant) -> dict[str, str]:
     return tags
 
 
-def start_variant_run(cfg: Config, variant: Variant, root: Path | None = None) -> str:
-    """Create the variant's run with its params and tags; returns the run id.
+def start_variant_run(
+    cfg: Config, variant: Variant, root: Path | None = None, tags: dict[str, str] | None = None
+) -> str:
+    """Create the variant's run with its params and tags (and ``tags``); returns the run id.
 
     ``root`` is the project folder of the default store (default: the working directory).
     """
@@ -95,22 +97,12 @@ def start_variant_run(cfg: Config, variant: Variant, root: Path | None = None) -
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=f"{cfg.scale}/{variant.name}",
-        tags=run_tags(cfg, variant),
+        tags={**run_tags(cfg, variant), **(tags or {})},
     ) as run:
         params: dict[str, Any] = {k: _param(v) for k, v in cfg.flat().items()}
         params.update({f"variant.{k}": v for k, v in vars(variant).items()})
         mlflow.log_params(params)
         return run.info.run_id
-
-
-def tag_run(cfg: Config, run_id: str, tags: dict[str, str]) -> None:
-    """Set tags on an existing run."""
-    import mlflow
-
-    setup(cfg)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
 
 
 @contextlib.contextmanager
