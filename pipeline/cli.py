@@ -1,12 +1,13 @@
-"""Shared entry-point behaviour: quiet third-party logging, one-line user errors."""
+"""Shared entry-point behaviour: quiet third-party logging, one-line user errors, fast exit."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from pipeline.errors import UserError
 
@@ -51,3 +52,30 @@ def entry_point(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_stage(main: Callable[[], object]) -> NoReturn:
+    """Run a DVC stage's ``main()`` as the program, then end the process at once.
+
+    When ``main`` returns, the stage's outputs are complete (every file is written to a temporary
+    name and renamed). What Python would do next, tearing down the torch, Ray, MLflow and
+    torch-fidelity module graphs, takes 2-3 s a process on a 2-core CPU, ~50 s of a ``make repro``
+    of 19 stages. So the MLflow run that is still active is ended (as MLflow's exit hook would),
+    the Ray driver disconnects, logging and the standard streams are flushed, and the process
+    exits with ``os._exit(0)``. An error exits the normal way (``entry_point``).
+    """
+    main()
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run()
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

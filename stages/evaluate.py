@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import entry_point
+from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.published import skip_evaluate, skip_reason
 
@@ -57,4 +57,4 @@ def _fmt(value: float | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.cli import entry_point
+from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.data import prepare, summary
 from pipeline.layout import data_dir
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -16,7 +16,7 @@ import torch_fidelity
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.cli import entry_point
+from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.data import open_split, read_manifest
 from pipeline.fidelity import compute_reference_stats, inception_options, stand_in_label
@@ -68,4 +68,4 @@ def _entry(path: Path, count: int, available: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

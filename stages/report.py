@@ -11,7 +11,7 @@ import argparse
 import json
 
 from pipeline import layout, tables, tracking
-from pipeline.cli import entry_point
+from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.published import is_skipped
@@ -70,4 +70,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

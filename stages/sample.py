@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline import layout
-from pipeline.cli import entry_point
+from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.published import skip_reason, skip_sample
 
@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

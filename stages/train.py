@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import entry_point
+from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.published import import_checkpoint, skip_reason, skip_train
 
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

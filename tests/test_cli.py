@@ -1,0 +1,72 @@
+"""pipeline.cli: one-line user errors and the stages' fast exit (run_stage)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_program(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_run_stage_ends_the_mlflow_run_flushes_and_skips_teardown(tmp_path):
+    """The active MLflow run is FINISHED, unterminated output is printed, atexit hooks skipped."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_program(
+        f"""
+        import atexit, sys
+        import mlflow
+        from pipeline.cli import entry_point, run_stage
+
+        @entry_point
+        def main():
+            mlflow.set_tracking_uri({uri!r})
+            run = mlflow.start_run(run_name="stage")
+            mlflow.log_metric("x", 1.5)
+            print(run.info.run_id)
+            sys.stdout.write("no newline at the end")
+            atexit.register(lambda: print("teardown ran"))
+
+        run_stage(main)
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    run_id, tail = done.stdout.split("\n")
+    assert tail == "no newline at the end"  # flushed, and the atexit hook never ran
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"x": 1.5}
+
+
+def test_run_stage_user_error_is_one_line_and_exit_2(tmp_path):
+    done = run_program(
+        """
+        from pipeline.cli import entry_point, run_stage
+        from pipeline.errors import UserError
+
+        @entry_point
+        def main():
+            raise UserError("params.yaml: no such variant 'x'")
+
+        run_stage(main)
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "error: params.yaml: no such variant 'x'\n"
+    assert done.stdout == ""
