@@ -163,6 +163,7 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     with result.checkpoint.as_directory() as folder:
         info = export_weights(folder, out, cfg, variant, run, run_id)
     _mark_run(uri, run_id, "finished")
+    _record_workers(uri, run_id, result.metrics.get("world_size"), starts[1:])
     return TrainSummary(
         variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
     )
@@ -212,3 +213,12 @@ def _mark_run(uri: str, run_id: str, status: str) -> None:
     client = mlflow.MlflowClient(uri)
     client.set_tag(run_id, "ddpm.train_status", status)
     client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def _record_workers(uri: str, run_id: str, world_size: int | None, restarts: list[int]) -> None:
+    """Tag the MLflow run with the workers that trained it and the steps they restarted from."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, "ddpm.world_size", str(world_size))
+    client.set_tag(run_id, "ddpm.restarts", ",".join(map(str, restarts)) or "none")
