@@ -125,6 +125,7 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
             time.sleep(0.2)
         time.sleep(2)  # into the stage's work
         tree = [p for p in psutil.Process(proc.pid).children(recursive=True) if cmdline(p)]
+        programs = {Path(cmdline(p)[1]).name for p in tree if len(cmdline(p)) > 1}
         (variant,) = {c[-1] for c in map(cmdline, found) if c[-2:-1] == ["--variant"]}
         proc.send_signal(sig)  # to the driver only, as `kill PID` does: it must reach the rest
         code = proc.wait(120)
@@ -132,7 +133,7 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 128 + sig, log.read_text()[-3000:]
-    assert {"dvc", "ray"} <= {Path(cmdline(p)[1]).name for p in tree if len(cmdline(p)) > 1}
+    assert {"dvc", "ray"} <= programs  # dvc repro and the private Ray head were running
     deadline = time.monotonic() + 10
     while alive(tree) and time.monotonic() < deadline:
         time.sleep(0.2)
