@@ -20,6 +20,7 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
+from inception_score import inception_score
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from pipeline import fidelity, inception
@@ -134,24 +135,6 @@ def cached_logits(run, key: str) -> np.ndarray:
     cache = fidelity.cache_dir(run.root, run.weights)
     path = fidelity._features_file(cache, key, fidelity.IS_LAYER)
     return torch.load(path, weights_only=True).double().numpy()
-
-
-def inception_score(logits: np.ndarray, splits: int, seed: int = 2020) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per split, mean and std over splits, in numpy float64.
-
-    Salimans et al.'s definition with torch-fidelity's protocol: rows shuffled by
-    RandomState(seed), split ``i`` is rows [i N // splits, (i + 1) N // splits).
-    """
-    n = len(logits)
-    x = logits[np.random.RandomState(seed).permutation(n)]
-    log_p = x - x.max(axis=1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-    scores = []
-    for i in range(splits):
-        chunk = log_p[i * n // splits : (i + 1) * n // splits]
-        log_q = np.log(np.exp(chunk).mean(axis=0))
-        scores.append(np.exp((np.exp(chunk) * (chunk - log_q)).sum(axis=1).mean()))
-    return float(np.mean(scores)), float(np.std(scores))
 
 
 def test_inception_score_from_confident_logits_matches_numpy(run, weights):
