@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -358,3 +359,34 @@ def test_reference_stage_wrong_checksum_is_one_error_line(weights, tmp_path, mon
     assert err.startswith("error: ") and "sha256 mismatch" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "reference").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_reference_stage_stopped_by_a_signal_leaves_no_output_and_reruns(weights, tmp_path, sig):
+    """SIGTERM or Ctrl-C during the Inception pass: exit 128 + signal, no reference output and no
+    temporary left; the rerun computes the whole, correct reference."""
+    x = blobs(6, seed=11)
+    make_project(tmp_path, weights, {"train": x}, ref_images=6, fid_against=["train"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_PARAMS": str(tmp_path / "params.yaml")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.reference"], cwd=tmp_path, env=env, stderr=subprocess.PIPE
+    )
+    seen = bytearray()
+    try:
+        while b"Inception (" not in seen:  # tqdm's bar: the pass has begun
+            chunk = proc.stderr.read1(4096)
+            assert chunk, f"the stage ended before its Inception pass: {seen.decode()[-2000:]}"
+            seen += chunk
+        proc.send_signal(sig)
+        seen += proc.stderr.read()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + sig, seen.decode()[-2000:]
+    assert b"interrupted: finished work is kept; rerun to resume" in seen
+    assert not (tmp_path / "reference").exists() or not any((tmp_path / "reference").iterdir())
+    again = run_stage(tmp_path)
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((tmp_path / "reference" / "tiny" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 6
