@@ -84,6 +84,13 @@ def check_results(
     for metric in METRICS:
         assert runs[f"metrics.{metric}"].notna().all(), metric
     assert (runs["tags.stand_in"] == "true").all()
+    # Ranges that a broken stage would leave: FID of samples against real images is positive,
+    # IS lies in [1, classes] (1008 logits), and the bound is its prior term L_T plus positive
+    # terms, in a plausible range for 8 training steps.
+    assert (runs["metrics.fid_train"] > 0).all() and (runs["metrics.fid_test"] > 0).all()
+    assert runs["metrics.is_mean"].between(1.0, 1008.0).all()
+    assert (runs["metrics.nll_bpd"] > runs["metrics.nll_prior_bpd"]).all()
+    assert (runs["metrics.nll_prior_bpd"] > 0).all()
     t2 = tables["table2"].set_index("variant")
     assert set(t2.index) == ALL_VARIANTS  # Table 2 has every row; variants not run say so
     assert all("not run" in t2.loc[name, "note"] for name in ALL_VARIANTS - variants)

@@ -220,5 +220,6 @@ def _record_workers(uri: str, run_id: str, world_size: int | None, restarts: lis
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    client.set_tag(run_id, "ddpm.world_size", str(world_size))
+    if world_size is not None:  # None: nothing left to train, the tag of the run that did stays
+        client.set_tag(run_id, "ddpm.world_size", str(world_size))
     client.set_tag(run_id, "ddpm.restarts", ",".join(map(str, restarts)) or "none")
