@@ -219,7 +219,8 @@ def _record_workers(uri: str, run_id: str, world_size: int | None, restarts: lis
     """Tag the MLflow run with the workers that trained it and the steps they restarted from."""
     import mlflow
 
+    if world_size is None:  # nothing was left to train: the tags of the run that did stay
+        return
     client = mlflow.MlflowClient(uri)
-    if world_size is not None:  # None: nothing left to train, the tag of the run that did stays
-        client.set_tag(run_id, "ddpm.world_size", str(world_size))
+    client.set_tag(run_id, "ddpm.world_size", str(world_size))
     client.set_tag(run_id, "ddpm.restarts", ",".join(map(str, restarts)) or "none")
