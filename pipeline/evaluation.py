@@ -209,7 +209,9 @@ def run_on_ray(
     result.figures = pending.result()
     if "test" in result.nll:
         s = result.nll["test"].summary
-        result.curve = rate_distortion(s["vb_sum"], s["prior_sum"], s["xstart_mse_sum"], s["count"])
+        result.curve = rate_distortion(
+            s["vb_sum"], s["prior_sum"], s["xstart_mse_sum"], s["count"], s["xstart_rmse_sum"]
+        )
 
 
 def figure_spec(cfg: Config, root: Path = Path(".")) -> FigureSpec:
@@ -254,7 +256,12 @@ def metrics_json(
         out["nll_decoder_bpd"] = float(s["vb_bpd"][0])  # L_0, the distortion term in bits
         rows = table4_rows(result.curve, tuple(cfg.eval.rd_steps))
         out["table4"] = {
-            str(r["steps"]): {"rate_bpd": r["rate_bpd"], "rmse": r["distortion_rmse"]} for r in rows
+            str(r["steps"]): {
+                "rate_bpd": r["rate_bpd"],
+                "rmse": r["distortion_rmse"],
+                "rmse_per_image": r["distortion_rmse_per_image"],
+            }
+            for r in rows
         }
     out.update(result.label)
     return {"variant": variant.name, "scale": cfg.scale, **out}
