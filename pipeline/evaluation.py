@@ -215,9 +215,15 @@ def run_on_ray(
 
 
 def figure_spec(cfg: Config, root: Path = Path(".")) -> FigureSpec:
-    """Fig. 7 and 8 settings with their test images (the first images of the test split)."""
+    """Fig. 7 and 8 settings with their test images (the first images of the test split).
+
+    Data without a test split (LSUN at ``test_fraction: 0``, as the official run trained on every
+    record) use the first training images instead.
+    """
     e = cfg.eval
-    test = open_split(root / layout.data_dir(cfg.scale), "test")
+    data = root / layout.data_dir(cfg.scale)
+    split = "test" if "test" in read_manifest(data)["splits"] else "train"
+    test = open_split(data, split)
     n_recon = min(e.recon_images, len(test))
     pairs = min(e.interp_pairs, len(test) // 2)
     both = test[: 2 * pairs]

@@ -172,7 +172,9 @@ def table3(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
                 "note": note,
             }
         )
-    return pd.DataFrame(rows, columns=["dataset", "variant", "FID paper", "FID ours", "FID diff", "note"])
+    return pd.DataFrame(
+        rows, columns=["dataset", "variant", "FID paper", "FID ours", "FID diff", "note"]
+    )
 
 
 def _cell(value: object) -> str:
