@@ -41,7 +41,8 @@ def skip_reason(cfg: Config, variant: str) -> str | None:
     """Why ``variant`` is not run at this scale, or None when it is."""
     chosen = cfg.train.variants
     if chosen is not None and variant not in chosen:
-        return f"scale {cfg.scale} trains {', '.join(chosen)} only (presets.{cfg.scale}.train.variants)"
+        names = ", ".join(chosen)
+        return f"scale {cfg.scale} trains {names} only (presets.{cfg.scale}.train.variants)"
     if cfg.model.source == "checkpoint" and variant != cfg.model.checkpoint_variant:
         return (
             f"scale {cfg.scale} evaluates the published weights of "

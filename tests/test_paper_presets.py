@@ -80,5 +80,5 @@ def test_new_train_keys_are_checked(train, message):
 def test_sample_var_type_is_checked():
     raw = yaml.safe_load(PARAMS.read_text())
     raw["presets"]["tiny"]["sample"]["var_type"] = "learned"
-    with pytest.raises(ConfigError, match="sample.var_type: 'learned' is not one of"):
+    with pytest.raises(ConfigError, match=r"sample\.var_type: 'learned' is not one of"):
         config_from_dict(raw, "tiny")

@@ -192,7 +192,7 @@ def test_sampler_variance_follows_the_scale_and_the_checkpoint_must_agree():
         assert sampler_var_type(load_config(ROOT / "params.yaml", scale), variant) == "fixedsmall"
     _check_variance(lsun, variant, {"variance_type": "fixed_small"}, "x")  # accepted
     _check_variance(cifar, variant, {"variance_type": "fixed_large"}, "x")
-    with pytest.raises(ConfigError, match="set presets.published_lsun_church.sample.var_type"):
+    with pytest.raises(ConfigError, match=r"set presets\.published_lsun_church\.sample\.var_type"):
         _check_variance(lsun, variant, {"variance_type": "fixed_large"}, "x")
     with pytest.raises(ConfigError, match="cannot replace the learned variance"):
         sampler_var_type(lsun, lsun.variant("eps_learned_kl"))

@@ -89,7 +89,7 @@ def test_distortion_both_aggregations_of_the_per_image_rmse():
     assert rows[0]["distortion_rmse_per_image"] == curve["distortion_rmse_per_image"][0]
 
 
-def test_fig5_axis_is_T_minus_t_and_table4_counts_T_minus_t_plus_1():
+def test_fig5_axis_is_t_rev_and_table4_counts_one_more():
     """Fig. 5 plots against T - t (0 at x_T); Table 4's rows count T - t + 1 reverse steps."""
     from pipeline.figures_eval import fig5_axis
 
