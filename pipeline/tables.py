@@ -19,6 +19,8 @@ from pipeline.atomic import write_text
 from pipeline.config import STAND_IN_NOTE
 from pipeline.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
 
+TAG_SELECTION = "ddpm.selection"  # = pipeline.training.selection.TAG_SELECTION (no torch here)
+
 # Metric names every variant run carries (evaluate stage): MLflow metrics and metrics JSON keys.
 METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd", "nll_train_bpd")
 UNSTABLE = "not reported in the paper (training unstable)"
@@ -63,6 +65,9 @@ def _note(runs: pd.DataFrame, variant: str, *, paper_empty: bool = False) -> str
     tags = runs.loc[variant]
     if str(tags.get(f"tags.{TAG_SOURCE}", "")) == PUBLISHED:
         notes.append(PUBLISHED)
+    selection = tags.get(f"tags.{TAG_SELECTION}")  # which checkpoint (train.select)
+    if isinstance(selection, str) and selection != "last checkpoint":
+        notes.append(selection)
     if str(tags.get(f"tags.{TAG_STAND_IN}", "")).lower() == "true":
         reason = tags.get("tags.stand_in_reason")
         notes.append(STAND_IN_NOTE + (f" ({reason})" if isinstance(reason, str) else ""))
