@@ -37,6 +37,9 @@ def project(tmp_path, monkeypatch):
                 client.log_metric(run_id, tables.rd_metric("rate_bpd", n), rate)
                 client.log_metric(run_id, tables.rd_metric("rmse_per_image", n), rmse)
                 client.log_metric(run_id, tables.rd_metric("rmse", n), rmse + 0.5)
+        if name == "eps_fixed_mse":  # trained with train.select: best_fid
+            note = "checkpoint of step 8 selected (lowest FID 2.5 of 3 evaluated during training)"
+            mlflow.MlflowClient().set_tag(run_id, tables.TAG_SELECTION, note)
         folder = tmp_path / "models" / name
         folder.mkdir(parents=True)
         (folder / "model.json").write_text(json.dumps({"mlflow_run_id": run_id}))
@@ -53,6 +56,7 @@ def test_tables_put_paper_ours_and_difference_side_by_side(project):
     assert row["FID diff"] == pytest.approx(30.5 - 3.17)
     assert row["IS diff"] == pytest.approx(1.5 - 9.46)
     assert STAND_IN_NOTE in row["note"]
+    assert "step 8 selected (lowest FID 2.5 of 3 evaluated during training)" in row["note"]
     unstable = t2.loc["xprev_fixed_mse"]
     assert pd.isna(unstable["FID paper"]) and "training unstable" in unstable["note"]
     assert pd.isna(t2.loc["xprev_learned_kl", "FID ours"])  # not evaluated: left empty
