@@ -82,3 +82,24 @@ def test_sample_var_type_is_checked():
     raw["presets"]["tiny"]["sample"]["var_type"] = "learned"
     with pytest.raises(ConfigError, match=r"sample\.var_type: 'learned' is not one of"):
         config_from_dict(raw, "tiny")
+
+
+def test_figures_use_training_images_without_a_test_split(tmp_path):
+    """LSUN at test_fraction 0 has no test split: Fig. 7 and 8 take the first training images."""
+    import json
+
+    import numpy as np
+    from train_project import make_project
+
+    from pipeline.data import open_split
+    from pipeline.evaluation import figure_spec
+
+    cfg = make_project(tmp_path)
+    manifest = tmp_path / "data" / cfg.scale / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    del meta["splits"]["test"]
+    manifest.write_text(json.dumps(meta))
+    spec = figure_spec(cfg, tmp_path)
+    train = open_split(tmp_path / "data" / cfg.scale, "train")
+    assert np.array_equal(spec.recon_images, train[: cfg.eval.recon_images])
+    assert np.array_equal(spec.interp_sources[0], train[0])
