@@ -172,7 +172,7 @@ def test_other_variants_are_marked_not_run(project, capsys):
         assert path.exists(), out
         assert path.is_file() or any(path.iterdir()), out
     csv = (project / "plots/xprev_learned_kl/rate_distortion.csv").read_text()
-    assert csv.startswith("t,steps,rate_bpd") and csv.count("\n") == 1  # header only
+    assert csv.startswith("t,steps,T_minus_t,rate_bpd") and csv.count("\n") == 1  # header only
     assert not (project / "mlflow.db").exists()  # nothing was tracked for it
 
 
