@@ -54,14 +54,22 @@ def _evaluator(root: Path, run_dir: Path, calls: list[int], select: str = "best_
     )  # fmt: skip
 
 
-def test_best_fid_selects_the_lowest_fid_checkpoint_and_resume_redoes_nothing(trained, tmp_path):
+def test_best_fid_selects_the_lowest_fid_checkpoint_and_resume_redoes_nothing(
+    trained, tmp_path, monkeypatch
+):
     root, run_dir = trained
     calls: list[int] = []
     cfg, evaluator = _evaluator(root, run_dir, calls)
-    evaluator.poll()  # the newest checkpoint (12) may still be written: not yet
+    from pipeline.training import eval_during
+
+    monkeypatch.setattr(eval_during, "SETTLE_S", 1e9)
+    evaluator.poll()  # the newest checkpoint (12) may still be being written: not yet
     assert calls == [4, 8]
-    records = evaluator.finish()
+    monkeypatch.setattr(eval_during, "SETTLE_S", 0.0)
+    evaluator.poll()  # its files have not changed for SETTLE_S seconds: complete
     assert calls == [4, 8, 12]  # every eval_every (4) steps, not every checkpoint (2)
+    records = evaluator.finish()
+    assert calls == [4, 8, 12]
     assert [(r["step"], r["fid"], r["n_samples"]) for r in records] == [
         (4, 7.0, 8), (8, 2.5, 8), (12, 3.0, 8)
     ]  # fmt: skip

@@ -73,6 +73,23 @@ def score_checkpoint(
     return float(fid["fid_train"])
 
 
+SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
+
+
+def _settled(folder: Path) -> bool:
+    """Whether the checkpoint's state.pt and meta.json exist and none of its files changed
+    in the last SETTLE_S seconds."""
+    from pipeline.training.checkpoint import META, STATE
+
+    try:
+        if not (folder / STATE).is_file() or not (folder / META).is_file():
+            return False
+        newest = max(p.stat().st_mtime for p in folder.rglob("*") if p.is_file())
+    except (FileNotFoundError, ValueError):
+        return False
+    return time.time() - newest > SETTLE_S
+
+
 class CheckpointEvaluator:
     """A progress sink (pipeline.training.progress) that scores due checkpoints on Ray.
 
@@ -106,18 +123,21 @@ class CheckpointEvaluator:
         self.poll()
 
     def poll(self, newest_too: bool = False) -> None:
-        """Collect finished scores; submit due checkpoints (not the newest one, which Ray
-        Train may still be writing, unless ``newest_too``)."""
+        """Collect finished scores; submit due checkpoints. The newest one, which Ray Train
+        may still be writing, only once its files have not changed for SETTLE_S seconds (or
+        with ``newest_too``)."""
         self._collect(wait=False)
         done = self.records.done() | set(self.in_flight) | self.failed
         due = due_steps(self.run_dir, self.cfg.train.eval_every, done)
         newest = max((s for s, _ in due_steps(self.run_dir, 1, set())), default=None)
         for step, folder in due:
-            if newest_too or step != newest:
+            if newest_too or step != newest or _settled(folder):
                 self._submit(step, folder)
 
     def finish(self) -> list[dict[str, Any]]:
-        """Score every due checkpoint (waiting for them); returns all the run's records."""
+        """Score every due checkpoint (waiting for them, and retrying any that failed while
+        training ran); returns all the run's records."""
+        self.failed.clear()
         self.poll(newest_too=True)
         self._collect(wait=True)
         return self.records.all()
