@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import save_npz
 from pipeline.errors import ConfigError, DataError
+from pipeline.gputasks import submit
 
 FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
 SHARD_RE = re.compile(r"^block-(\d{8})-(\d{8})\.npz$")
@@ -132,7 +133,6 @@ def _fail_marker(out_dir: Path, start: int) -> str | None:
     return str(out_dir / f".failed-once-{start:08d}")
 
 
-@ray.remote
 def _run_block(
     task_fn: TaskFn, start: int, stop: int, shared: Any, fail_marker: str | None
 ) -> dict[str, np.ndarray]:
@@ -209,8 +209,8 @@ def run_blocks(
     with tqdm(total=n_items, initial=done, desc=desc, unit=desc, smoothing=0.1) as bar:
         started = time.perf_counter()
         if todo:
-            remote = _run_block.options(max_retries=max_retries, retry_exceptions=True, **resources)
-            launch = functools.partial(_launch, remote, task_fn, ray.put(shared), out_dir)
+            options = {"resources": resources, "max_retries": max_retries, "retry_exceptions": True}
+            launch = functools.partial(_launch, options, task_fn, ray.put(shared), out_dir)
             with contextlib.closing(_windowed(todo, launch, num_workers, max_retries)) as results:
                 for block, arrays in results:
                     _store(out_dir, block, arrays)
@@ -220,10 +220,10 @@ def run_blocks(
     return run
 
 
-def _launch(remote: Any, task_fn: TaskFn, shared_ref: Any, out_dir: Path, block: Range) -> Any:
-    """Submit the task of one block; returns its ObjectRef."""
+def _launch(options: dict, task_fn: TaskFn, shared_ref: Any, out_dir: Path, block: Range) -> Any:
+    """Submit the task of one block (one GPU task per worker: pipeline.gputasks); its ObjectRef."""
     marker = _fail_marker(out_dir, block[0])
-    return remote.remote(task_fn, block[0], block[1], shared_ref, marker)
+    return submit(_run_block, task_fn, block[0], block[1], shared_ref, marker, **options)
 
 
 def _windowed(

@@ -37,6 +37,7 @@ from pipeline.config import config_hash
 from pipeline.data import to_model_input, to_uint8
 from pipeline.diffusion import GaussianDiffusion, NoiseFn
 from pipeline.fidelity import content_key
+from pipeline.gputasks import submit
 from pipeline.likelihood import setup_worker
 from pipeline.noise import ImageNoise, item_seed
 from pipeline.sampling import SamplingJob
@@ -239,7 +240,6 @@ def figure_arrays(model: UNet, diffusion: GaussianDiffusion, spec: FigureSpec) -
     return out
 
 
-@ray.remote
 def _figure_task(network: SamplingJob, spec: FigureSpec) -> dict[str, np.ndarray]:
     device = setup_worker(network)
     return figure_arrays(network.model(device), network.diffusion(), spec)
@@ -277,5 +277,7 @@ def submit_figures(
         with np.load(path) as f:
             return PendingFigures(path, arrays={k: f[k] for k in f.files})
     connect()
-    task = _figure_task.options(max_retries=3, retry_exceptions=True, **resources)
-    return PendingFigures(path, ref=task.remote(network, spec))
+    ref = submit(
+        _figure_task, network, spec, resources=resources, max_retries=3, retry_exceptions=True
+    )
+    return PendingFigures(path, ref=ref)

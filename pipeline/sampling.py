@@ -36,6 +36,7 @@ from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.errors import ConfigError, DataError
 from pipeline.figures import save_progressive, save_sample_grid
+from pipeline.gputasks import submit
 from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
@@ -230,7 +231,6 @@ def progressive_frames(
     }
 
 
-@ray.remote
 def _progressive_task(job: SamplingJob, indices: list[int], frames: int) -> dict[str, np.ndarray]:
     device = _setup_worker(job)
     model = job.model(device)
@@ -394,8 +394,16 @@ def _progressive(
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     init_ray(cfg.ray)
-    task = _progressive_task.options(max_retries=3, retry_exceptions=True, **resources)
-    out = ray.get(task.remote(job, list(seeds), frames))
+    task = submit(
+        _progressive_task,
+        job,
+        list(seeds),
+        frames,
+        resources=resources,
+        max_retries=3,
+        retry_exceptions=True,
+    )
+    out = ray.get(task)
     save_npz(path, **out)
     return out
 
