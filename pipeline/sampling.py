@@ -1,12 +1,13 @@
 """Drawing N samples with Algorithm 2 from a variant's EMA weights, fanned out over Ray.
 
-Sample i draws x_T and every step's noise from its own generator seeded by (seed, i)
-(pipeline.noise). Samples are computed in fixed blocks of indices by pipeline.blocks (resumable,
-retried, written atomically as uint8 shards under ``work/sample/<variant>/<key>/``) and merged
-into ``samples/<variant>/samples.npz``. ``key`` hashes everything that changes a block's bytes
-(weights, seed, sampler, diffusion settings, precision, memory format, block size, device type,
-torch version, and the batch size where the network is not batch-invariant), so blocks are
-reused across reruns, more samples or another worker count, and never mixed across weights.
+Sample i draws x_T and every step's noise from its own generator seeded by (seed, i), on the
+sampling device (pipeline.noise: no per-step host copy or sync). Samples are computed in fixed
+blocks of indices by pipeline.blocks (resumable, retried, written atomically as uint8 shards
+under ``work/sample/<variant>/<key>/``) and merged into ``samples/<variant>/samples.npz``.
+``key`` hashes everything that changes a block's bytes (weights, seed, sampler, diffusion
+settings, precision, memory format, block size, device type, torch version, and the batch size
+where the network is not batch-invariant), so blocks are reused across reruns, more samples or
+another worker count, and never mixed across weights.
 
 Reproducibility: on the CPU in float32 (the default memory format) the U-Net is batch-invariant,
 so sample i is bit-identical for any batch size and worker count. With bf16, channels_last or a
@@ -425,7 +426,7 @@ def make_manifest(
         "steps": job.steps or len(job.betas),
         "num_timesteps": len(job.betas),
         "seed": job.seed,
-        "seeding": "sample i: torch CPU generator seeded by SeedSequence([seed, i])",
+        "seeding": f"sample i: torch {job.device_type} generator seeded by SeedSequence([seed, i])",
         "weights_sha256": info.sha256,
         "weights_digest": job.weights_digest(),
         "mlflow_run_id": info.meta.get("mlflow_run_id"),
