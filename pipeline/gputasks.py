@@ -21,17 +21,21 @@ from typing import Any
 
 import ray
 
+from pipeline import taskprogress
+
 
 @ray.remote
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
+def _call(fn: Callable[..., Any], progress: Any, *args: Any) -> Any:
     """``fn(*args)`` in a reusable worker (CPU tasks)."""
-    return fn(*args)
+    with taskprogress.reporting(progress):
+        return fn(*args)
 
 
 @ray.remote(max_calls=1)
-def _call_on_gpu(fn: Callable[..., Any], *args: Any) -> Any:
+def _call_on_gpu(fn: Callable[..., Any], progress: Any, *args: Any) -> Any:
     """``fn(*args)`` in a worker that exits afterwards (tasks that hold GPUs)."""
-    return fn(*args)
+    with taskprogress.reporting(progress):
+        return fn(*args)
 
 
 def uses_gpu(resources: dict[str, float]) -> bool:
@@ -40,7 +44,11 @@ def uses_gpu(resources: dict[str, float]) -> bool:
 
 
 def submit(
-    fn: Callable[..., Any], *args: Any, resources: dict[str, float], **options: Any
+    fn: Callable[..., Any],
+    *args: Any,
+    resources: dict[str, float],
+    progress: Any = None,
+    **options: Any,
 ) -> ray.ObjectRef:
     """Submit ``fn(*args)`` as a Ray task with ``resources``; returns its ObjectRef.
 
@@ -48,8 +56,9 @@ def submit(
         fn: a module-level function (Ray pickles it by reference).
         args: its arguments (ObjectRefs among them are resolved by Ray as usual).
         resources: per-task Ray resources, e.g. ``{"num_cpus": 1, "num_gpus": 1}``.
+        progress: ``(board, key)`` to report the task's image-steps to (pipeline.taskprogress).
         options: further task options (``max_retries``, ``retry_exceptions``, ...).
     """
     remote = _call_on_gpu if uses_gpu(resources) else _call
     name = getattr(fn, "__name__", "task")
-    return remote.options(name=name, **resources, **options).remote(fn, *args)
+    return remote.options(name=name, **resources, **options).remote(fn, progress, *args)

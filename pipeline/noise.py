@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline import taskprogress
+
 
 def item_seed(seed: int, index: int) -> int:
     """The 64-bit seed of item ``index`` under base seed ``seed`` (SeedSequence mixing)."""
@@ -71,4 +73,5 @@ class ImageNoise:
         out = torch.empty(tuple(shape), device=self.device, dtype=torch.float32)
         for row, generator in zip(out, self.generators, strict=True):
             row.normal_(generator=generator)
+        taskprogress.advance(len(self.generators))  # one image-step each (a Ray task's progress)
         return out if self.dtype == torch.float32 else out.to(self.dtype)

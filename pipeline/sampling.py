@@ -376,6 +376,7 @@ def draw_samples(
         desc="samples",
         shared=job,
         connect=functools.partial(init_ray, cfg.ray),
+        steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress within blocks
     )
     images = merge_blocks(work, s.n_samples, s.block_size)["images"]
     progressive = _progressive(cfg, job, work, resources)
