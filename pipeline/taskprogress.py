@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 PUSH_EVERY_S = 2.0
 LINE_EVERY_S = 30.0
+MIN_IMAGE_STEPS = 100_000  # smaller runs (seconds: the smoke scale) skip the board actor
 
 
 @ray.remote(num_cpus=0)
@@ -115,7 +116,7 @@ class BlockProgress:
 
     def handle(self, key: Any) -> tuple[Any, Any] | None:
         """The ``progress`` argument of a task computing block ``key`` (creates the board)."""
-        if not self.steps_per_item:
+        if not self.steps_per_item or self.total * self.steps_per_item < MIN_IMAGE_STEPS:
             return None
         if self.board is None:
             self.board = TaskBoard.remote()

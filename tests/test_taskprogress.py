@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
+import numpy as np
 import ray
 import ray.cloudpickle
 import torch
@@ -26,7 +27,8 @@ def five_steps_of_eight_images() -> int:
     return torch.get_num_threads()
 
 
-def test_a_task_reports_its_image_steps_to_the_driver(ray_session):
+def test_a_task_reports_its_image_steps_to_the_driver(ray_session, monkeypatch):
+    monkeypatch.setattr(taskprogress, "MIN_IMAGE_STEPS", 0)
     out = io.StringIO()
     progress = BlockProgress(16, 8, "samples", steps_per_item=10, stream=out)
     try:
@@ -48,6 +50,7 @@ def test_lines_for_logs_with_rate_and_eta(monkeypatch):
     out = io.StringIO()
     progress = BlockProgress(100, 0, "images", stream=out)
     assert progress.handle((0, 10)) is None  # no partial progress asked: no board
+    assert BlockProgress(100, 0, "images", steps_per_item=999).handle((0, 10)) is None  # small
     progress.started -= 10.0  # as if the first block took 10 s
     progress.finished((0, 10), 10)
     progress.close()
@@ -58,3 +61,19 @@ def test_lines_for_logs_with_rate_and_eta(monkeypatch):
 def test_advance_outside_a_task_is_a_no_op():
     taskprogress.advance(5)
     assert taskprogress._current is None
+
+
+def test_figure_progress_total_counts_every_noise_draw(monkeypatch):
+    from eval_project import tiny_unet
+
+    from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+    from pipeline.reconstruction import FigureSpec, figure_arrays
+
+    counted = []
+    monkeypatch.setattr(taskprogress, "advance", counted.append)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    spec = FigureSpec(images[:2], (2, 5), 3, images[2:3], images[3:4], 4, 3, seed=0)
+    diffusion = GaussianDiffusion(linear_beta_schedule(5, 0.01, 0.3), "eps", "fixedlarge", "mse")
+    figure_arrays(tiny_unet(), diffusion, spec)
+    assert sum(counted) == spec.image_steps() == (2 + 6 * 1) + (2 + 6 * 4) + (1 + 3 * 3)
