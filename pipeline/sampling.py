@@ -443,8 +443,12 @@ def make_manifest(
     return manifest
 
 
-def _array_sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+def _array_sha256(array: np.ndarray, chunk: int = 1024) -> str:
+    """sha256 of the array's C-order bytes, hashed ``chunk`` rows at a time (no whole copy)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(array), chunk):
+        digest.update(np.ascontiguousarray(array[start : start + chunk]).data)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

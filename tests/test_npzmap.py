@@ -1,0 +1,46 @@
+"""Arrays of an uncompressed .npz memory-mapped (samples read in pages, never whole)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipeline.atomic import save_npz
+from pipeline.npzmap import load_npz_array
+from pipeline.sampling import _array_sha256
+
+
+def test_stored_arrays_are_memory_mapped_and_equal(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    other = rng.standard_normal((3, 5))
+    save_npz(tmp_path / "s.npz", images=images, other=other)
+    got = load_npz_array(tmp_path / "s.npz", "images")
+    assert isinstance(got, np.memmap) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, images)
+    np.testing.assert_array_equal(load_npz_array(tmp_path / "s.npz", "other"), other)
+    with pytest.raises(KeyError):
+        load_npz_array(tmp_path / "s.npz", "missing")
+
+
+def test_compressed_is_read_whole_and_garbage_is_a_value_error(tmp_path):
+    a = np.arange(12).reshape(3, 4)
+    np.savez_compressed(tmp_path / "c.npz", a=a)
+    got = load_npz_array(tmp_path / "c.npz", "a")
+    assert not isinstance(got, np.memmap)
+    np.testing.assert_array_equal(got, a)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError):
+        load_npz_array(tmp_path / "bad.npz", "a")
+    save_npz(tmp_path / "t.npz", a=np.zeros((1000, 100)))
+    data = (tmp_path / "t.npz").read_bytes()
+    (tmp_path / "t.npz").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError):
+        load_npz_array(tmp_path / "t.npz", "a")
+
+
+def test_chunked_sha256_is_the_whole_array_hash():
+    a = np.random.default_rng(1).integers(0, 256, (2500, 3, 3), dtype=np.uint8)
+    assert _array_sha256(a, chunk=1000) == hashlib.sha256(a.tobytes()).hexdigest()
