@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
-from pipeline.blocks import BlockRun, merge_blocks, run_blocks
+from pipeline.blocks import BlockRun, run_blocks
 from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
 from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
@@ -39,8 +40,10 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.figures import save_progressive, save_sample_grid
 from pipeline.gputasks import submit
 from pipeline.noise import ImageNoise
+from pipeline.npzmap import load_npz_array
 from pipeline.raycluster import init_ray
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.shards import merge_to_npz
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import load_weights, sha256_file
@@ -378,9 +381,11 @@ def draw_samples(
         connect=functools.partial(init_ray, cfg.ray),
         steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress within blocks
     )
-    images = merge_blocks(work, s.n_samples, s.block_size)["images"]
+    merged = work / f"merged-{s.n_samples}.npz"  # moved into samples/<V>/ by write_outputs
+    sha256 = merge_to_npz(work, s.n_samples, s.block_size, merged)  # one shard in memory
+    images = load_npz_array(merged, "images")  # memory-mapped
     progressive = _progressive(cfg, job, work, resources)
-    manifest = make_manifest(cfg, variant, info, job, images, key)
+    manifest = make_manifest(cfg, variant, info, job, images, key, sha256)
     return SampleSet(images, progressive, manifest, run, work)
 
 
@@ -411,9 +416,17 @@ def _progressive(
 
 
 def make_manifest(
-    cfg: Config, variant: Variant, info: ModelInfo, job: SamplingJob, images: np.ndarray, key: str
+    cfg: Config,
+    variant: Variant,
+    info: ModelInfo,
+    job: SamplingJob,
+    images: np.ndarray,
+    key: str,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
-    """What samples.npz holds and how it was drawn (deterministic: no timings)."""
+    """What samples.npz holds and how it was drawn (deterministic: no timings).
+
+    ``sha256``: that of the images' bytes when already known (hashed while merging)."""
     manifest = {
         "format": FORMAT,
         "variant": variant.name,
@@ -421,7 +434,7 @@ def make_manifest(
         "count": int(images.shape[0]),
         "shape": list(images.shape),
         "dtype": str(images.dtype),
-        "sha256": _array_sha256(images),
+        "sha256": sha256 or _array_sha256(images),
         "sampler": job.label(),
         "respaced": job.respaced,
         "steps": job.steps or len(job.betas),
@@ -465,10 +478,14 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
     if "stand_in" in result.manifest:
         title += f" ({STAND_IN_NOTE})"
     with atomic_dir(out_dir) as tmp:
-        save_npz(tmp / "samples.npz", images=result.images)
+        merged = getattr(result.images, "filename", None)  # the memory-mapped merge
+        if merged is not None and Path(merged).is_file():
+            os.replace(merged, tmp / "samples.npz")  # moved, not copied: disk once
+        else:
+            save_npz(tmp / "samples.npz", images=result.images)
         write_json(tmp / "manifest.json", result.manifest)
         figures = [tmp / "grid.png"]
-        save_sample_grid(figures[0], result.images[: cfg.sample.grid_size], title)
+        save_sample_grid(figures[0], np.array(result.images[: cfg.sample.grid_size]), title)
         if result.progressive:
             figures.append(tmp / "progressive.png")
             prog = result.progressive

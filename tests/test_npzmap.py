@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from pipeline.atomic import save_npz
+from pipeline.blocks import shard_path
+from pipeline.errors import DataError
 from pipeline.npzmap import load_npz_array
 from pipeline.sampling import _array_sha256
+from pipeline.shards import merge_to_npz
 
 
 def test_stored_arrays_are_memory_mapped_and_equal(tmp_path):
@@ -44,3 +47,18 @@ def test_compressed_is_read_whole_and_garbage_is_a_value_error(tmp_path):
 def test_chunked_sha256_is_the_whole_array_hash():
     a = np.random.default_rng(1).integers(0, 256, (2500, 3, 3), dtype=np.uint8)
     assert _array_sha256(a, chunk=1000) == hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def test_shards_merge_into_one_npz_with_the_hash_of_the_whole(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    for start in range(0, 10, 4):
+        save_npz(shard_path(tmp_path, start, min(start + 4, 10)), images=images[start : start + 4])
+    sha = merge_to_npz(tmp_path, 10, 4, tmp_path / "merged.npz")
+    assert sha == hashlib.sha256(images.tobytes()).hexdigest()
+    with np.load(tmp_path / "merged.npz") as f:  # a plain .npz for numpy
+        np.testing.assert_array_equal(f["images"], images)
+    np.testing.assert_array_equal(load_npz_array(tmp_path / "merged.npz", "images"), images)
+    shard_path(tmp_path, 4, 8).unlink()
+    with pytest.raises(DataError, match=r"missing indices \[4, 8\)"):
+        merge_to_npz(tmp_path, 10, 4, tmp_path / "again.npz")
+    assert not (tmp_path / "again.npz").exists()
