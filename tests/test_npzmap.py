@@ -10,6 +10,8 @@ import pytest
 from pipeline.atomic import save_npz
 from pipeline.blocks import shard_path
 from pipeline.errors import DataError
+from pipeline.fidelity import content_key
+from pipeline.imageviews import ImagePrefix
 from pipeline.npzmap import load_npz_array
 from pipeline.sampling import _array_sha256
 from pipeline.shards import merge_to_npz
@@ -62,3 +64,15 @@ def test_shards_merge_into_one_npz_with_the_hash_of_the_whole(tmp_path):
     with pytest.raises(DataError, match=r"missing indices \[4, 8\)"):
         merge_to_npz(tmp_path, 10, 4, tmp_path / "again.npz")
     assert not (tmp_path / "again.npz").exists()
+
+
+def test_an_image_prefix_reads_lazily_what_a_copy_would_hold():
+    images = np.random.default_rng(3).integers(0, 256, (9, 4, 4, 3), dtype=np.uint8)
+    head = ImagePrefix(images, 5)
+    assert len(head) == 5 and head.shape == (5, 4, 4, 3) and head.dtype == np.uint8
+    np.testing.assert_array_equal(head[3:100], images[3:5])  # slices stop at the prefix
+    np.testing.assert_array_equal(head[-1], images[4])
+    with pytest.raises(IndexError):
+        head[5]
+    assert content_key(head, chunk=2) == content_key(images[:5])
+    assert len(ImagePrefix(images, 50)) == 9
