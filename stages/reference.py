@@ -20,6 +20,7 @@ from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.data import open_split, read_manifest
 from pipeline.fidelity import compute_reference_stats, inception_options, stand_in_label
+from pipeline.imageviews import ImagePrefix
 from pipeline.inception import resolve_inception_weights
 from pipeline.weights import sha256_file
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(out_dir) as tmp:
         for split in cfg.eval.fid_against:
             full = open_split(data_dir, split)
-            images = full[: min(cfg.eval.ref_images or len(full), len(full))]
+            images = ImagePrefix(full, cfg.eval.ref_images or len(full))  # read in chunks
             meta = {"dataset": data["dataset"], "split": split, "stand_in": label["stand_in"]}
             path = compute_reference_stats(
                 images, split, weights, CACHE_ROOT, tmp,
