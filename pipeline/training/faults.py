@@ -72,6 +72,7 @@ def maybe_inject(
     if fault.action == "fail":
         raise InjectedFaultError(f"test-only fault injected on rank {rank} at step {step}")
     if fault.action == "kill":  # no exception, no cleanup: the process is gone
+        _wait_until_registered(Path(run_dir))
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.action == "nan":
         with torch.no_grad():
@@ -79,3 +80,19 @@ def maybe_inject(
         return
     while True:  # hang: wait to be killed
         time.sleep(1.0)
+
+
+def _wait_until_registered(run_dir: Path, timeout_s: float = 120.0) -> None:
+    """Wait until Ray Train's controller has registered the newest checkpoint in ``run_dir``.
+
+    The controller records reported checkpoints asynchronously; a worker killed before that
+    would make the restart begin at the checkpoint before (correct, but not the fault the test
+    means: a kill after a checkpoint).
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+        if not names or (snapshot.is_file() and names[-1] in snapshot.read_text()):
+            return
+        time.sleep(0.2)
