@@ -6,6 +6,11 @@ a split depends only on (seed, split, i), never on how many images are generated
 parameters come from a counter-based hash (SplitMix64) of those numbers; generation is
 vectorised numpy, thousands of 16x16 images in a few milliseconds.
 
+Each image also has a class (``synthetic_labels``), read off the same draws: the shapes drawn
+(one disc, one square, two discs, a disc and a square, two squares) times the background's
+brightness (dark or light), 10 classes named in ``LABEL_NAMES``, saved like CIFAR10's labels
+(``<split>-labels.npy``). The feature network of the smoke and tiny scales learns them.
+
 Everything computed on these images is a stand-in: the manifest says ``"synthetic": true``.
 """
 
@@ -18,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import STAND_IN_NOTE, DataConfig
-from pipeline.data.manifest import NpyWriter, file_entry, split_entry
+from pipeline.data.manifest import NpyWriter, file_entry, save_labels, split_entry
 
 GENERATOR_VERSION = 1  # bump when the drawing changes (the manifest records it)
 STREAMS = {"train": 0, "test": 1}  # splits draw from disjoint hash streams
@@ -28,6 +33,11 @@ CHUNK = 1024  # images generated at a time (bounds memory for any size)
 _BG_A, _BG_B, _BG_ANGLE = slice(0, 3), slice(3, 6), 6
 _SHAPE_COLUMNS = 8  # per shape: present, kind, cx, cy, size, r, g, b
 _N_PARAMS = 7 + 2 * _SHAPE_COLUMNS
+
+SHAPE_NAMES = ("disc", "square", "2 discs", "disc+square", "2 squares")
+BACKGROUND_NAMES = ("dark", "light")
+LABEL_NAMES = [f"{shape}, {bg} background" for bg in BACKGROUND_NAMES for shape in SHAPE_NAMES]
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -60,6 +70,24 @@ def synthetic_images(
     for k in range(2):
         image = _draw_shape(image, u[:, 7 + k * _SHAPE_COLUMNS :], x, y, resolution, first=k == 0)
     return np.rint(image * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def synthetic_labels(seed: int, indices: np.ndarray, split: str = "train") -> np.ndarray:
+    """int64 [len(indices)]: the class of each image, from the draws that drew it.
+
+    class = 5 * background + shapes, where shapes is 0 disc, 1 square, 2 two discs, 3 a disc and
+    a square, 4 two squares (``SHAPE_NAMES``) and background is 1 when the luma of the gradient's
+    mid colour (a + b) / 2 exceeds 0.5 (``BACKGROUND_NAMES``). Resolution-free: the same class
+    at every size (at 8x8 the shapes are barely told apart, so the tiny scale's accuracy is low).
+    """
+    u = uniforms(seed, STREAMS[split], indices, _N_PARAMS)
+    first, second = u[:, 7:], u[:, 7 + _SHAPE_COLUMNS :]
+    squares = (first[:, 1] >= 0.5).astype(np.int64)
+    two = second[:, 0] < 0.5  # the second shape is present (see _draw_shape)
+    squares_two = squares + (second[:, 1] >= 0.5)
+    shapes = np.where(two, 2 + squares_two, squares)
+    mid = 0.5 * (u[:, _BG_A] + u[:, _BG_B]) @ _LUMA
+    return (5 * (mid > 0.5) + shapes).astype(np.int64)
 
 
 def _gradient(u: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -109,4 +137,7 @@ def _write_split(data: DataConfig, out: Path, split: str, count: int) -> dict[st
         indices = np.arange(start, min(start + CHUNK, count))
         writer.add(synthetic_images(data.seed, indices, data.resolution, split))
     writer.close()
-    return split_entry([file_entry(path, out, count)], data.resolution)
+    entry = split_entry([file_entry(path, out, count)], data.resolution)
+    labels = synthetic_labels(data.seed, np.arange(count), split)
+    entry["labels"] = save_labels(out, split, labels, LABEL_NAMES)
+    return entry
