@@ -120,7 +120,7 @@ def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
     for n, row in m.get("table4", {}).items():
         out[tables.rd_metric("rate_bpd", int(n))] = row["rate_bpd"]
         out[tables.rd_metric("rmse", int(n))] = row["rmse"]
-    for k in ("nll_prior_bpd", "nll_decoder_bpd"):
+    for k in ("nll_prior_bpd", "nll_decoder_bpd", "classifier_confidence"):
         if k in m:
             out[k] = m[k]
     out.update({f"eval_{k}_s": v for k, v in result.timings.items()})

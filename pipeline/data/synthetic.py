@@ -6,10 +6,12 @@ a split depends only on (seed, split, i), never on how many images are generated
 parameters come from a counter-based hash (SplitMix64) of those numbers; generation is
 vectorised numpy, thousands of 16x16 images in a few milliseconds.
 
-Each image also has a class (``synthetic_labels``), read off the same draws: the shapes drawn
-(one disc, one square, two discs, a disc and a square, two squares) times the background's
-brightness (dark or light), 10 classes named in ``LABEL_NAMES``, saved like CIFAR10's labels
-(``<split>-labels.npy``). The feature network of the smoke and tiny scales learns them.
+Each image also has a class (``synthetic_labels``), read off the same draws: the background's
+brightness (dark or light) x the direction in which the gradient brightens (right, down, left,
+up): 8 classes named in ``LABEL_NAMES``, saved like CIFAR10's labels (``<split>-labels.npy``).
+The feature network of the smoke and tiny scales learns them. The shapes are left out: a small
+classifier trained in seconds on 2,048 16x16 images told disc from square and one shape from
+two hardly better than chance (44% and 58% on the test split), the background at 95-100%.
 
 Everything computed on these images is a stand-in: the manifest says ``"synthetic": true``.
 """
@@ -34,9 +36,9 @@ _BG_A, _BG_B, _BG_ANGLE = slice(0, 3), slice(3, 6), 6
 _SHAPE_COLUMNS = 8  # per shape: present, kind, cx, cy, size, r, g, b
 _N_PARAMS = 7 + 2 * _SHAPE_COLUMNS
 
-SHAPE_NAMES = ("disc", "square", "2 discs", "disc+square", "2 squares")
 BACKGROUND_NAMES = ("dark", "light")
-LABEL_NAMES = [f"{shape}, {bg} background" for bg in BACKGROUND_NAMES for shape in SHAPE_NAMES]
+DIRECTION_NAMES = ("brighter right", "brighter down", "brighter left", "brighter up")
+LABEL_NAMES = [f"{bg} background {d}" for bg in BACKGROUND_NAMES for d in DIRECTION_NAMES]
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma weights
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -75,19 +77,18 @@ def synthetic_images(
 def synthetic_labels(seed: int, indices: np.ndarray, split: str = "train") -> np.ndarray:
     """int64 [len(indices)]: the class of each image, from the draws that drew it.
 
-    class = 5 * background + shapes, where shapes is 0 disc, 1 square, 2 two discs, 3 a disc and
-    a square, 4 two squares (``SHAPE_NAMES``) and background is 1 when the luma of the gradient's
-    mid colour (a + b) / 2 exceeds 0.5 (``BACKGROUND_NAMES``). Resolution-free: the same class
-    at every size (at 8x8 the shapes are barely told apart, so the tiny scale's accuracy is low).
+    class = 4 * background + direction (``LABEL_NAMES``): background 1 when the luma of the
+    gradient's mid colour (a + b) / 2 exceeds 0.5; direction the quarter (0 right, 1 down,
+    2 left, 3 up, in image x and y) nearest to the direction in which the luma grows (from
+    colour a towards b along the gradient's angle).
+    Resolution-free: the same class at every size.
     """
     u = uniforms(seed, STREAMS[split], indices, _N_PARAMS)
-    first, second = u[:, 7:], u[:, 7 + _SHAPE_COLUMNS :]
-    squares = (first[:, 1] >= 0.5).astype(np.int64)
-    two = second[:, 0] < 0.5  # the second shape is present (see _draw_shape)
-    squares_two = squares + (second[:, 1] >= 0.5)
-    shapes = np.where(two, 2 + squares_two, squares)
-    mid = 0.5 * (u[:, _BG_A] + u[:, _BG_B]) @ _LUMA
-    return (5 * (mid > 0.5) + shapes).astype(np.int64)
+    luma_a, luma_b = u[:, _BG_A] @ _LUMA, u[:, _BG_B] @ _LUMA
+    background = (0.5 * (luma_a + luma_b) > 0.5).astype(np.int64)
+    angle = 2.0 * np.pi * u[:, _BG_ANGLE] + np.where(luma_b >= luma_a, 0.0, np.pi)
+    direction = np.floor(angle / (0.5 * np.pi) + 0.5).astype(np.int64) % 4
+    return 4 * background + direction
 
 
 def _gradient(u: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
