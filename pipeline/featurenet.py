@@ -102,7 +102,7 @@ def train_classifier(
     seed: int = 0,
     batch_size: int = 64,
     lr: float = 3e-3,
-    threads: int | None = 2,
+    threads: int | None = 1,
 ) -> TrainedClassifier:
     """Adam on cross-entropy over uint8 ``train`` [N, R, R, 3] with int labels [N], seeded.
 

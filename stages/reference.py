@@ -6,7 +6,8 @@ images (the whole split when null), with the weights named by eval.inception_wei
 Inception pass is cached by content in work/fidelity, so a rerun over the same images with the
 same weights (e.g. after an unrelated eval key changed) takes seconds.
 
-The real-data row of every table: the first min(sample.n_samples, test count) test images, scored
+The real-data row of every table: the first min(sample.n_samples, reference test images) test
+images (the same as the test reference when there are fewer, so no extra pass), scored
 like samples (FID against the train reference, IS) with the same extractor, in the manifest's
 ``real_data``: the floor (FID) and ceiling (IS) a reader compares the variants with.
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
             splits[split] = _entry(path, len(images), len(full))
             print(f"reference {cfg.scale}/{split}: {len(images)} of {len(full)} images")
-        real = _real_data(cfg, data_dir, tmp, weights)
+        real = _real_data(cfg, data_dir, tmp, weights, splits.get("test", {}).get("count"))
         weights_info = {
             "source": cfg.eval.inception_weights,
             "identity": weights.identity,
@@ -76,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         })  # fmt: skip
 
 
-def _real_data(cfg, data_dir: Path, out_dir: Path, weights) -> dict | None:
+def _real_data(cfg, data_dir: Path, out_dir: Path, weights, ref_test: int | None) -> dict | None:
     """FID (against the train reference) and IS of real test images, as many as samples."""
     manifest = read_manifest(data_dir)
     if "train" not in cfg.eval.fid_against or "test" not in manifest["splits"]:
         return None
     test = open_split(data_dir, "test")
-    count = min(cfg.sample.n_samples, len(test))
+    count = min(cfg.sample.n_samples, ref_test or len(test), len(test))
     if count < max(2, cfg.eval.is_splits):
         return None
     found = compute_fid_is(
