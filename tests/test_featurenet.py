@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,45 @@ def test_confidence_separates_data_from_noise(net):
     assert real > 0.4 and featurenet.confidence(net.trained.net, noise) < real - 0.1
     scores = featurenet.classifier_scores(net.weights, net.test)
     assert scores["classifier_confidence"] == pytest.approx(real)
+
+
+def test_featurenet_stage(tmp_path, monkeypatch, capsys):
+    import json
+
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.data import prepare
+    from stages import featurenet as stage
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["scale"] = "tiny"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DDPM_PARAMS", raising=False)
+    prepare(load_config())
+    stage.main([])
+    out = tmp_path / "featurenet" / "tiny"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["used"] and manifest["sha256"] == sha256_file(out / "classifier.pt")
+    assert manifest["classes"] == LABEL_NAMES and 0 <= manifest["test_accuracy"] <= 1
+    assert manifest["stand_in"] and manifest["stand_in_note"] == featurenet.NOTE
+    assert featurenet.load_classifier(out / "classifier.pt").arch["resolution"] == 8
+
+    data = tmp_path / "data" / "tiny" / "manifest.json"  # data without labels: one error line
+    raw = json.loads(data.read_text())
+    del raw["splits"]["train"]["labels"]
+    data.write_text(json.dumps(raw))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        stage.main([])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and "no labels" in err
+    assert len(err.strip().splitlines()) == 1 and (out / "classifier.pt").is_file()
+
+    params["presets"]["tiny"]["eval"]["inception_weights"] = "stand-in"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage.main([])
+    assert not json.loads((out / "manifest.json").read_text())["used"]
+    assert not (out / "classifier.pt").exists()
