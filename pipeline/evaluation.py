@@ -36,6 +36,7 @@ from pipeline.fidelity import (
 )
 from pipeline.inception import resolve_inception_weights
 from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
+from pipeline.npzmap import load_npz_array
 from pipeline.rate_distortion import rate_distortion, table4_rows
 from pipeline.raycluster import init_ray
 from pipeline.reconstruction import FigureSpec, submit_figures
@@ -95,8 +96,7 @@ def load_samples(variant: str, info: ModelInfo, root: Path = Path(".")) -> tuple
     if manifest.get("weights_sha256") not in (None, info.sha256):
         raise DataError(f"{path}: drawn from other weights than {info.weights} ({hint})")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            images = f["images"]
+        images = load_npz_array(path, "images")  # memory-mapped: read in pages, never whole
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: unreadable samples ({type(e).__name__}); {hint}") from None
     return images, manifest

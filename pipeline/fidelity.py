@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ def compute_reference_stats(
     resolution, weights identity, the images' IS (None when N < is_splits) and ``meta``.
     """
     count, resolution = check_images(images, f"reference images {name!r}")
-    cache = cache_dir(cache_root, weights)
+    device = resolve_device(device)
+    cache = cache_dir(cache_root, weights, device)
     key = content_key(images)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(images, key, weights, cache, **opts)
@@ -114,6 +116,7 @@ def compute_reference_stats(
         "weights": weights.identity,
         "stand_in": weights.stand_in,
         "torch_fidelity": torch_fidelity.__version__,
+        "inception_device": device,  # cuda: TF32 off (see _calculate)
         "is_mean": isc.get("is_mean"),
         "is_std": isc.get("is_std"),
         **dict(meta or {}),
@@ -146,7 +149,8 @@ def compute_fid_is(
     refs = load_reference(reference)
     for split, stats in refs.items():
         _check_compatible(stats, split, resolution, weights)
-    cache = cache_dir(cache_root, weights)
+    device = resolve_device(device)
+    cache = cache_dir(cache_root, weights, device)
     key = content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(samples, key, weights, cache, **opts)
@@ -225,9 +229,37 @@ def content_key(images: Any, chunk: int = 1024) -> str:
     return digest.hexdigest()
 
 
-def cache_dir(cache_root: Path, weights: InceptionWeights) -> Path:
-    """torch-fidelity's cache_root for ``weights``: statistics of other weights never mix."""
-    return Path(cache_root) / f"{weights.identity}-tf{torch_fidelity.__version__}"
+def cache_dir(cache_root: Path, weights: InceptionWeights, device: str = "cpu") -> Path:
+    """torch-fidelity's cache_root for ``weights`` on ``device`` (cpu | cuda, resolved).
+
+    Features of other weights, or computed on another device (GPU and CPU convolutions differ
+    in the last bits), never mix.
+    """
+    return Path(cache_root) / f"{weights.identity}-tf{torch_fidelity.__version__}-{device}"
+
+
+def resolve_device(device: str) -> str:
+    """``eval.inception_device`` as the device Inception runs on: ``cpu`` or ``cuda``.
+
+    ``cuda`` without a visible CUDA device is a ConfigError (never a silent CPU fall-back);
+    ``auto`` takes cuda when visible and says so on stderr when it falls back to the CPU.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"eval.inception_device: {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "eval.inception_device is cuda but this process sees no CUDA device "
+            "(run the stage on a GPU node, or set eval.inception_device: cpu)"
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            tqdm.write(
+                "Inception runs on the CPU (eval.inception_device: auto, no CUDA device "
+                "visible); set eval.inception_device: cuda to require a GPU",
+                file=sys.stderr,
+            )
+    return device
 
 
 def _check_compatible(
@@ -382,8 +414,8 @@ def _calculate(
     unknown = set(kwargs) - set(TORCH_FIDELITY_DEFAULTS)
     if unknown:
         raise TypeError(f"not torch-fidelity keywords: {', '.join(sorted(unknown))}")
-    cuda = _use_cuda(device)
-    with _torch_threads(None if cuda else threads):
+    cuda = resolve_device(device) == "cuda"
+    with _torch_threads(None if cuda else threads), _no_tf32():
         return torch_fidelity.calculate_metrics(
             feature_extractor=weights.extractor,
             feature_extractor_weights_path=str(weights.path) if weights.path else None,
@@ -397,12 +429,19 @@ def _calculate(
         )
 
 
-def _use_cuda(device: str) -> bool:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"eval.inception_device: {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("eval.inception_device is cuda but no CUDA device is visible")
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls (no TF32) for the block, then restored.
+
+    On Ampere and later GPUs cuDNN convolutions default to TF32 (10-bit mantissa), which moves
+    Inception features and so FID; the published FIDs were computed in float32.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager

@@ -238,6 +238,7 @@ def compute_nll(
         desc="images",
         shared=job,
         connect=connect,
+        steps_per_item=network.diffusion().num_timesteps,  # terms: progress within blocks
     )
     terms = merge_blocks(work, n, block)
     return NllResult(split, terms, summarize(terms), run, work)

@@ -37,9 +37,11 @@ from pipeline.config import config_hash
 from pipeline.data import to_model_input, to_uint8
 from pipeline.diffusion import GaussianDiffusion, NoiseFn
 from pipeline.fidelity import content_key
+from pipeline.gputasks import submit
 from pipeline.likelihood import setup_worker
 from pipeline.noise import ImageNoise, item_seed
 from pipeline.sampling import SamplingJob
+from pipeline.taskprogress import BlockProgress
 from pipeline.unet import UNet
 
 
@@ -177,6 +179,8 @@ def interpolations(
 # ---------------------------------------------------------------------------------------------
 # One Ray task for both figures, cached by content.
 
+FIGURES = "figures"  # the progress key of the figure task
+
 
 @dataclass(frozen=True)
 class FigureSpec:
@@ -209,6 +213,14 @@ class FigureSpec:
         }
         return config_hash(payload)
 
+    def image_steps(self) -> int:
+        """Per-image noise draws of figure_arrays (its progress unit): q noise, then t - 1
+        reverse steps of every chain."""
+        n, p = len(self.recon_images), len(self.interp_sources)
+        recon = sum(n + n * self.recon_draws * (t - 1) for t in self.recon_ts) if n else 0
+        interp = p + p * self.interp_lambdas * (self.interp_t - 1) if p else 0
+        return recon + interp
+
 
 def figure_arrays(model: UNet, diffusion: GaussianDiffusion, spec: FigureSpec) -> dict:
     """Fig. 7 and Fig. 8 pixels (recon_x_t, recon_x_0 as in reconstructions; interp as in
@@ -239,7 +251,6 @@ def figure_arrays(model: UNet, diffusion: GaussianDiffusion, spec: FigureSpec) -
     return out
 
 
-@ray.remote
 def _figure_task(network: SamplingJob, spec: FigureSpec) -> dict[str, np.ndarray]:
     device = setup_worker(network)
     return figure_arrays(network.model(device), network.diffusion(), spec)
@@ -248,12 +259,23 @@ def _figure_task(network: SamplingJob, spec: FigureSpec) -> dict[str, np.ndarray
 class PendingFigures:
     """Figure arrays being computed by a Ray task, or already read from the cache."""
 
-    def __init__(self, path: Path, arrays: dict | None = None, ref: Any = None) -> None:
-        self.path, self.arrays, self.ref = path, arrays, ref
+    def __init__(
+        self,
+        path: Path,
+        arrays: dict | None = None,
+        ref: Any = None,
+        progress: BlockProgress | None = None,
+    ) -> None:
+        self.path, self.arrays, self.ref, self.progress = path, arrays, ref, progress
 
     def result(self) -> dict[str, np.ndarray]:
         """The arrays (waiting for the task and caching its result the first time)."""
         if self.arrays is None:
+            if self.progress is not None:
+                while not ray.wait([self.ref], timeout=2.0)[0]:
+                    self.progress.poll()
+                self.progress.finished(FIGURES, self.progress.total)
+                self.progress.close()
             self.arrays = ray.get(self.ref)
             save_npz(self.path, **self.arrays)
         return self.arrays
@@ -277,5 +299,14 @@ def submit_figures(
         with np.load(path) as f:
             return PendingFigures(path, arrays={k: f[k] for k in f.files})
     connect()
-    task = _figure_task.options(max_retries=3, retry_exceptions=True, **resources)
-    return PendingFigures(path, ref=task.remote(network, spec))
+    progress = BlockProgress(spec.image_steps(), 0, "Fig. 7/8 image-steps", steps_per_item=1)
+    ref = submit(
+        _figure_task,
+        network,
+        spec,
+        resources=resources,
+        progress=progress.handle(FIGURES),
+        max_retries=3,
+        retry_exceptions=True,
+    )
+    return PendingFigures(path, ref=ref, progress=progress)

@@ -33,6 +33,7 @@ from pipeline.fidelity import (
     inception_options,
     stand_in_label,
 )
+from pipeline.imageviews import ImagePrefix
 from pipeline.inception import resolve_inception_weights
 from pipeline.weights import sha256_file
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(out_dir) as tmp:
         for split in cfg.eval.fid_against:
             full = open_split(data_dir, split)
-            images = full[: min(cfg.eval.ref_images or len(full), len(full))]
+            images = ImagePrefix(full, cfg.eval.ref_images or len(full))  # read in chunks
             meta = {"dataset": data["dataset"], "split": split, "stand_in": label["stand_in"]}
             path = compute_reference_stats(
                 images, split, weights, CACHE_ROOT, tmp,
@@ -87,7 +88,7 @@ def _real_data(cfg, data_dir: Path, out_dir: Path, weights, ref_test: int | None
     if count < max(2, cfg.eval.is_splits):
         return None
     found = compute_fid_is(
-        test[:count], {"train": out_dir / "train-stats.pt"}, weights, CACHE_ROOT,
+        ImagePrefix(test, count), {"train": out_dir / "train-stats.pt"}, weights, CACHE_ROOT,
         is_splits=cfg.eval.is_splits, **inception_options(cfg.eval),
     )  # fmt: skip
     found.update(classifier_scores(weights, test[:count]))

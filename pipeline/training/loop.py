@@ -165,14 +165,19 @@ class StepInputs:
         """(x_start, t, noise) of ``step``; also reseeds dropout for it."""
         x_start = self._to_device(self.batches.batch(step))
         t, noise = diffusion_inputs(
-            self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size
-        )
+            self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size, self.device
+        )  # drawn on the device: no copy, no sync
         seed_dropout(self.seed, step, self.rank)
-        return x_start, t.to(self.device), self._to_device(noise)
+        return x_start, t, noise.contiguous(memory_format=self._format())
 
     def _to_device(self, x: Tensor) -> Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        """The step's images on the device; from pinned memory on CUDA, so without a host sync."""
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self._format())
+
+    def _format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def _report_checkpoint(
