@@ -179,11 +179,12 @@ class SampleConfig:
 class EvalConfig:
     """FID/IS through torch-fidelity and the NLL bound (stage ``evaluate``)."""
 
-    inception_weights: str = "default"  # default | stand-in | path to a local weights file
+    inception_weights: str = "default"  # default | stand-in | classifier | path to a weights file
     inception_sha256: str | None = None  # required check for a local weights file
     fid_against: tuple[str, ...] = ("train", "test")  # reference splits
     ref_images: int | None = None  # reference images per split; None: the whole split
     is_splits: int = 10
+    classifier_epochs: int = 12  # inception_weights: classifier (stage featurenet): its training
     batch_size: int = 64  # Inception batch size
     inception_device: str = "auto"  # auto (cuda when visible) | cpu | cuda
     inception_threads: int = 2  # torch threads for Inception on CPU (2: ~95 ms/img, 1: ~175)
@@ -252,6 +253,8 @@ class Config:
             reasons.append("synthetic data")
         if self.eval.inception_weights == "stand-in":
             reasons.append("stand-in Inception weights")
+        if self.eval.inception_weights == "classifier":
+            reasons.append("a classifier trained on the synthetic set, not Inception")
         return reasons
 
     def section_dict(self, *names: str) -> dict[str, Any]:
@@ -355,6 +358,7 @@ def validate(cfg: Config) -> None:
         "eval.is_splits": cfg.eval.is_splits,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.inception_threads": cfg.eval.inception_threads,
+        "eval.classifier_epochs": cfg.eval.classifier_epochs,
     }
     for key, value in positive.items():
         if value <= 0:

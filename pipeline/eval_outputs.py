@@ -134,7 +134,7 @@ def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
         out[tables.rd_metric("rmse", int(n))] = row["rmse"]
         if row.get("rmse_per_image") is not None:
             out[tables.rd_metric("rmse_per_image", int(n))] = row["rmse_per_image"]
-    for k in ("nll_prior_bpd", "nll_decoder_bpd"):
+    for k in ("nll_prior_bpd", "nll_decoder_bpd", "classifier_confidence"):
         if k in m:
             out[k] = m[k]
     out.update({f"eval_{k}_s": v for k, v in result.timings.items()})

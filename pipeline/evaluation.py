@@ -26,6 +26,7 @@ from pipeline import layout
 from pipeline.config import Config, Variant
 from pipeline.data import open_split, read_manifest
 from pipeline.errors import ConfigError, DataError
+from pipeline.featurenet import classifier_scores
 from pipeline.fidelity import (
     check_images,
     compute_fid_is,
@@ -165,7 +166,8 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)
     check_resolution(cfg, network, samples, variant.name, root)
-    weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE)
+    classifier = root / layout.classifier_path(cfg.scale)
+    weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE, classifier)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
     result.run_id = info.meta.get("mlflow_run_id")
@@ -179,6 +181,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
         expected=cfg.sample.n_samples,
         **inception_options(cfg.eval),
     )
+    fid.update(classifier_scores(weights, samples))
     clock.add("fid_is", t0)
     t0 = time.perf_counter()
     run_on_ray(cfg, variant.name, network, result, clock, root)
@@ -269,5 +272,6 @@ def metrics_json(
             }
             for r in rows
         }
+    out.update({k: fid[k] for k in ("classifier_confidence",) if k in fid})
     out.update(result.label)
     return {"variant": variant.name, "scale": cfg.scale, **out}

@@ -208,3 +208,43 @@ def write_table(table: pd.DataFrame, stem: Path, title: str) -> None:
     """Write ``stem``.md and ``stem``.csv atomically."""
     write_text(stem.with_suffix(".md"), to_markdown(table, title))
     write_text(stem.with_suffix(".csv"), table.to_csv(index=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-data row (reference stage's ``real_data``): the floor and ceiling of the variants.
+
+REAL_DATA = "real data"
+
+
+def real_data_note(real: dict) -> str:
+    """The real-data row's note: which images, against what, and the stand-in label."""
+    note = (
+        f"{real['count']} real {real['images']} images against the train reference, same extractor"
+    )
+    if real.get("stand_in_note"):
+        note += f"; {real['stand_in_note']}"
+    return note
+
+
+def with_real_data(
+    table: pd.DataFrame, real: dict | None, name: str, runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """``table`` (table1 or table2) with the real-data row appended (when ``real`` is given):
+    IS of real test images and their FID against the train reference. With the feature network
+    (runs carry ``classifier_confidence``) a column of it for every row, real data included."""
+    table = table.copy()
+    if runs is not None and "metrics.classifier_confidence" in runs.columns:
+        found = [_value(runs, v, "classifier_confidence") for v in table["variant"]]
+        table.insert(len(table.columns) - 1, "classifier confidence", found)
+    if not real:
+        return table
+    row: dict = {c: None for c in table.columns}
+    row.update({"model" if name == "table1" else "mean": REAL_DATA})
+    row.update({"variant": f"{real['images']} split", "note": real_data_note(real)})
+    if "objective" in row:
+        row["objective"] = "—"
+    row.update({"IS ours": real.get("is_mean"), "IS std ours": real.get("is_std")})
+    row["FID train ours" if name == "table1" else "FID ours"] = real.get("fid_train")
+    if "classifier confidence" in row:
+        row["classifier confidence"] = real.get("classifier_confidence")
+    return pd.concat([table, pd.DataFrame([row])], ignore_index=True)

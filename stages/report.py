@@ -39,8 +39,14 @@ def variant_run_ids(variants: list[str]) -> dict[str, str]:
     return ids
 
 
-def build_tables(cfg: Config, runs: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str]]:
-    """The tables of the scale's dataset, {stem: (table, title)}, the headline table first."""
+def build_tables(
+    cfg: Config, runs: pd.DataFrame, real: dict | None = None
+) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The tables of the scale's dataset, {stem: (table, title)}, the headline table first.
+
+    ``real`` is the reference stage's real-data row (see real_data); CIFAR10-style tables end
+    with it. LSUN scales hold out no test split, so Table 3 has no such row.
+    """
     if tables.is_lsun(cfg.data.dataset):
         return {
             "table3": (
@@ -49,13 +55,36 @@ def build_tables(cfg: Config, runs: pd.DataFrame) -> dict[str, tuple[pd.DataFram
             )
         }
     return {
-        "table2": (tables.table2(runs), "Table 2: ablation over the mean and the objective"),
-        "table1": (tables.table1(runs), "Table 1: CIFAR10 sample quality and NLL"),
+        "table2": (
+            tables.with_real_data(tables.table2(runs), real, "table2", runs),
+            "Table 2: ablation over the mean and the objective",
+        ),
+        "table1": (
+            tables.with_real_data(tables.table1(runs), real, "table1", runs),
+            "Table 1: CIFAR10 sample quality and NLL",
+        ),
         "table4": (
             tables.table4(runs, cfg.diffusion.num_timesteps, cfg.eval.rd_steps),
             "Table 4: rate and distortion along the reverse process (L_simple)",
         ),
     }
+
+
+def real_data(scale: str) -> dict | None:
+    """The reference stage's real-data row (reference/<scale>/manifest.json), if it has one."""
+    path = layout.reference_dir(scale) / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    real = manifest.get("real_data")
+    if real and manifest.get("stand_in"):
+        real = {**real, "stand_in_note": _stand_in_note(manifest)}
+    return real
+
+
+def _stand_in_note(manifest: dict) -> str:
+    reasons = ", ".join(manifest.get("stand_in_reasons", []))
+    return manifest["stand_in_note"] + (f" ({reasons})" if reasons else "")
 
 
 @entry_point
@@ -74,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             f"MLflow store {tracking.tracking_uri(cfg)} has no run for: {', '.join(missing)} "
             "(was MLFLOW_TRACKING_URI changed since training?)"
         )
-    built = build_tables(cfg, runs)
+    built = build_tables(cfg, runs, real_data(cfg.scale))
     files = []
     for stem, (table, title) in built.items():
         path = layout.REPORTS / stem

@@ -116,3 +116,27 @@ def test_missing_model_is_one_clear_line(project):
         "error: models/eps_fixed_kl/model.json: missing; run the pipeline first (dvc repro)"
     ]
     assert not (project / "reports").exists()
+
+
+def test_real_data_row_and_classifier_confidence(project):
+    real = {"images": "test", "count": 16, "fid_train": 2.5, "is_mean": 6.0, "is_std": 0.5}
+    real["classifier_confidence"] = 0.75
+    manifest = {"stand_in": True, "stand_in_note": STAND_IN_NOTE, "real_data": real}
+    manifest["stand_in_reasons"] = ["synthetic data"]
+    (project / "reference" / "tiny").mkdir(parents=True)
+    (project / "reference" / "tiny" / "manifest.json").write_text(json.dumps(manifest))
+    run_id = json.loads((project / "models" / "eps_fixed_mse" / "model.json").read_text())
+    mlflow.MlflowClient().log_metric(run_id["mlflow_run_id"], "classifier_confidence", 0.5)
+    report.main(["--scale", "tiny"])
+    t2 = pd.read_csv(project / "reports" / "table2.csv")
+    row = t2[t2["mean"] == tables.REAL_DATA].iloc[0]
+    assert row["variant"] == "test split" and row["FID ours"] == 2.5 and row["IS ours"] == 6.0
+    assert row["classifier confidence"] == 0.75 and pd.isna(row["FID paper"])
+    assert "16 real test images" in row["note"] and STAND_IN_NOTE in row["note"]
+    by_variant = t2.set_index("variant")
+    assert by_variant.loc["eps_fixed_mse", "classifier confidence"] == 0.5
+    assert pd.isna(by_variant.loc["xprev_learned_kl", "classifier confidence"])
+    t1 = pd.read_csv(project / "reports" / "table1.csv")
+    row = t1[t1["model"] == tables.REAL_DATA].iloc[0]
+    assert row["FID train ours"] == 2.5 and row["IS ours"] == 6.0 and pd.isna(row["FID test ours"])
+    assert "real data" in (project / "reports" / "table2.md").read_text()
