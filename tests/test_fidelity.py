@@ -134,7 +134,7 @@ def test_result_and_reference_file_contents(run, weights):
 def cached_logits(run, key: str) -> np.ndarray:
     """The IS logits [N, 1008] that the Inception pass over image set ``key`` left in the cache."""
     cache = fidelity.cache_dir(run.root, run.weights)
-    path = fidelity._features_file(cache, key, fidelity.IS_LAYER)
+    path = fidelity._features_file(cache, key, fidelity.IS_LAYER, run.weights)
     return torch.load(path, weights_only=True).double().numpy()
 
 
@@ -150,7 +150,7 @@ def test_inception_score_from_confident_logits_matches_numpy(run, weights):
     key = "confident-logits-test"
     cache = fidelity.cache_dir(run.root, weights)
     cached = torch.from_numpy(logits).float()  # torch-fidelity caches float32 logits
-    torch.save(cached, fidelity._features_file(cache, key, fidelity.IS_LAYER))
+    torch.save(cached, fidelity._features_file(cache, key, fidelity.IS_LAYER, weights))
     got = fidelity._inception_score(key, weights, cache, 4, batch_size=8, device="cpu", threads=1)
     expected = inception_score(cached.double().numpy(), splits=4)
     assert (got["is_mean"], got["is_std"]) == pytest.approx(expected, rel=1e-9)
