@@ -17,7 +17,8 @@ The module knows nothing about what a block computes; sampling and the NLL evalu
 
 Test-only fault hook: with ``DDPM_TEST_FAIL_BLOCK=<start>`` in the driver's environment, the
 task of the block starting at ``start`` raises once (a marker file in ``out_dir`` makes the retry
-succeed). It exists for the fault-tolerance tests; never set it in real runs.
+succeed); with ``kill:<start>`` its worker process SIGKILLs itself once, while the task runs. It
+exists for the fault-tolerance tests; never set it in real runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import functools
 import itertools
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -129,9 +131,10 @@ def _remove_superseded(out_dir: Path, blocks: list[Range]) -> None:
 
 def _fail_marker(out_dir: Path, start: int) -> str | None:
     """The marker path that arms the test-only fault hook for this block, or None."""
-    if os.environ.get(FAIL_BLOCK_ENV) != str(start):
+    spec = os.environ.get(FAIL_BLOCK_ENV, "")
+    if spec.removeprefix("kill:") != str(start):
         return None
-    return str(out_dir / f".failed-once-{start:08d}")
+    return str(out_dir / f".failed-once-{start:08d}") + (".kill" if spec != str(start) else "")
 
 
 def _run_block(
@@ -139,6 +142,8 @@ def _run_block(
 ) -> dict[str, np.ndarray]:
     if fail_marker is not None and not os.path.exists(fail_marker):
         Path(fail_marker).touch()
+        if fail_marker.endswith(".kill"):  # the worker process is lost; Ray reruns the task
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"test fault hook: block [{start}, {stop}) fails once")
     return task_fn(start, stop, shared)
 

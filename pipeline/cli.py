@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -36,20 +38,39 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP, raised in the main thread so that ``finally`` blocks run."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(128 + signum)
+
+
 def entry_point(fn: F) -> F:
-    """Wrap a ``main(argv)``: user errors become one ``error:`` line on stderr and exit 2."""
+    """Wrap a ``main(argv)``: user errors become one ``error:`` line on stderr and exit 2.
+
+    Ctrl-C (SIGINT) exits with 130, SIGTERM with 143 and SIGHUP with 129, after the ``finally``
+    blocks (temporary outputs removed, Ray disconnected); outputs are only ever renamed into
+    place complete, so an interrupted stage leaves none.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         quiet_environment()
+        saved = {}
+        if threading.current_thread() is threading.main_thread():
+            saved = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as e:
             print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(e.code if isinstance(e, Terminated) else 130)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
     return wrapper  # type: ignore[return-value]
 

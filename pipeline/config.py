@@ -389,6 +389,7 @@ def validate(cfg: Config) -> None:
     if cfg.eval.ref_images is not None and cfg.eval.ref_images < 2:
         raise ConfigError(f"{where}.eval.ref_images must be null or at least 2")
     _validate_official_semantics(cfg, where)
+    check_across_sections(cfg)
 
 
 def _validate_official_semantics(cfg: Config, where: str) -> None:
@@ -420,6 +421,73 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
             f"{where}.train.select: best_fid needs evaluation during training "
             "(set train.eval_every and train.eval_samples)"
         )
+
+
+# Image counts of the splits that are known before `prepare` runs (LSUN's depend on the LMDB).
+CIFAR10_SPLITS = {"train": 50_000, "test": 10_000}
+
+
+def split_sizes(data: DataConfig) -> dict[str, int | None]:
+    """Images in each split as params determine them; None where only the data can tell."""
+    if data.dataset == "cifar10":
+        return dict(CIFAR10_SPLITS)
+    if data.dataset == "synthetic":
+        return {"train": data.n_train, "test": data.n_test}
+    return {"train": None, "test": None if data.test_fraction > 0 else 0}  # LSUN
+
+
+def check_across_sections(cfg: Config) -> None:
+    """Rules between sections, checked when params are loaded, before any stage does work.
+
+    Each would otherwise stop a later stage after the earlier ones ran (e.g. the evaluate stage
+    after six trainings); the error names the keys and the fix.
+    """
+    where = f"presets.{cfg.scale}"
+    s, e, T = cfg.sample, cfg.eval, cfg.diffusion.num_timesteps
+    need = max(2, e.is_splits)
+    if s.n_samples < need:
+        raise ConfigError(
+            f"{where}.sample.n_samples ({s.n_samples}) must be at least {need}: FID needs 2 "
+            f"samples and IS one per split (eval.is_splits: {e.is_splits}); raise "
+            f"sample.n_samples or lower eval.is_splits"
+        )
+    sizes = split_sizes(cfg.data)
+    wanted = {
+        "eval.nll_images": ("test", e.nll_images),
+        "eval.nll_train_images": ("train", e.nll_train_images),
+    }
+    for key, (split, count) in wanted.items():
+        size = sizes[split]
+        if count > 0 and size is not None and count > size:
+            fix = (
+                "set data.test_fraction > 0 (LSUN has no test split)"
+                if cfg.data.dataset.startswith("lsun_")
+                else f"lower it to at most {size}"
+            )
+            raise ConfigError(
+                f"{where}.{key} ({count}) exceeds the {split} split of {cfg.data.dataset} "
+                f"({size} images); {fix}, or set it to 0 to skip"
+            )
+    for split in e.fid_against:
+        size = sizes[split]
+        if size is not None and size < 2:
+            raise ConfigError(
+                f"{where}.eval.fid_against lists {split!r} but that split has {size} images "
+                f"(FID needs at least 2); remove it or give the split images"
+            )
+        if e.ref_images is not None and size is not None and e.ref_images > size:
+            raise ConfigError(
+                f"{where}.eval.ref_images ({e.ref_images}) exceeds the {split} split of "
+                f"{cfg.data.dataset} ({size} images); lower it to at most {size} or set null"
+            )
+    steps_1based = {"recon_ts": e.recon_ts, "rd_steps": e.rd_steps, "interp_t": (e.interp_t,)}
+    for key, steps in steps_1based.items():
+        bad = [t for t in steps if not 1 <= t <= T]
+        if bad:
+            raise ConfigError(
+                f"{where}.eval.{key}: {bad} outside [1, {T}] (1-based steps of "
+                f"diffusion.num_timesteps = {T}); choose steps in that range"
+            )
 
 
 def config_hash(payload: Any, length: int = 12) -> str:

@@ -27,6 +27,7 @@ import ray
 
 from pipeline.config import RayConfig
 from pipeline.errors import UserError
+from pipeline.watchdog import watch
 
 
 def ray_address(cfg: RayConfig) -> str | None:
@@ -48,6 +49,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, **common)
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus, **common)
+        watch()  # the local cluster dies with this process, even when it is SIGKILLed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +149,7 @@ def local_head(
                     )
             except OSError as e:
                 raise UserError(f"cannot start a local Ray head ({cmd[0]}): {e}") from None
+            watch()  # SIGKILL of this process skips the finally below: the head still stops
             url = f"http://127.0.0.1:{dashboard}/api/version"
             try:
                 wait_for_url(url, proc, timeout_s, "ray start --head")

@@ -17,10 +17,13 @@ params' ``ray.address`` wins.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.cli import entry_point
@@ -44,16 +47,58 @@ def set_scale(params: Path, scale: str) -> None:
     load_config(params)  # fails with a clear error for an unknown preset
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def dvc(*args: str, env: dict[str, str] | None = None) -> None:
-    """Run ``dvc ARGS``; on Ctrl-C wait for it to stop (it got the SIGINT too), then re-raise."""
-    proc = subprocess.Popen(["dvc", *args], env=env)
+    """Run ``dvc ARGS`` in a process group of its own; a signal to this process reaches it all.
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP are forwarded to the group (dvc and the stage process
+    it runs, with that stage's own children); once dvc has exited this process exits with
+    128 + the signal (130 for Ctrl-C, 143 for SIGTERM), and the ``finally`` of
+    :func:`~pipeline.raycluster.local_head` stops the private Ray head. Outputs are written
+    atomically, so the stage that was stopped leaves nothing that looks complete; a rerun
+    resumes from the finished stages.
+    """
+    proc = subprocess.Popen(["dvc", *args], env=env, start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
+
+    saved = {sig: signal.signal(sig, forward) for sig in TERMINATING}
     try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()
-        raise
+        try:
+            code = proc.wait()  # the handler runs meanwhile; the wait goes on (PEP 475)
+        finally:
+            if got:  # what dvc started may outlive it by a moment: wait, then make sure
+                _stop_group(proc.pid, GRACE_S)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if got:
+        print(f"stopped by signal {got[0]}; rerun to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + got[0])
     if code:
         raise SystemExit(code)
+
+
+GRACE_S = 20.0  # for the stopped stage to end (its Ray driver disconnects) before SIGKILL
+
+
+def _stop_group(pgid: int, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for process group ``pgid`` to empty, then SIGKILL what is left."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 @entry_point

@@ -6,14 +6,13 @@ import json
 import subprocess
 import sys
 
+import diffusers  # noqa: F401  (dev extra: a missing install fails here, never skips)
 import pytest
 import torch
 from data_formats import ddpm_unet
 
 from pipeline.convert import ConversionError, load_diffusers_unet
 from pipeline.weights import load_weights
-
-diffusers = pytest.importorskip("diffusers")
 
 CIFAR_LAYOUT = {
     "block_out_channels": (32, 64, 64, 64),

@@ -7,10 +7,12 @@ with its metrics, and the report must write the three tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -82,10 +84,20 @@ def check_results(
     for metric in METRICS:
         assert runs[f"metrics.{metric}"].notna().all(), metric
     assert (runs["tags.stand_in"] == "true").all()
+    # Ranges that a broken stage would leave: FID of samples against real images is positive,
+    # IS lies in [1, classes] (1008 logits), and the bound is its prior term L_T plus positive
+    # terms L_{t-1} and L_0. (Below 8 bits/dim it is not after the tiny preset's 8 steps: 27-63.)
+    assert (runs["metrics.fid_train"] > 0).all() and (runs["metrics.fid_test"] > 0).all()
+    assert runs["metrics.is_mean"].between(1.0 - 1e-9, 1008.0).all()  # 1e-9: float rounding
+    for term in ("metrics.nll_prior_bpd", "metrics.nll_decoder_bpd"):  # L_T and L_0
+        assert (runs["metrics.nll_bpd"] > runs[term]).all(), term
+    assert (runs["metrics.nll_prior_bpd"] > 0).all()
     t2 = tables["table2"]
     real = t2[t2["mean"] == "real data"]  # real test images against train, same extractor
     assert len(real) == 1 and real["FID ours"].notna().all() and real["IS ours"].notna().all()
     t2 = t2[t2["mean"] != "real data"].set_index("variant")
+    # samples of 8 training steps are further from the train images than real test images are
+    assert (runs["metrics.fid_train"] > real["FID ours"].iloc[0]).all()
     assert set(t2.index) == ALL_VARIANTS  # Table 2 has every row; variants not run say so
     assert all("not run" in t2.loc[name, "note"] for name in ALL_VARIANTS - variants)
     for name in variants:
@@ -93,11 +105,77 @@ def check_results(
     assert len(tables["table1"]) == 3 and len(tables["table4"]) == 2  # 2 rows and real data
 
 
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that still run (not zombies)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> str:
+    """Start what `make repro` runs, send ``sig`` to it while ``stages.<stage>`` runs.
+
+    Checks the stop: exit status 128 + sig, and no process of the run left (dvc, the stage, the
+    private Ray head and its workers). Returns the variant the stopped stage was working on.
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [BIN / "python", "-m", "stages.repro", "--local-ray"], cwd=repo, env=env(),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"stages.{stage} never started"
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            found = [p for p in tree if f"stages.{stage}" in " ".join(cmdline(p))]
+            if found:
+                break
+            time.sleep(0.2)
+        time.sleep(2)  # into the stage's work
+        tree = [p for p in psutil.Process(proc.pid).children(recursive=True) if cmdline(p)]
+        programs = {Path(cmdline(p)[1]).name for p in tree if len(cmdline(p)) > 1}
+        (variant,) = {c[-1] for c in map(cmdline, found) if c[-2:-1] == ["--variant"]}
+        proc.send_signal(sig)  # to the driver only, as `kill PID` does: it must reach the rest
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 128 + sig, log.read_text()[-3000:]
+    assert {"dvc", "ray"} <= programs  # dvc repro and the private Ray head were running
+    deadline = time.monotonic() + 10
+    while alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(tree), [cmdline(p)[:3] for p in alive(tree)]
+    return variant
+
+
+def cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 @pytest.mark.e2e
 def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
-    """What `make repro` runs (dvc repro, every stage on one local Ray head), all six variants."""
+    """What `make repro` runs (dvc repro, every stage on one local Ray head), all six variants.
+
+    Stopped first by SIGTERM during a training and then by Ctrl-C (SIGINT) during an
+    evaluation: each stop leaves no process and no output of the stopped stage; the third run
+    finishes what they left, with everything a clean run gives.
+    """
     repo = copy_repo(tmp_path / "repo")
     sessions, heads = ray_sessions(), set(Path("/tmp").glob("ddpm-ray-*"))
+    variant = interrupt_repro(repo, signal.SIGTERM, "train", tmp_path / "sigterm.log")
+    assert not (repo / "models" / variant).exists()
+    variant = interrupt_repro(repo, signal.SIGINT, "evaluate", tmp_path / "sigint.log")
+    assert not (repo / "metrics" / f"{variant}.json").exists()
+    assert not (repo / "figures" / variant).exists()
     run = subprocess.run(
         [BIN / "python", "-m", "stages.repro", "--local-ray"],
         cwd=repo, env=env(), capture_output=True, text=True,

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from eval_project import ROOT, VARIANT, make_model, make_project, write_samples
+from inception_score import inception_score
 from PIL import Image
 
 from pipeline import tables
@@ -80,7 +82,13 @@ def test_metrics_json(project):
     m = read_metrics(project)
     for key in ("fid_train", "is_mean", "is_std", "nll_bpd"):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
-    assert m["fid_train"] > 0 and m["fid_test"] is None and m["is_std"] >= 0
+    assert m["fid_train"] > 0 and m["fid_test"] is None
+    # IS from the logits that the samples' Inception pass cached, computed here in numpy
+    (logits,) = (project.root / "work" / "fid" / VARIANT).rglob("*-features-logits_unbiased.pt")
+    logits = torch.load(logits, weights_only=True).double().numpy()
+    assert logits.shape == (16, 1008)
+    expected = inception_score(logits, project.cfg.eval.is_splits)
+    assert (m["is_mean"], m["is_std"]) == pytest.approx(expected, rel=1e-9)
     assert (m["n_samples"], m["nll_images"], m["nll_train_images"]) == (16, 8, 0)
     assert m["nll_train_bpd"] is None
     assert m["stand_in"] is True and m["stand_in_note"] == STAND_IN_NOTE

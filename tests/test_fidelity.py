@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -20,6 +21,7 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
+from inception_score import inception_score
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from pipeline import fidelity, inception
@@ -93,7 +95,9 @@ def run(weights, tmp_path_factory) -> types.SimpleNamespace:
     ref = compute_reference_stats(x, "train", weights, root, root / "reference", threads=2)
     fid_y = compute_fid_is(y, {"train": ref}, weights, root, is_splits=2, threads=2)
     fx, fy = inception_features(weights, x, y)
-    return types.SimpleNamespace(root=root, x=x, y=y, ref=ref, fid_y=fid_y, fx=fx, fy=fy)
+    return types.SimpleNamespace(
+        root=root, x=x, y=y, ref=ref, fid_y=fid_y, fx=fx, fy=fy, weights=weights
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,14 +118,43 @@ def test_fid_of_a_set_with_itself_is_zero(run, weights):
 def test_result_and_reference_file_contents(run, weights):
     assert run.fid_y["fid_test"] is None
     assert run.fid_y["n_samples"] == 16
-    assert run.fid_y["is_mean"] == pytest.approx(1.0, abs=0.01)  # the stand-in: uninformative
-    assert run.fid_y["is_std"] >= 0
+    logits = cached_logits(run, fidelity.content_key(run.y))
+    assert logits.shape == (16, 1008)
+    assert (run.fid_y["is_mean"], run.fid_y["is_std"]) == pytest.approx(
+        inception_score(logits, splits=2), rel=1e-9
+    )
     stats = torch.load(run.ref, weights_only=True)
     assert stats["mu"].dtype == torch.float32 and stats["mu"].shape == (2048,)
     assert stats["sigma"].dtype == torch.float64 and stats["sigma"].shape == (2048, 2048)
     assert (stats["count"], stats["resolution"], stats["weights"]) == (16, RES, weights.identity)
     np.testing.assert_allclose(stats["mu"].numpy(), run.fx.mean(axis=0), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(stats["sigma"].numpy(), np.cov(run.fx, rowvar=False), atol=1e-7)
+
+
+def cached_logits(run, key: str) -> np.ndarray:
+    """The IS logits [N, 1008] that the Inception pass over image set ``key`` left in the cache."""
+    cache = fidelity.cache_dir(run.root, run.weights)
+    path = fidelity._features_file(cache, key, fidelity.IS_LAYER, run.weights)
+    return torch.load(path, weights_only=True).double().numpy()
+
+
+def test_inception_score_from_confident_logits_matches_numpy(run, weights):
+    """IS far from 1: logits of a confident classifier over 20 classes, cached as an image
+    set's IS features. The pipeline's IS (splits, layer, cache lookup) must equal the numpy
+    one, and the score must be near the class count, as the definition says."""
+    rng = np.random.default_rng(5)
+    n, classes = 40, 20
+    labels = np.arange(n) % classes
+    logits = rng.normal(size=(n, 1008))
+    logits[np.arange(n), labels] += 12.0  # p(y|x) ~ one-hot, p(y) ~ uniform over 20
+    key = "confident-logits-test"
+    cache = fidelity.cache_dir(run.root, weights)
+    cached = torch.from_numpy(logits).float()  # torch-fidelity caches float32 logits
+    torch.save(cached, fidelity._features_file(cache, key, fidelity.IS_LAYER, weights))
+    got = fidelity._inception_score(key, weights, cache, 4, batch_size=8, device="cpu", threads=1)
+    expected = inception_score(cached.double().numpy(), splits=4)
+    assert (got["is_mean"], got["is_std"]) == pytest.approx(expected, rel=1e-9)
+    assert 5 < got["is_mean"] <= 10  # each split of 10 holds 10 classes: IS <= 10, far above 1
 
 
 def test_one_inception_pass_per_image_set(run, weights, capfd):
@@ -326,3 +359,34 @@ def test_reference_stage_wrong_checksum_is_one_error_line(weights, tmp_path, mon
     assert err.startswith("error: ") and "sha256 mismatch" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "reference").exists()
+
+
+def test_reference_stage_stopped_by_sigterm_leaves_no_output_and_reruns(weights, tmp_path):
+    """SIGTERM during the Inception pass: exit 143, no reference output; the rerun computes the
+    whole reference. (Ctrl-C, exit 130: the make-repro test stops an evaluate stage so.)"""
+    sig = signal.SIGTERM
+    x = blobs(6, seed=11)
+    make_project(tmp_path, weights, {"train": x}, ref_images=6, fid_against=["train"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_PARAMS": str(tmp_path / "params.yaml")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.reference"], cwd=tmp_path, env=env, stderr=subprocess.PIPE
+    )
+    seen = bytearray()
+    try:
+        while b"Inception (" not in seen:  # tqdm's bar: the pass has begun
+            chunk = proc.stderr.read1(4096)
+            assert chunk, f"the stage ended before its Inception pass: {seen.decode()[-2000:]}"
+            seen += chunk
+        proc.send_signal(sig)
+        seen += proc.stderr.read()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + sig, seen.decode()[-2000:]
+    assert b"interrupted: finished work is kept; rerun to resume" in seen
+    assert not (tmp_path / "reference").exists() or not any((tmp_path / "reference").iterdir())
+    again = run_stage(tmp_path)
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((tmp_path / "reference" / "tiny" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 6

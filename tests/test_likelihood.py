@@ -17,7 +17,7 @@ import scipy.stats
 import torch
 from eval_project import VARIANT, make_model, make_project, tiny_unet
 
-from pipeline.blocks import list_shards, shard_path
+from pipeline.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
 from pipeline.data import open_split, to_model_input
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.likelihood import compute_nll, eval_network, image_nll, nll_key, summarize
@@ -135,6 +135,16 @@ def test_one_worker_and_other_blocks_give_identical_results(reference, project, 
     for other in (one, four):
         for key, value in reference.terms.items():
             np.testing.assert_array_equal(other.terms[key], value, err_msg=key)
+
+
+def test_a_block_whose_worker_is_sigkilled_is_retried_and_changes_nothing(
+    reference, project, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(FAIL_BLOCK_ENV, "kill:3")  # block [3, 6): its worker process dies
+    killed = nll(project, tmp_path, nll_block_size=3, num_workers=2)
+    assert (killed.work_dir / ".failed-once-00000003.kill").exists()  # the kill did happen
+    for key, value in reference.terms.items():
+        np.testing.assert_array_equal(killed.terms[key], value, err_msg=key)
 
 
 def test_aggregation_sums_images_not_block_means(reference):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import diffusers  # noqa: F401  (dev extra: a missing install fails here, never skips)
 import mlflow
 import pandas as pd
 import pytest
@@ -14,8 +15,6 @@ from data_formats import ddpm_unet
 from repo_copy import ROOT, copy_repo, env
 
 from pipeline.config import load_config
-
-diffusers = pytest.importorskip("diffusers")
 
 TINY = load_config(ROOT / "params.yaml", "tiny")
 

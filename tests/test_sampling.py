@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.blocks import list_shards, shard_path
+from pipeline.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
 from pipeline.config import config_from_dict
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.noise import ImageNoise, item_generator
@@ -112,6 +112,16 @@ def test_one_and_two_workers_give_identical_bytes(reference, tmp_path):
     assert one.images.tobytes() == reference[1].images.tobytes()
     assert one.manifest["sha256"] == reference[1].manifest["sha256"]
     assert one.images.shape == (12, 8, 8, 3) and one.images.dtype == np.uint8
+
+
+def test_a_block_whose_worker_is_sigkilled_is_retried_and_gives_identical_bytes(
+    reference, tmp_path, monkeypatch
+):
+    make_model(tmp_path)
+    monkeypatch.setenv(FAIL_BLOCK_ENV, "kill:4")  # block [4, 8): its worker process dies
+    killed = draw(tmp_path)
+    assert list((tmp_path / "work").rglob(".failed-once-00000004.kill"))  # the kill did happen
+    assert killed.images.tobytes() == reference[1].images.tobytes()
 
 
 def test_batch_sizes_4_and_7_give_identical_bytes(reference, tmp_path):

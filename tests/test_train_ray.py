@@ -1,15 +1,17 @@
 """Ray Train runs of the tiny scale: a retried worker failure, DDP equivalence, divergence.
 
 One local Ray instance serves the module; every run trains 12 steps of global batch 8 with
-checkpoints every 4 steps (train_project.TRAIN), in its own project folder. The reference is
-an uninterrupted 2-worker run; with dropout 0 (the tiny preset) and the per-step randomness of
-pipeline.training.randomness, a run whose worker fails once must match it bit for bit, and one
-worker with the whole batch must match it to float rounding. Each run costs 15-50 s here (Ray
-Train's start-up dominates): the default suite keeps the reference run (two workers, gloo);
-the rest is marked slow.
+checkpoints every 4 steps (train_project.TRAIN), in its own project folder, with dropout 0.1.
+The reference is an uninterrupted 2-worker run; with the per-step randomness of
+pipeline.training.randomness (dropout masks included), a run whose worker process is SIGKILLed
+once must match it bit for bit, and (dropout 0) one worker with the whole batch must match two
+to float rounding. Each run costs 15-50 s here (Ray Train's start-up dominates): the default
+suite keeps the reference and the killed run (two workers, gloo); the rest is marked slow.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import mlflow
 import pytest
@@ -36,13 +38,23 @@ def local_ray():
     mp.undo()
 
 
-def train(root, monkeypatch, fault: str | None = None, **train_keys):
-    """train_variant in a fresh project folder ``root`` with its own MLflow store."""
+def train(root, monkeypatch, fault: str | None = None, dropout: float = 0.1, **train_keys):
+    """train_variant in a fresh project folder ``root`` with its own MLflow store.
+
+    ``dropout`` replaces the tiny preset's 0 (the paper's CIFAR10 value by default): a resumed
+    run repeats the dropout masks only through pipeline.training.randomness.seed_dropout.
+    """
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     if fault:
         monkeypatch.setenv(faults.ENV, fault)
     cfg = make_project(root, **train_keys)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=dropout))
     return train_variant(cfg, cfg.variant(VARIANT), root)
+
+
+def mlflow_run(summary):
+    client = mlflow.MlflowClient(f"sqlite:///{summary.model_dir.parents[1] / 'mlflow.db'}")
+    return client.get_run(summary.model_json["mlflow_run_id"])
 
 
 def weights(summary, name: str = "model.pt") -> dict[str, torch.Tensor]:
@@ -52,7 +64,7 @@ def weights(summary, name: str = "model.pt") -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted 2-worker run."""
+    """The uninterrupted 2-worker run (dropout 0.1)."""
     mp = pytest.MonkeyPatch()
     summary = train(tmp_path_factory.mktemp("reference"), mp)
     mp.undo()
@@ -63,10 +75,11 @@ def test_two_workers_train_logs_and_export(reference, monkeypatch):
     assert (reference.start, reference.restarts, reference.steps) == (0, [], 12)
     info = reference.model_json
     assert info["steps"] == 12 and info["run_name"] == reference.run_name
+    run = mlflow_run(reference)
     client = mlflow.MlflowClient(f"sqlite:///{reference.model_dir.parents[1] / 'mlflow.db'}")
-    run = client.get_run(info["mlflow_run_id"])
     assert run.data.tags["ddpm.variant"] == VARIANT
     assert run.data.tags["ddpm.train_status"] == "finished"
+    assert (run.data.tags["ddpm.world_size"], run.data.tags["ddpm.restarts"]) == ("2", "none")
     assert run.data.params["train.batch_size"] == "8"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [4, 8, 12]
@@ -79,11 +92,27 @@ def test_two_workers_train_logs_and_export(reference, monkeypatch):
     ]  # keep_checkpoints: 2
 
 
+def test_a_sigkilled_worker_is_restarted_from_the_checkpoint_and_changes_nothing(
+    reference, tmp_path, monkeypatch
+):
+    killed = train(tmp_path, monkeypatch, fault="kill:1:6")  # rank 1's process, before step 6
+    assert (tmp_path / "checkpoints" / VARIANT / killed.run_name / ".test-fault-kill-1-6").exists()
+    assert killed.restarts == [4]  # the group restarted from the checkpoint at step 4
+    run = mlflow_run(killed)
+    assert (run.data.tags["ddpm.world_size"], run.data.tags["ddpm.restarts"]) == ("2", "4")
+    for name in ("model.pt", "ema.pt"):
+        a, b = weights(reference, name), weights(killed, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 @pytest.mark.slow
-def test_one_worker_with_the_whole_batch_matches_two_workers(reference, tmp_path, monkeypatch):
-    single = train(tmp_path, monkeypatch, num_workers=1)
+def test_one_worker_with_the_whole_batch_matches_two_workers(tmp_path, monkeypatch):
+    # Dropout 0: each rank draws its own dropout masks, so only the rest is worker-independent.
+    reference = train(tmp_path / "two", monkeypatch, dropout=0.0)
+    single = train(tmp_path / "one", monkeypatch, num_workers=1, dropout=0.0)
     assert single.run_name == reference.run_name  # the worker count is not part of the run
     cfg = make_project(tmp_path / "init")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
     init = make_state(cfg, cfg.variant(VARIANT), torch.device("cpu")).model.state_dict()
     for name in ("model.pt", "ema.pt"):
         a, b = weights(reference, name), weights(single, name)

@@ -3,6 +3,7 @@
 Set ``DDPM_TEST_FAULT`` in the driver's environment (the driver forwards it to the workers):
 
     fail:RANK:STEP   rank RANK raises InjectedFaultError before optimiser step STEP
+    kill:RANK:STEP   rank RANK's worker process SIGKILLs itself before step STEP (a lost node)
     hang:RANK:STEP   rank RANK sleeps before step STEP until the process is killed
     nan:RANK:STEP    rank RANK sets one weight to NaN before step STEP (training diverges)
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ class InjectedFaultError(RuntimeError):
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # fail | hang | nan
+    action: str  # fail | kill | hang | nan
     rank: int
     step: int
 
@@ -49,11 +51,11 @@ def parse(spec: str) -> Fault:
     """``ACTION:RANK:STEP`` as a Fault; ValueError when malformed."""
     try:
         action, rank, step = spec.split(":")
-        if action not in ("fail", "hang", "nan"):
+        if action not in ("fail", "kill", "hang", "nan"):
             raise ValueError(action)
         return Fault(action, int(rank), int(step))
     except ValueError:
-        raise ValueError(f"{ENV}={spec!r}: expected fail|hang|nan:RANK:STEP") from None
+        raise ValueError(f"{ENV}={spec!r}: expected fail|kill|hang|nan:RANK:STEP") from None
 
 
 def maybe_inject(
@@ -69,9 +71,28 @@ def maybe_inject(
     marker.touch()
     if fault.action == "fail":
         raise InjectedFaultError(f"test-only fault injected on rank {rank} at step {step}")
+    if fault.action == "kill":  # no exception, no cleanup: the process is gone
+        _wait_until_registered(Path(run_dir))
+        os.kill(os.getpid(), signal.SIGKILL)
     if fault.action == "nan":
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = math.nan
         return
     while True:  # hang: wait to be killed
         time.sleep(1.0)
+
+
+def _wait_until_registered(run_dir: Path, timeout_s: float = 120.0) -> None:
+    """Wait until Ray Train's controller has registered the newest checkpoint in ``run_dir``.
+
+    The controller records reported checkpoints asynchronously; a worker killed before that
+    would make the restart begin at the checkpoint before (correct, but not the fault the test
+    means: a kill after a checkpoint).
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+        if not names or (snapshot.is_file() and names[-1] in snapshot.read_text()):
+            return
+        time.sleep(0.2)

@@ -156,7 +156,8 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
                 monitor.close()
                 return _outcome("diverged", start, state.step, interval.first_bad_step)
             if checkpoint:
-                _report_checkpoint(session, state, job, {"step": state.step, **metrics})
+                report = {"step": state.step, "world_size": session.world_size, **metrics}
+                _report_checkpoint(session, state, job, report)
     monitor.close()
     return _outcome("finished", start, state.step, None)
 

@@ -174,6 +174,7 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
         info = export_weights(folder, out, cfg, variant, run, run_id, {"selection": selection})
     _log_selection(uri, run_id, selection)
     _mark_run(uri, run_id, "finished")
+    _record_workers(uri, run_id, result.metrics.get("world_size"), starts[1:])
     return TrainSummary(
         variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
     )
@@ -248,3 +249,14 @@ def _mark_run(uri: str, run_id: str, status: str) -> None:
     client = mlflow.MlflowClient(uri)
     client.set_tag(run_id, "ddpm.train_status", status)
     client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def _record_workers(uri: str, run_id: str, world_size: int | None, restarts: list[int]) -> None:
+    """Tag the MLflow run with the workers that trained it and the steps they restarted from."""
+    import mlflow
+
+    if world_size is None:  # nothing was left to train: the tags of the run that did stay
+        return
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, "ddpm.world_size", str(world_size))
+    client.set_tag(run_id, "ddpm.restarts", ",".join(map(str, restarts)) or "none")

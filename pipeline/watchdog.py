@@ -1,0 +1,99 @@
+"""Nothing outlives a killed driver: a watchdog process stops its process tree when it dies.
+
+A stage that starts a local Ray cluster (``ray.init(address="local")``), and ``stages.repro
+--local-ray`` with its private head, own processes that do not die with them: SIGKILL (or an
+out-of-memory kill) skips every ``finally`` and ``atexit``, and the GCS server, raylet,
+dashboard and workers stay alive, holding memory. :func:`watch` starts ``python -m
+pipeline.watchdog PID`` in a session of its own (a signal to the driver's process group does not
+reach it). It records the driver's descendants (pid and start time) every ``POLL_S`` seconds;
+once the driver has exited, however it ended, it SIGKILLs those that are still alive and their
+own descendants, by pid, and exits. After a clean exit the tree is already gone and it only
+exits. It never touches a process it did not see under the driver (other users' clusters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+POLL_S = 0.5
+PROJECT = str(Path(__file__).resolve().parents[1])  # the watchdog runs this checkout's code
+
+
+_watching: dict[int, subprocess.Popen] = {}
+
+
+def watch(pid: int | None = None) -> subprocess.Popen:
+    """Start the watchdog of process ``pid`` (default: this one), once per process."""
+    pid = pid or os.getpid()
+    if pid in _watching and _watching[pid].poll() is None:
+        return _watching[pid]
+    path = os.environ.get("PYTHONPATH")
+    _watching[pid] = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.watchdog", str(pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (PROJECT, path)))},
+    )
+    return _watching[pid]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _tree(proc: psutil.Process) -> dict[tuple[int, float], psutil.Process]:
+    """``proc``'s descendants keyed by (pid, start time): a reused pid is another key."""
+    out = {}
+    with contextlib.suppress(psutil.Error):
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                out[(child.pid, child.create_time())] = child
+    return out
+
+
+def stop_tree(seen: dict[tuple[int, float], psutil.Process]) -> int:
+    """SIGKILL every process of ``seen`` still running (same pid and start time) and its own
+    descendants; returns how many were killed."""
+    me = os.getpid()
+    targets: dict[tuple[int, float], psutil.Process] = {}
+    for (pid, started), proc in seen.items():
+        with contextlib.suppress(psutil.Error):
+            if pid != me and proc.create_time() == started and _alive(proc):
+                targets[(pid, started)] = proc
+                targets.update(_tree(proc))
+    for proc in targets.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != me:
+                proc.kill()
+    return len(targets)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m pipeline.watchdog PID``: wait for PID to end, then stop what it left."""
+    try:
+        driver = psutil.Process(int(argv[0]))
+    except (psutil.Error, ValueError, IndexError):
+        return
+    me = os.getpid()
+    seen: dict[tuple[int, float], psutil.Process] = {}
+    while _alive(driver):
+        seen = {k: p for k, p in seen.items() if _alive(p)}  # bounded: the living only
+        seen.update({k: p for k, p in _tree(driver).items() if k[0] != me})
+        time.sleep(POLL_S)
+    stop_tree(seen)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
