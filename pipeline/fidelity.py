@@ -41,7 +41,7 @@ from pipeline.inception import STAND_IN_IS_NOTE, InceptionWeights
 if TYPE_CHECKING:
     from pipeline.taskprogress import BlockProgress
 
-EXTRACTOR = "inception-v3-compat"
+EXTRACTOR = "inception-v3-compat"  # the Inception weights' extractor; others: InceptionWeights
 FID_LAYER = "2048"  # torch-fidelity's default FID feature for this extractor
 IS_LAYER = "logits_unbiased"  # and its IS feature
 STATS_FORMAT = "ddpm-repro/fid-stats-v1"
@@ -109,7 +109,7 @@ def compute_reference_stats(
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(images, key, weights, cache, **opts)
     stat = _statistics(key, weights, cache, **opts)
-    _drop_fid_features(cache, key)
+    _drop_fid_features(cache, key, weights)
     isc = _inception_score(key, weights, cache, is_splits, **opts) if count >= is_splits else {}
     payload = {
         "format": STATS_FORMAT,
@@ -162,9 +162,9 @@ def compute_fid_is(
     _extract(samples, key, weights, cache, **opts)
     result: dict[str, Any] = {"fid_train": None, "fid_test": None}
     for split, stats in refs.items():
-        ref_key = _install_reference(stats, cache)
+        ref_key = _install_reference(stats, cache, weights)
         result[f"fid_{split}"] = _fid(key, ref_key, weights, cache, **opts)
-    _drop_fid_features(cache, key)
+    _drop_fid_features(cache, key, weights)
     result.update(_inception_score(key, weights, cache, is_splits, **opts))
     result["n_samples"] = count
     return result
@@ -197,7 +197,8 @@ def stand_in_label(
     reasons = list(cfg.stand_in_reasons())
     if synthetic and "synthetic data" not in reasons:
         reasons.append("synthetic data")
-    if weights is not None and weights.stand_in and cfg.eval.inception_weights != "stand-in":
+    own = ("stand-in", "classifier")  # already a reason of cfg.stand_in_reasons()
+    if weights is not None and weights.stand_in and cfg.eval.inception_weights not in own:
         reasons.append("Inception weights other than torch-fidelity's official file")
     label: dict[str, Any] = {"stand_in": bool(reasons), "stand_in_reasons": reasons}
     if reasons:
@@ -306,12 +307,12 @@ def _cache_name(key: str) -> str:
     return f"x{key[:32]}"
 
 
-def _stat_file(cache: Path, key: str) -> Path:
-    return cache / f"{_cache_name(key)}-{EXTRACTOR}-stat-fid-{FID_LAYER}.pt"
+def _stat_file(cache: Path, key: str, weights: InceptionWeights) -> Path:
+    return cache / f"{_cache_name(key)}-{weights.extractor}-stat-fid-{weights.fid_layer}.pt"
 
 
-def _features_file(cache: Path, key: str, layer: str) -> Path:
-    return cache / f"{_cache_name(key)}-{EXTRACTOR}-features-{layer}.pt"
+def _features_file(cache: Path, key: str, layer: str, weights: InceptionWeights) -> Path:
+    return cache / f"{_cache_name(key)}-{weights.extractor}-features-{layer}.pt"
 
 
 def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **opts) -> None:
@@ -322,8 +323,11 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
     two images, the set as both inputs; both values are discarded) fills the cache in a single
     pass without computing a Fréchet distance nobody needs (~8 s of eigvals on 2 CPU cores).
     """
-    fid_ready = _stat_file(cache, key).is_file() or _features_file(cache, key, FID_LAYER).is_file()
-    if fid_ready and _features_file(cache, key, IS_LAYER).is_file():
+    fid_ready = (
+        _stat_file(cache, key, weights).is_file()
+        or _features_file(cache, key, weights.fid_layer, weights).is_file()
+    )
+    if fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file():
         return
     from pipeline.taskprogress import BlockProgress  # imports ray: only when a pass runs
 
@@ -352,9 +356,9 @@ def _statistics(key: str, weights: InceptionWeights, cache: Path, **opts) -> dic
     When not cached yet, torch-fidelity computes them from the cached features during an FID of
     the set against itself (the only call that computes statistics; its value is discarded).
     """
-    if not _stat_file(cache, key).is_file():
+    if not _stat_file(cache, key, weights).is_file():
         _fid(key, key, weights, cache, **opts)
-    return torch.load(_stat_file(cache, key), map_location="cpu", weights_only=False)
+    return torch.load(_stat_file(cache, key, weights), map_location="cpu", weights_only=False)
 
 
 def _fid(key1: str, key2: str, weights: InceptionWeights, cache: Path, **opts) -> float:
@@ -377,12 +381,12 @@ def _inception_score(key: str, weights, cache: Path, is_splits: int, **opts) -> 
     return {"is_mean": float(mean), "is_std": float(std)}
 
 
-def _install_reference(stats: dict[str, Any], cache: Path) -> str:
+def _install_reference(stats: dict[str, Any], cache: Path, weights: InceptionWeights) -> str:
     """Reference ``stats`` as torch-fidelity's stat file in ``cache``; returns its content key."""
     key = stats["content_key"]
-    if not _stat_file(cache, key).is_file():  # the reference came from DVC, not this cache
+    if not _stat_file(cache, key, weights).is_file():  # the reference came from DVC, not here
         stat = {"mu": stats["mu"].numpy().astype(np.float32), "sigma": stats["sigma"].numpy()}
-        _save_pt(_stat_file(cache, key), stat)
+        _save_pt(_stat_file(cache, key, weights), stat)
     return key
 
 
@@ -396,10 +400,10 @@ def _save_pt(path: Path, obj: Any) -> None:
         torch.save(obj, f)
 
 
-def _drop_fid_features(cache: Path, key: str) -> None:
-    """Delete the 2048-d features (8 kB an image) once the statistics supersede them."""
-    if _stat_file(cache, key).is_file():
-        _features_file(cache, key, FID_LAYER).unlink(missing_ok=True)
+def _drop_fid_features(cache: Path, key: str, weights: InceptionWeights) -> None:
+    """Delete the FID features (Inception's: 8 kB an image) once the statistics supersede them."""
+    if _stat_file(cache, key, weights).is_file():
+        _features_file(cache, key, weights.fid_layer, weights).unlink(missing_ok=True)
 
 
 class _NeverRead(Dataset):
@@ -431,7 +435,7 @@ def _calculate(
     cuda = resolve_device(device) == "cuda"
     with _torch_threads(None if cuda else threads), _no_tf32():
         return torch_fidelity.calculate_metrics(
-            feature_extractor=EXTRACTOR,
+            feature_extractor=weights.extractor,
             feature_extractor_weights_path=str(weights.path) if weights.path else None,
             cache_root=str(cache),
             cache=True,

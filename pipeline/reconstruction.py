@@ -5,8 +5,8 @@ Fig. 7: for each t, x_t ~ q(x_t | x_0) of a test image, then ``draws`` runs of t
 process from that same x_t down to x_0 (different reverse noise): what the samples that share
 the latent x_t have in common.
 
-Fig. 8: two test images x_0, x'_0 are encoded stochastically to x_t, x'_t with the SAME noise
-(so the mix has the right variance and only the images differ), mixed linearly,
+Fig. 8: two test images x_0, x'_0 are encoded stochastically to x_t, x'_t with independent
+q-noise (as the official code does: each endpoint is its own draw of q(x_t | x_0)), mixed linearly,
 x̄_t = (1 - λ) x_t + λ x'_t for evenly spaced λ in [0, 1], and decoded by the reverse process
 with the same reverse noise for every λ, so that only λ changes along a row (paper Section 4.3:
 "We fixed the noise for different values of λ"). λ = 0 and λ = 1 are the reconstructions of
@@ -116,10 +116,15 @@ def lambdas(count: int) -> np.ndarray:
 def interpolation_chain(
     diffusion: GaussianDiffusion, a: Tensor, b: Tensor, t: int, count: int, seed: int
 ) -> Chain:
-    """Fig. 8's chain: rows (pair-major) (1 - λ) x_t + λ x'_t, one noise stream per pair."""
+    """Fig. 8's chain: rows (pair-major) (1 - λ) x_t + λ x'_t, one noise stream per pair.
+
+    The two endpoints draw independent q-noise (streams ``interp-q`` and ``interp-q2``); the
+    reverse noise (``interp-p``) is shared by every λ of a pair.
+    """
     P, device = a.shape[0], a.device
     eps = ImageNoise(stream_seed(seed, "interp-q", t), range(P), device=device)(tuple(a.shape))
-    x_t, x_t2 = q_sample_at(diffusion, a, t, eps), q_sample_at(diffusion, b, t, eps)
+    eps2 = ImageNoise(stream_seed(seed, "interp-q2", t), range(P), device=device)(tuple(b.shape))
+    x_t, x_t2 = q_sample_at(diffusion, a, t, eps), q_sample_at(diffusion, b, t, eps2)
     lam = torch.tensor(lambdas(count), dtype=x_t.dtype, device=device).view(1, -1, 1, 1, 1)
     mixed = ((1 - lam) * x_t.unsqueeze(1) + lam * x_t2.unsqueeze(1)).flatten(0, 1)
     rows = [p for p in range(P) for _ in range(count)]
@@ -207,6 +212,7 @@ class FigureSpec:
             "images": images,
             "recon": [list(self.recon_ts), self.recon_draws],
             "interp": [self.interp_t, self.interp_lambdas],
+            "interp_q_noise": "independent",  # the two endpoints draw their own q-noise
             "seed": self.seed,
             "device": network.device_type,
             "torch": torch.__version__,

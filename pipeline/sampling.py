@@ -312,6 +312,23 @@ def check_sample_config(cfg: Config) -> None:
         raise ConfigError(f"{where}.progressive_seeds are sample indices: need >= 0")
 
 
+def sampler_var_type(cfg: Config, variant: Variant) -> str:
+    """The variance the sampler draws with: ``sample.var_type`` when set, else the variant's.
+
+    Only a fixed variance can be swapped (the official LSUN sampler used beta~_t where CIFAR10
+    used beta_t); a learned variance is the network's output: ConfigError.
+    """
+    chosen = cfg.sample.var_type
+    if chosen is None or chosen == variant.var_type:
+        return variant.var_type
+    if variant.var_type == "learned":
+        raise ConfigError(
+            f"presets.{cfg.scale}.sample.var_type: {chosen!r} cannot replace the learned variance "
+            f"of variant {variant.name}; set it to null"
+        )
+    return chosen
+
+
 def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
     """The sampling job of a variant: its EMA weights and the params' sample section."""
     model, _ = load_weights(weights, "cpu")
@@ -328,7 +345,7 @@ def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
         state_dict=model.state_dict(),
         betas=tuple(float(b) for b in betas),
         mean_type=variant.mean_type,
-        var_type=variant.var_type,
+        var_type=sampler_var_type(cfg, variant),
         loss_type=variant.loss_type,
         steps=s.steps,
         seed=s.seed,
@@ -436,6 +453,7 @@ def make_manifest(
         "dtype": str(images.dtype),
         "sha256": sha256 or _array_sha256(images),
         "sampler": job.label(),
+        "var_type": job.var_type,  # the sampler's variance (sample.var_type or the variant's)
         "respaced": job.respaced,
         "steps": job.steps or len(job.betas),
         "num_timesteps": len(job.betas),
