@@ -34,6 +34,7 @@ from pipeline.fidelity import (
     reference_files,
     stand_in_label,
 )
+from pipeline.imageviews import ImagePrefix
 from pipeline.inception import resolve_inception_weights
 from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
 from pipeline.npzmap import load_npz_array
@@ -173,7 +174,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     result.run_id = info.meta.get("mlflow_run_id")
     t0 = time.perf_counter()
     fid = compute_fid_is(
-        samples,
+        ImagePrefix(samples, len(samples)),  # read in chunks, mapped pages released as it goes
         reference_files(root / layout.reference_dir(cfg.scale)),
         weights,
         cache_root=root / layout.work_dir("fid", variant.name),

@@ -9,7 +9,8 @@ zero-CPU :class:`TaskBoard` actor at most every
 
 On the driver, :class:`BlockProgress` adds the finished blocks and the partial counts of the
 blocks in flight: a tqdm bar with rate and ETA on a terminal, else one line every
-``LINE_EVERY_S`` seconds (DVC logs, CI, ``ray job logs``).
+``LINE_EVERY_S`` seconds (DVC logs, CI, ``ray job logs``). Work done in the driver's own
+process (the Inception passes of pipeline.fidelity) counts through :meth:`BlockProgress.advance`.
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ class BlockProgress:
 
     Args:
         total: items of the run; done: items already finished (reused blocks).
-        desc: the unit (``samples``, ``images``); steps_per_item: image-steps a task reports
-            per item (its reverse steps or timesteps; 0: no partial progress).
+        desc: what is counted (``samples``, ``images``); steps_per_item: image-steps a task
+            reports per item (its reverse steps or timesteps; 0: no partial progress).
         stream: where lines go (default stderr); a tqdm bar when it is a terminal.
+        unit: the rate's unit (default ``desc``).
     """
 
     def __init__(
@@ -102,8 +104,9 @@ class BlockProgress:
         desc: str,
         steps_per_item: int = 0,
         stream: TextIO | None = None,
+        unit: str | None = None,
     ) -> None:
-        self.total, self.done, self.desc = total, done, desc
+        self.total, self.done, self.desc, self.unit = total, done, desc, unit or desc
         self.steps_per_item = steps_per_item
         self.stream = stream or sys.stderr
         self.partial: dict[Any, float] = {}  # block key -> items' worth done in flight
@@ -112,7 +115,7 @@ class BlockProgress:
         self.last_line = self.started
         self.bar = None
         if self.stream.isatty():
-            self.bar = tqdm(total=total, initial=done, desc=desc, unit=desc, file=self.stream)
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit=self.unit, file=self.stream)
 
     def handle(self, key: Any) -> tuple[Any, Any] | None:
         """The ``progress`` argument of a task computing block ``key`` (creates the board)."""
@@ -125,6 +128,11 @@ class BlockProgress:
     def finished(self, key: Any, items: int) -> None:
         """Block ``key`` of ``items`` items is stored."""
         self.partial.pop(key, None)
+        self.done += items
+        self.show()
+
+    def advance(self, items: int) -> None:
+        """``items`` more are done (work in this process, e.g. an Inception pass)."""
         self.done += items
         self.show()
 
@@ -146,8 +154,7 @@ class BlockProgress:
     def show(self) -> None:
         now = self.current()
         if self.bar is not None:
-            self.bar.n = min(now, self.total)
-            self.bar.refresh()
+            self.bar.update(min(now, self.total) - self.bar.n)  # redrawn at most every 0.1 s
             return
         if time.monotonic() - self.last_line >= LINE_EVERY_S or self.done >= self.total:
             self.write_line(now)
@@ -161,7 +168,7 @@ class BlockProgress:
         eta = format_eta((self.total - now) / rate) if rate > 0 else "?"
         print(
             f"{self.desc}: {now:.0f}/{self.total} ({100 * now / max(self.total, 1):.1f}%) "
-            f"{rate:.2f} {self.desc}/s ETA {eta}",
+            f"{rate:.2f} {self.unit}/s ETA {eta}",
             file=self.stream,
             flush=True,
         )

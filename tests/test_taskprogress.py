@@ -77,3 +77,16 @@ def test_figure_progress_total_counts_every_noise_draw(monkeypatch):
     diffusion = GaussianDiffusion(linear_beta_schedule(5, 0.01, 0.3), "eps", "fixedlarge", "mse")
     figure_arrays(tiny_unet(), diffusion, spec)
     assert sum(counted) == spec.image_steps() == (2 + 6 * 1) + (2 + 6 * 4) + (1 + 3 * 3)
+
+
+def test_work_in_this_process_advances_the_lines(monkeypatch):
+    monkeypatch.setattr(taskprogress, "LINE_EVERY_S", 0.0)
+    out = io.StringIO()
+    progress = BlockProgress(4, 0, "Inception (w, cpu)", stream=out, unit="images")
+    progress.started -= 20.0  # as if the first two images took 20 s
+    progress.advance(2)
+    progress.advance(2)
+    progress.close()
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("Inception (w, cpu): 2/4 (50.0%) 0.10 images/s ETA 20s")
+    assert last.startswith("Inception (w, cpu): 4/4 (100.0%) ")
