@@ -220,11 +220,11 @@ class FigureSpec:
         return config_hash(payload)
 
     def image_steps(self) -> int:
-        """Per-image noise draws of figure_arrays (its progress unit): q noise, then t - 1
-        reverse steps of every chain."""
+        """Per-image noise draws of figure_arrays (its progress unit): q noise (Fig. 8: one
+        draw per endpoint), then t - 1 reverse steps of every chain."""
         n, p = len(self.recon_images), len(self.interp_sources)
         recon = sum(n + n * self.recon_draws * (t - 1) for t in self.recon_ts) if n else 0
-        interp = p + p * self.interp_lambdas * (self.interp_t - 1) if p else 0
+        interp = 2 * p + p * self.interp_lambdas * (self.interp_t - 1) if p else 0
         return recon + interp
 
 
