@@ -36,6 +36,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import ConfigError, DataError
 from pipeline.inception import STAND_IN_IS_NOTE, InceptionWeights
+from pipeline.storage import safe_load
 
 EXTRACTOR = "inception-v3-compat"
 FID_LAYER = "2048"  # torch-fidelity's default FID feature for this extractor
@@ -307,27 +308,13 @@ def _statistics(key: str, weights: InceptionWeights, cache: Path, **opts) -> dic
     return load_numpy_dict(_stat_file(cache, key))
 
 
-# What torch-fidelity's statistics files may hold: a dict of numpy arrays, nothing that runs code.
-NUMPY_GLOBALS = [
-    np._core.multiarray._reconstruct,
-    np.ndarray,
-    np.dtype,
-    type(np.dtype(np.float32)),
-    type(np.dtype(np.float64)),
-]
-
-
 def load_numpy_dict(path: Path) -> dict[str, np.ndarray]:
     """A ``torch.save``d dict of numpy arrays, loaded with ``weights_only=True`` and an allow-list.
 
     Cache folders may sit on shared storage, so a file holding anything else (a tampered one
     whose unpickling would run code) is refused with a DataError; nothing in it is executed.
     """
-    try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
-            out = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: refused, not a dict of arrays ({type(e).__name__})") from None
+    out = safe_load(path)
     if not isinstance(out, dict) or not all(isinstance(v, np.ndarray) for v in out.values()):
         raise DataError(f"{path}: refused, not a dict of arrays")
     return out

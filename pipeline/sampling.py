@@ -39,6 +39,7 @@ from pipeline.figures import save_progressive, save_sample_grid
 from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.storage import shared_path
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import load_weights, sha256_file
@@ -363,7 +364,7 @@ def draw_samples(
     job = make_job(cfg, variant, info.weights)
     s = cfg.sample
     key = block_key(job, s.block_size)
-    work = (root / layout.work_dir("sample", variant.name) / key).resolve()
+    work = shared_path(cfg, root, layout.work_dir("sample", variant.name)) / key
     resources = task_resources(cfg)
     run = run_blocks(
         sample_block,

@@ -119,6 +119,7 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path, monkey
     assert run.data.tags["ddpm.train_status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_two_workers_resume_on_one_worker(reference, tmp_path, monkeypatch):
     """Checkpointed with 2 workers, continued with 1: resumes at the step, matches to rounding."""
     with pytest.raises(Exception, match="InjectedFault"):
