@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     args, repro_args = parser.parse_known_args(argv)
     if args.scale:
         set_scale(Path("params.yaml"), args.scale)
+    cfg = load_config(Path("params.yaml"))
+    check_job_tracking(cfg, Path.cwd())  # before any work: one error line
+    storage = check_storage(cfg)
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
-    cfg = load_config(Path("params.yaml"))
-    check_job_tracking(cfg, Path.cwd())
-    storage = check_storage(cfg)
     if args.local_ray and not ray_address(cfg.ray):
         print("starting a local Ray cluster for this run", flush=True)
         with local_head(cfg.ray.num_cpus) as head:

@@ -1,0 +1,191 @@
+"""The tiny preset as ``ray job submit`` on two nodes that share nothing but cluster storage.
+
+Real components (tests/two_node.py): a ``ray start --head`` node and a second node in its own
+mount namespace that cannot see the checkout, /tmp or /dev/shm of the head; a real ``mlflow
+server``; DVC with the storage remote. a. (default suite): the job succeeds with one training
+worker on each node and blocks on both, which Ray's own task and actor records (node ids) show;
+MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
+b. and c. (slow): a job stopped during training and resubmitted after an edit continues from
+the stored checkpoint with bit-identical final EMA weights, recomputes no finished stage, and a
+fresh clone gets every output with ``dvc pull`` from the storage remote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from repo_copy import BIN, copy_repo, env
+from test_end_to_end import TABLE1_VARIANTS, check_results, variant_runs
+from two_node import TwoNodes, can_run, mlflow_server, two_nodes
+
+pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
+
+VARIANT = "eps_fixed_mse"  # b./c.: one variant suffices
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with two_nodes() as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+def submit(
+    cluster: TwoNodes, repo: Path, env_vars: dict[str, str], wait: bool = True
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``ray job submit --working-dir repo -- python -m stages.repro``."""
+    cmd = [
+        BIN / "ray", "job", "submit", "--address", cluster.dashboard_url,
+        "--working-dir", str(repo), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+        "--", "python", "-m", "stages.repro",
+    ]  # fmt: skip
+    if wait:
+        return subprocess.run(cmd, env=env(RAY_AUTH_MODE="disabled"), capture_output=True, text=1)
+    return subprocess.Popen(
+        cmd, env=env(RAY_AUTH_MODE="disabled"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def placements(cluster: TwoNodes) -> dict[str, set[str]]:
+    """Node ids of the head, the other node, the training workers and the block tasks."""
+    from ray.util.state import list_actors, list_nodes, list_tasks
+
+    url = cluster.dashboard_url
+    nodes = list_nodes(address=url, limit=10)
+    workers = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], limit=999)
+    blocks = list_tasks(address=url, filters=[("func_or_class_name", "=", "_run_block")], limit=999)
+    return {
+        "head": {n.node_id for n in nodes if n.is_head_node},
+        "other": {n.node_id for n in nodes if not n.is_head_node},
+        "train": {a.node_id for a in workers},
+        "blocks": {t.node_id for t in blocks if t.node_id},
+    }
+
+
+def du(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_path):
+    repo = copy_repo(tmp_path / "repo", variants=TABLE1_VARIANTS)
+    storage = cluster.storage / "a"
+    start = time.perf_counter()
+    env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
+    job = submit(cluster, repo, env_vars)
+    seconds = time.perf_counter() - start
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr
+    where = placements(cluster)
+    assert where["train"] == where["head"] | where["other"], where  # one rank on each node
+    assert where["blocks"] == where["head"] | where["other"], where  # blocks on both
+    runs = variant_runs(tracking)
+    check_results(runs, tables_from_mlflow(tmp_path), TABLE1_VARIANTS)
+    sizes = {p.name: du(p) for p in sorted(storage.iterdir()) if p.is_dir()}
+    print(f"\ntwo-node job a.: {seconds:.0f} s; storage bytes by folder: {sizes}")
+    assert {"checkpoints", "data", "work", "dvc", "state"} <= set(sizes)
+    for name in TABLE1_VARIANTS:
+        (run,) = (storage / "checkpoints" / name).iterdir()
+        assert (run / "checkpoint_000000008" / "state.pt").is_file()
+    assert "Running stage" in job.stdout
+
+
+def tables_from_mlflow(tmp_path: Path) -> dict:
+    import mlflow
+    import pandas as pd
+
+    parent = mlflow.search_runs(
+        experiment_names=["ddpm-repro"], filter_string="tags.`ddpm.role` = 'reproduction'"
+    )
+    assert len(parent) == 1
+    client = mlflow.MlflowClient()
+    tables = {}
+    for t in ("table1", "table2", "table4"):
+        local = client.download_artifacts(parent["run_id"][0], f"tables/{t}.csv", str(tmp_path))
+        tables[t] = pd.read_csv(local)
+    return tables
+
+
+def test_a_job_without_a_durable_mlflow_store_stops_before_any_work(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "repo", variants={VARIANT})
+    job = submit(cluster, repo, {"DDPM_CLUSTER_STORAGE": str(cluster.storage / "nomlflow")})
+    assert job.returncode != 0
+    errors = [line for line in job.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MLFLOW_TRACKING_URI is not set" in errors[0], job.stdout[-3000:]
+    assert "Running stage" not in job.stdout
+    assert not (cluster.storage / "nomlflow" / "data").exists()
+
+
+def final_ema(storage: Path, variant: str, step: int) -> dict[str, torch.Tensor]:
+    (run,) = (storage / "checkpoints" / variant).iterdir()
+    state = torch.load(run / f"checkpoint_{step:09d}" / "state.pt", weights_only=True)
+    return state["ema"]
+
+
+@pytest.mark.slow
+def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
+    cluster, tracking, tmp_path
+):
+    """b. stop during training, edit, resubmit: resumes, skips, same weights; c. dvc pull."""
+    repo = copy_repo(tmp_path / "repo", variants={VARIANT})
+    storage = cluster.storage / "b"
+    env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
+    start = time.perf_counter()
+    hung = submit(cluster, repo, {**env_vars, "DDPM_TEST_FAULT": "hang:0:6"}, wait=False)
+    runs = storage / "checkpoints" / VARIANT
+    deadline = time.monotonic() + 600
+    while not list(runs.glob("*/checkpoint_000000004/state.pt")):
+        assert time.monotonic() < deadline and hung.poll() is None, hung.stdout.read()[-4000:]
+        time.sleep(1)
+    first_log = stop_job(cluster, hung)
+    assert "Running stage 'train@" in first_log
+    (repo / "README.md").write_text((repo / "README.md").read_text() + "\nedited\n")  # new package
+    second = submit(cluster, repo, {**env_vars, "DDPM_TEST_FAULT": "hang:0:6"})
+    seconds = time.perf_counter() - start
+    assert second.returncode == 0 and "succeeded" in second.stdout, second.stdout[-6000:]
+    log = second.stdout
+    assert "restored the state of an earlier run" in log
+    for stage in ("prepare", "reference"):
+        assert f"Stage '{stage}' didn't change, skipping" in log, log[-6000:]
+        assert f"Running stage '{stage}'" not in log
+    assert "resumed at step 4" in log or "from step 4" in log, log[-6000:]
+    reference = final_ema(cluster.storage / "a", VARIANT, 8)
+    resumed = final_ema(storage, VARIANT, 8)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    print(f"\ntwo-node b. (stop, edit, resubmit): {seconds:.0f} s; storage: {du(storage)} bytes")
+
+    clone = copy_repo(tmp_path / "clone", variants={VARIANT})  # c. a fresh clone elsewhere
+    shutil.rmtree(clone / "dvc.lock", ignore_errors=True)
+    state = storage / "state" / "tiny"
+    shutil.copy2(state / "dvc.lock", clone / "dvc.lock")
+    dvc = [BIN / "dvc"]
+    subprocess.run([*dvc, "remote", "add", "-d", "s", str(storage / "dvc")], cwd=clone, check=True)
+    pulled = subprocess.run([*dvc, "pull"], cwd=clone, env=env(), capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    for out in (f"models/{VARIANT}/ema.pt", f"samples/{VARIANT}", "reports/table2.csv"):
+        assert (clone / out).exists(), out
+    assert len(variant_runs(tracking)) >= 1
+
+
+def stop_job(cluster: TwoNodes, proc: subprocess.Popen) -> str:
+    """``ray job stop`` the job whose ``ray job submit`` is ``proc``; returns its output."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    (job,) = [j for j in client.list_jobs() if j.status == JobStatus.RUNNING]
+    subprocess.run(
+        [BIN / "ray", "job", "stop", "--address", cluster.dashboard_url, job.submission_id],
+        env=env(RAY_AUTH_MODE="disabled"), check=True, capture_output=True,
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=120)
+    return out
