@@ -90,13 +90,25 @@ def reproduce_with_storage(storage: Path, scale: str, repro_args: list[str], dvc
         dvc("pull", "--allow-missing")
     if repro_args:  # targets or options of the user's: one repro, then one push
         dvc("repro", *repro_args)
-        dvc("push")
+        push(dvc, storage, None)
         save_state(Path.cwd(), state)
         return
     for name in stage_names():
         dvc("repro", "--single-item", name)
-        dvc("push", name)
+        push(dvc, storage, name)
         save_state(Path.cwd(), state)
+
+
+def push(dvc: Dvc, storage: Path, stage: str | None) -> None:
+    """``dvc push [stage]`` to the storage remote; a rejected push is one UserError line."""
+    try:
+        dvc("push", *([stage] if stage else []))
+    except SystemExit as e:
+        what = f"stage {stage}" if stage else "the outputs"
+        raise UserError(
+            f"dvc push of {what} to {dvc_remote(storage)} failed (status {e.code}); the outputs "
+            "are kept in the working directory and DVC's cache: fix the remote and rerun"
+        ) from None
 
 
 def _files(folder: Path, names: tuple[str, ...]) -> list[Path]:

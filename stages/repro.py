@@ -73,7 +73,11 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", help="switch params.yaml to this preset first")
-    parser.add_argument("--push", action="store_true", help="dvc push the outputs afterwards")
+    parser.add_argument(
+        "--push",
+        action="store_true",
+        help="dvc push the outputs afterwards (with cluster storage: after every stage anyway)",
+    )
     parser.add_argument(
         "--local-ray",
         action="store_true",

@@ -128,3 +128,13 @@ def test_a_ray_job_without_a_durable_mlflow_store_is_one_error_line(tmp_path, mo
         run.stderr.startswith("error: MLFLOW_TRACKING_URI is not set")
         and run.stderr.count("\n") == 1
     )
+
+
+def test_a_rejected_push_is_one_error_line_naming_the_remote(tmp_path, monkeypatch):
+    """A real ``dvc push`` that fails (here: no DVC project) becomes one UserError line."""
+    from stages.repro import dvc
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    with pytest.raises(UserError, match=f"push of stage train@v to {tmp_path / 'dvc'} failed"):
+        durable.push(dvc, tmp_path, "train@v")
