@@ -149,3 +149,21 @@ def safe_load(path: Path) -> object:
         raise DataError(
             f"{path}: refused, not plain tensors or arrays ({type(e).__name__})"
         ) from None
+
+
+def record_placement(run_dir: Path, rank: int) -> None:
+    """Note which Ray node (and host, process) this training rank runs on, in ``run_dir/nodes/``.
+
+    ``rank-<r>-<node id>.json``: one file per rank and node it ever ran on (restarts included),
+    so that people and tests can see where a run trained.
+    """
+    import json
+    import socket
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    folder = run_dir / "nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "node_id": node, "host": socket.gethostname(), "pid": os.getpid()}
+    (folder / f"rank-{rank}-{node[:12]}.json").write_text(json.dumps(record) + "\n")

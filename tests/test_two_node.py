@@ -57,18 +57,24 @@ def submit(
         return subprocess.Popen(cmd, env=job_env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def placements(cluster: TwoNodes) -> dict[str, set[str]]:
-    """Node ids of the head, the other node, the training workers and the block tasks."""
-    from ray.util.state import list_actors, list_nodes, list_tasks
+def placements(cluster: TwoNodes, storage: Path) -> dict[str, set[str]]:
+    """Node ids of the head, the other node, the training ranks and the block tasks.
+
+    The ranks record their node in storage (``nodes/`` of the run); the block tasks are Ray's
+    task records.
+    """
+    from ray.util.state import list_nodes, list_tasks
 
     url = cluster.dashboard_url
     nodes = list_nodes(address=url, limit=10)
-    workers = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], limit=999)
     blocks = list_tasks(address=url, filters=[("func_or_class_name", "=", "_run_block")], limit=999)
     return {
         "head": {n.node_id for n in nodes if n.is_head_node},
         "other": {n.node_id for n in nodes if not n.is_head_node},
-        "train": {a.node_id for a in workers},
+        "train": {
+            json.loads(f.read_text())["node_id"]
+            for f in storage.glob("checkpoints/*/*/nodes/rank-*.json")
+        },
         "blocks": {t.node_id for t in blocks if t.node_id},
     }
 
@@ -85,7 +91,7 @@ def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_p
     job = submit(cluster, repo, env_vars)
     seconds = time.perf_counter() - start
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr
-    where = placements(cluster)
+    where = placements(cluster, storage)
     assert where["train"] == where["head"] | where["other"], where  # one rank on each node
     assert where["blocks"] == where["head"] | where["other"], where  # blocks on both
     runs = variant_runs(tracking)
