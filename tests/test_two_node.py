@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from repo_copy import BIN, copy_repo, env
 from test_end_to_end import check_results, variant_runs
 from two_node import TwoNodes, can_run, mlflow_server, two_nodes
@@ -39,6 +40,15 @@ def cluster():
 def tracking(tmp_path_factory):
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
+
+
+def project(dest: Path) -> Path:
+    """A copy of the repo at the tiny scale, one variant, two training workers (one a node)."""
+    repo = copy_repo(dest, variants={VARIANT})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["presets"]["tiny"]["train"]["num_workers"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
 
 
 def submit(
@@ -84,7 +94,7 @@ def du(folder: Path) -> int:
 
 
 def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_path):
-    repo = copy_repo(tmp_path / "repo", variants={VARIANT})  # one variant: CI time
+    repo = project(tmp_path / "repo")  # one variant: CI time
     storage = cluster.storage / "a"
     start = time.perf_counter()
     env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
@@ -92,6 +102,7 @@ def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_p
     seconds = time.perf_counter() - start
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr
     where = placements(cluster, storage)
+    assert len(list(storage.glob("checkpoints/*/*/nodes/rank-*.json"))) == 2  # ranks 0 and 1
     assert where["train"] == where["head"] | where["other"], where  # one rank on each node
     assert where["blocks"] == where["head"] | where["other"], where  # blocks on both
     runs = variant_runs(tracking)
@@ -147,7 +158,7 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     cluster, tracking, tmp_path
 ):
     """b. stop during training, edit, resubmit: resumes, skips, same weights; c. dvc pull."""
-    repo = copy_repo(tmp_path / "repo", variants={VARIANT})
+    repo = project(tmp_path / "repo")
     storage = cluster.storage / "b"
     env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
     start = time.perf_counter()
@@ -180,7 +191,7 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     print(f"\ntwo-node b. (stop, edit, resubmit): {seconds:.0f} s; storage: {du(storage)} bytes")
     print(f"resubmission ran: {ran}; {[x for x in log.splitlines() if 'resumed' in x]}")
 
-    clone = copy_repo(tmp_path / "clone", variants={VARIANT})  # c. a fresh clone elsewhere
+    clone = project(tmp_path / "clone")  # c. a fresh clone elsewhere
     shutil.rmtree(clone / "dvc.lock", ignore_errors=True)
     state = storage / "state" / "tiny"
     shutil.copy2(state / "dvc.lock", clone / "dvc.lock")
