@@ -160,6 +160,8 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
 ):
     """b. stop during training, edit, resubmit: resumes, skips, same weights; c. dvc pull."""
     repo = project(tmp_path / "repo")
+    # Ray reuses the working directory of an identical package (a.'s, outputs and all): differ.
+    (repo / "README.md").write_text((repo / "README.md").read_text() + "\ncase b\n")
     storage = cluster.storage / "b"
     env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
     start = time.perf_counter()
