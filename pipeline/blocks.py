@@ -39,6 +39,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import save_npz
 from pipeline.errors import ConfigError, DataError
+from pipeline.gputasks import submit
+from pipeline.taskprogress import BlockProgress
 
 FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
 SHARD_RE = re.compile(r"^block-(\d{8})-(\d{8})\.npz$")
@@ -132,7 +134,6 @@ def _fail_marker(out_dir: Path, start: int) -> str | None:
     return str(out_dir / f".failed-once-{start:08d}")
 
 
-@ray.remote
 def _run_block(
     task_fn: TaskFn, start: int, stop: int, shared: Any, fail_marker: str | None
 ) -> dict[str, np.ndarray]:
@@ -169,6 +170,7 @@ def run_blocks(
     shared: Any = None,
     max_retries: int = 3,
     connect: Callable[[], None] | None = None,
+    steps_per_item: int = 0,
 ) -> BlockRun:
     """Compute every missing block of ``0 .. n_items-1`` on Ray and store it in ``out_dir``.
 
@@ -185,6 +187,8 @@ def run_blocks(
         max_retries: Ray retries of a failed task (exceptions included).
         connect: called once before the first task when there is work to do (e.g. to start
             Ray only then: a rerun with every shard present needs no cluster).
+        steps_per_item: image-steps a task reports per item through pipeline.taskprogress
+            (reverse steps or timesteps; 0: progress only as blocks finish).
 
     Raises:
         RuntimeError when a block still fails after its retries; finished shards are kept,
@@ -206,30 +210,59 @@ def run_blocks(
     if todo:
         check_resources(resources)
     done = sum(stop - start for start, stop in run.skipped)
-    with tqdm(total=n_items, initial=done, desc=desc, unit=desc, smoothing=0.1) as bar:
+    progress = BlockProgress(n_items, done, desc, steps_per_item if todo else 0)
+    try:
         started = time.perf_counter()
         if todo:
-            remote = _run_block.options(max_retries=max_retries, retry_exceptions=True, **resources)
-            launch = functools.partial(_launch, remote, task_fn, ray.put(shared), out_dir)
-            with contextlib.closing(_windowed(todo, launch, num_workers, max_retries)) as results:
+            options = {"resources": resources, "max_retries": max_retries, "retry_exceptions": True}
+            launch = functools.partial(
+                _launch, options, task_fn, ray.put(shared), out_dir, progress
+            )
+            windowed = _windowed(todo, launch, num_workers, max_retries, progress.poll)
+            with contextlib.closing(windowed) as results:
                 for block, arrays in results:
                     _store(out_dir, block, arrays)
                     run.computed.append(block)
-                    bar.update(block[1] - block[0])
+                    progress.finished(block, block[1] - block[0])
         run.elapsed_s = time.perf_counter() - started
+    finally:
+        progress.close()
     return run
 
 
-def _launch(remote: Any, task_fn: TaskFn, shared_ref: Any, out_dir: Path, block: Range) -> Any:
-    """Submit the task of one block; returns its ObjectRef."""
+def _launch(
+    options: dict,
+    task_fn: TaskFn,
+    shared_ref: Any,
+    out_dir: Path,
+    progress: BlockProgress,
+    block: Range,
+) -> Any:
+    """Submit the task of one block (one GPU task per worker: pipeline.gputasks); its ObjectRef."""
     marker = _fail_marker(out_dir, block[0])
-    return remote.remote(task_fn, block[0], block[1], shared_ref, marker)
+    return submit(
+        _run_block,
+        task_fn,
+        block[0],
+        block[1],
+        shared_ref,
+        marker,
+        progress=progress.handle(block),
+        **options,
+    )
 
 
 def _windowed(
-    todo: list[Range], launch: Callable[[Range], Any], window: int, max_retries: int
+    todo: list[Range],
+    launch: Callable[[Range], Any],
+    window: int,
+    max_retries: int,
+    idle: Callable[[], None] = lambda: None,
+    every_s: float = 2.0,
 ) -> Iterator[tuple[Range, dict[str, np.ndarray]]]:
     """Yield (block, result) as tasks finish, keeping at most ``window`` of them in flight.
+
+    ``idle()`` is called every ``every_s`` seconds without a finished task (progress polling).
 
     Closing the generator (an error or an interrupt in the caller) cancels the tasks in flight,
     gently: ``force=True`` racing a finishing task can abort the driver (seen with Ray 2.60),
@@ -239,9 +272,12 @@ def _windowed(
     pending = {launch(block): block for block in itertools.islice(queue, window)}
     try:
         while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            block = pending.pop(ref)
-            yield block, _get(ref, block, max_retries)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=every_s)
+            if not ready:
+                idle()
+                continue
+            block = pending.pop(ready[0])
+            yield block, _get(ready[0], block, max_retries)
             pending.update({launch(b): b for b in itertools.islice(queue, 1)})
     finally:
         for ref in pending:

@@ -85,7 +85,9 @@ class DataConfig:
     n_train: int = 50_000  # synthetic: training images
     n_test: int = 10_000  # synthetic: test images
     seed: int = 0  # synthetic: generator seed
-    random_flip: bool = True  # training loader: random horizontal flips (paper: CIFAR10, Church)
+    # training loader: random horizontal flips. The paper (App. B): every dataset except LSUN
+    # Bedroom; the official run_lsun.py flipped bedroom and not cat. We follow the paper's text.
+    random_flip: bool = True
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,11 @@ class TrainConfig:
     batch_size: int = 128  # global batch, split evenly over the workers
     lr: float = 2e-4
     warmup: int = 5000  # linear learning-rate warmup steps
-    grad_clip: float = 1.0  # global gradient-norm clip
+    grad_clip: float = 1.0  # gradient-norm clip (of each virtual replica's gradient, below)
+    # Virtual replicas whose gradients are clipped one by one before averaging (the official
+    # TPU v3-8 run: 8 replicas of batch/8 images). 1: clip the whole batch's gradient.
+    clip_replicas: int = 8
+    kl_units: str = "bits"  # loss_type kl trains on the bound in bits (official) | nats
     ema_decay: float = 0.9999
     seed: int = 0
     log_every: int = 100  # steps between MLflow metric points
@@ -135,6 +141,14 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast
     channels_last: bool = False
     max_failures: int = 3  # Ray Train restarts from the last checkpoint
+    # Evaluation during training (App. B: "evaluated throughout training ... reported on the
+    # minimum FID"): every eval_every steps (0: never) the EMA weights are sampled
+    # (eval_samples images) and scored with FID against the training reference; select picks
+    # which checkpoint becomes models/<V>/: last | best_fid.
+    eval_every: int = 0
+    eval_samples: int = 0
+    select: str = "last"
+    variants: tuple[str, ...] | None = None  # the variants trained at this scale; None: all
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,9 @@ class SampleConfig:
     block_size: int = 1000  # sample indices per shard: the unit of work, retry and resume
     seed: int = 0  # base seed; sample i draws all its noise from seed (seed, i)
     steps: int | None = None  # None: all T steps (the paper). Fewer: respaced, not the paper's
+    # The sampler's variance for fixed-variance variants: None: the variant's var_type;
+    # fixedsmall (beta~_t): the official LSUN / CelebA-HQ sampler; fixedlarge (beta_t): CIFAR10.
+    var_type: str | None = None
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
@@ -162,11 +179,12 @@ class SampleConfig:
 class EvalConfig:
     """FID/IS through torch-fidelity and the NLL bound (stage ``evaluate``)."""
 
-    inception_weights: str = "default"  # default | stand-in | path to a local weights file
+    inception_weights: str = "default"  # default | stand-in | classifier | path to a weights file
     inception_sha256: str | None = None  # required check for a local weights file
     fid_against: tuple[str, ...] = ("train", "test")  # reference splits
     ref_images: int | None = None  # reference images per split; None: the whole split
     is_splits: int = 10
+    classifier_epochs: int = 12  # inception_weights: classifier (stage featurenet): its training
     batch_size: int = 64  # Inception batch size
     inception_device: str = "auto"  # auto (cuda when visible) | cpu | cuda
     inception_threads: int = 2  # torch threads for Inception on CPU (2: ~95 ms/img, 1: ~175)
@@ -243,6 +261,8 @@ class Config:
             reasons.append("synthetic data")
         if self.eval.inception_weights == "stand-in":
             reasons.append("stand-in Inception weights")
+        if self.eval.inception_weights == "classifier":
+            reasons.append("a classifier trained on the synthetic set, not Inception")
         return reasons
 
     def section_dict(self, *names: str) -> dict[str, Any]:
@@ -347,6 +367,7 @@ def validate(cfg: Config) -> None:
         "eval.is_splits": cfg.eval.is_splits,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.inception_threads": cfg.eval.inception_threads,
+        "eval.classifier_epochs": cfg.eval.classifier_epochs,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -376,6 +397,38 @@ def validate(cfg: Config) -> None:
     _check_choice(f"{where}.eval.inception_device", cfg.eval.inception_device, INCEPTION_DEVICES)
     if cfg.eval.ref_images is not None and cfg.eval.ref_images < 2:
         raise ConfigError(f"{where}.eval.ref_images must be null or at least 2")
+    _validate_official_semantics(cfg, where)
+
+
+def _validate_official_semantics(cfg: Config, where: str) -> None:
+    """Replica clipping, kl units, the sampler's variance and checkpoint selection."""
+    t = cfg.train
+    _check_choice(f"{where}.train.kl_units", t.kl_units, ("bits", "nats"))
+    _check_choice(f"{where}.train.select", t.select, ("last", "best_fid"))
+    if cfg.sample.var_type is not None:
+        _check_choice(f"{where}.sample.var_type", cfg.sample.var_type, ("fixedlarge", "fixedsmall"))
+    if t.clip_replicas < 1:
+        raise ConfigError(f"{where}.train.clip_replicas must be at least 1 (got {t.clip_replicas})")
+    if t.clip_replicas > 1 and (t.batch_size % t.clip_replicas or t.clip_replicas % t.num_workers):
+        raise ConfigError(
+            f"{where}.train.clip_replicas ({t.clip_replicas}) must divide train.batch_size "
+            f"({t.batch_size}) and be a multiple of train.num_workers ({t.num_workers}): each "
+            "worker clips whole replicas of batch_size / clip_replicas images"
+        )
+    for name in t.variants or ():
+        _check_choice(f"{where}.train.variants", name, tuple(cfg.variants))
+    if t.eval_every < 0 or t.eval_samples < 0:
+        raise ConfigError(f"{where}.train.eval_every and eval_samples must be 0 or more")
+    if (t.eval_every > 0) != (t.eval_samples > 0):
+        raise ConfigError(
+            f"{where}.train.eval_every ({t.eval_every}) and eval_samples ({t.eval_samples}) "
+            "must both be positive (evaluation during training) or both 0 (off)"
+        )
+    if t.select == "best_fid" and t.eval_every == 0:
+        raise ConfigError(
+            f"{where}.train.select: best_fid needs evaluation during training "
+            "(set train.eval_every and train.eval_samples)"
+        )
 
 
 def config_hash(payload: Any, length: int = 12) -> str:

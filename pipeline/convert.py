@@ -66,6 +66,7 @@ SCHEDULER_DEFAULTS = {
     "beta_schedule": "linear",
     "trained_betas": None,
     "prediction_type": "epsilon",
+    "variance_type": "fixed_small",
 }
 
 

@@ -30,7 +30,17 @@ from pipeline.figures_eval import save_interpolation, save_rate_distortion, save
 from pipeline.reconstruction import lambdas
 from pipeline.tracking import TAG_STAND_IN, tracking_uri, variant_run
 
-CSV_COLUMNS = ("t", "steps", "rate_bpd", "distortion_rmse", "vb_bpd", "xstart_mse", "eps_mse")
+CSV_COLUMNS = (
+    "t",
+    "steps",
+    "T_minus_t",
+    "rate_bpd",
+    "distortion_rmse",
+    "distortion_rmse_per_image",
+    "vb_bpd",
+    "xstart_mse",
+    "eps_mse",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,11 +99,13 @@ def write_curve_csv(path: Path, result: Evaluation) -> None:
             values = (
                 c["rate_bpd"][j],
                 c["distortion_rmse"][j],
+                c["distortion_rmse_per_image"][j],
                 s["vb_bpd"][j],
                 s["xstart_mse"][j],
                 s["mse"][j],
             )
-            writer.writerow([j + 1, int(c["steps"][j]), *(f"{v:.10g}" for v in values)])
+            counts = [j + 1, int(c["steps"][j]), int(c["T_minus_t"][j])]
+            writer.writerow([*counts, *(f"{v:.10g}" for v in values)])
 
 
 def write_outputs(cfg: Config, result: Evaluation, root: Path = Path(".")) -> None:
@@ -120,7 +132,9 @@ def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
     for n, row in m.get("table4", {}).items():
         out[tables.rd_metric("rate_bpd", int(n))] = row["rate_bpd"]
         out[tables.rd_metric("rmse", int(n))] = row["rmse"]
-    for k in ("nll_prior_bpd", "nll_decoder_bpd"):
+        if row.get("rmse_per_image") is not None:
+            out[tables.rd_metric("rmse_per_image", int(n))] = row["rmse_per_image"]
+    for k in ("nll_prior_bpd", "nll_decoder_bpd", "classifier_confidence"):
         if k in m:
             out[k] = m[k]
     out.update({f"eval_{k}_s": v for k, v in result.timings.items()})

@@ -26,6 +26,7 @@ from pipeline import layout
 from pipeline.config import Config, Variant
 from pipeline.data import open_split, read_manifest
 from pipeline.errors import ConfigError, DataError
+from pipeline.featurenet import classifier_scores
 from pipeline.fidelity import (
     check_images,
     compute_fid_is,
@@ -35,6 +36,7 @@ from pipeline.fidelity import (
 )
 from pipeline.inception import resolve_inception_weights
 from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
+from pipeline.npzmap import load_npz_array
 from pipeline.rate_distortion import rate_distortion, table4_rows
 from pipeline.raycluster import init_ray
 from pipeline.reconstruction import FigureSpec, submit_figures
@@ -94,8 +96,7 @@ def load_samples(variant: str, info: ModelInfo, root: Path = Path(".")) -> tuple
     if manifest.get("weights_sha256") not in (None, info.sha256):
         raise DataError(f"{path}: drawn from other weights than {info.weights} ({hint})")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            images = f["images"]
+        images = load_npz_array(path, "images")  # memory-mapped: read in pages, never whole
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: unreadable samples ({type(e).__name__}); {hint}") from None
     return images, manifest
@@ -165,7 +166,8 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)
     check_resolution(cfg, network, samples, variant.name, root)
-    weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE)
+    classifier = root / layout.classifier_path(cfg.scale)
+    weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE, classifier)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
     result.run_id = info.meta.get("mlflow_run_id")
@@ -179,6 +181,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
         expected=cfg.sample.n_samples,
         **inception_options(cfg.eval),
     )
+    fid.update(classifier_scores(weights, samples))
     clock.add("fid_is", t0)
     t0 = time.perf_counter()
     run_on_ray(cfg, variant.name, network, result, clock, root)
@@ -209,13 +212,21 @@ def run_on_ray(
     result.figures = pending.result()
     if "test" in result.nll:
         s = result.nll["test"].summary
-        result.curve = rate_distortion(s["vb_sum"], s["prior_sum"], s["xstart_mse_sum"], s["count"])
+        result.curve = rate_distortion(
+            s["vb_sum"], s["prior_sum"], s["xstart_mse_sum"], s["count"], s["xstart_rmse_sum"]
+        )
 
 
 def figure_spec(cfg: Config, root: Path = Path(".")) -> FigureSpec:
-    """Fig. 7 and 8 settings with their test images (the first images of the test split)."""
+    """Fig. 7 and 8 settings with their test images (the first images of the test split).
+
+    Data without a test split (LSUN at ``test_fraction: 0``, as the official run trained on every
+    record) use the first training images instead.
+    """
     e = cfg.eval
-    test = open_split(root / layout.data_dir(cfg.scale), "test")
+    data = root / layout.data_dir(cfg.scale)
+    split = "test" if "test" in read_manifest(data)["splits"] else "train"
+    test = open_split(data, split)
     n_recon = min(e.recon_images, len(test))
     pairs = min(e.interp_pairs, len(test) // 2)
     both = test[: 2 * pairs]
@@ -254,7 +265,13 @@ def metrics_json(
         out["nll_decoder_bpd"] = float(s["vb_bpd"][0])  # L_0, the distortion term in bits
         rows = table4_rows(result.curve, tuple(cfg.eval.rd_steps))
         out["table4"] = {
-            str(r["steps"]): {"rate_bpd": r["rate_bpd"], "rmse": r["distortion_rmse"]} for r in rows
+            str(r["steps"]): {
+                "rate_bpd": r["rate_bpd"],
+                "rmse": r["distortion_rmse"],
+                "rmse_per_image": r["distortion_rmse_per_image"],
+            }
+            for r in rows
         }
+    out.update({k: fid[k] for k in ("classifier_confidence",) if k in fid})
     out.update(result.label)
     return {"variant": variant.name, "scale": cfg.scale, **out}

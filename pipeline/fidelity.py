@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.inception import STAND_IN_IS_NOTE, InceptionWeights
 from pipeline.storage import safe_load
 
-EXTRACTOR = "inception-v3-compat"
+EXTRACTOR = "inception-v3-compat"  # the Inception weights' extractor; others: InceptionWeights
 FID_LAYER = "2048"  # torch-fidelity's default FID feature for this extractor
 IS_LAYER = "logits_unbiased"  # and its IS feature
 STATS_FORMAT = "ddpm-repro/fid-stats-v1"
@@ -97,12 +98,13 @@ def compute_reference_stats(
     resolution, weights identity, the images' IS (None when N < is_splits) and ``meta``.
     """
     count, resolution = check_images(images, f"reference images {name!r}")
-    cache = cache_dir(cache_root, weights)
+    device = resolve_device(device)
+    cache = cache_dir(cache_root, weights, device)
     key = content_key(images)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(images, key, weights, cache, **opts)
     stat = _statistics(key, weights, cache, **opts)
-    _drop_fid_features(cache, key)
+    _drop_fid_features(cache, key, weights)
     isc = _inception_score(key, weights, cache, is_splits, **opts) if count >= is_splits else {}
     payload = {
         "format": STATS_FORMAT,
@@ -115,6 +117,7 @@ def compute_reference_stats(
         "weights": weights.identity,
         "stand_in": weights.stand_in,
         "torch_fidelity": torch_fidelity.__version__,
+        "inception_device": device,  # cuda: TF32 off (see _calculate)
         "is_mean": isc.get("is_mean"),
         "is_std": isc.get("is_std"),
         **dict(meta or {}),
@@ -147,15 +150,16 @@ def compute_fid_is(
     refs = load_reference(reference)
     for split, stats in refs.items():
         _check_compatible(stats, split, resolution, weights)
-    cache = cache_dir(cache_root, weights)
+    device = resolve_device(device)
+    cache = cache_dir(cache_root, weights, device)
     key = content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(samples, key, weights, cache, **opts)
     result: dict[str, Any] = {"fid_train": None, "fid_test": None}
     for split, stats in refs.items():
-        ref_key = _install_reference(stats, cache)
+        ref_key = _install_reference(stats, cache, weights)
         result[f"fid_{split}"] = _fid(key, ref_key, weights, cache, **opts)
-    _drop_fid_features(cache, key)
+    _drop_fid_features(cache, key, weights)
     result.update(_inception_score(key, weights, cache, is_splits, **opts))
     result["n_samples"] = count
     return result
@@ -188,7 +192,8 @@ def stand_in_label(
     reasons = list(cfg.stand_in_reasons())
     if synthetic and "synthetic data" not in reasons:
         reasons.append("synthetic data")
-    if weights is not None and weights.stand_in and cfg.eval.inception_weights != "stand-in":
+    own = ("stand-in", "classifier")  # already a reason of cfg.stand_in_reasons()
+    if weights is not None and weights.stand_in and cfg.eval.inception_weights not in own:
         reasons.append("Inception weights other than torch-fidelity's official file")
     label: dict[str, Any] = {"stand_in": bool(reasons), "stand_in_reasons": reasons}
     if reasons:
@@ -225,9 +230,37 @@ def content_key(images: Any, chunk: int = 1024) -> str:
     return digest.hexdigest()
 
 
-def cache_dir(cache_root: Path, weights: InceptionWeights) -> Path:
-    """torch-fidelity's cache_root for ``weights``: statistics of other weights never mix."""
-    return Path(cache_root) / f"{weights.identity}-tf{torch_fidelity.__version__}"
+def cache_dir(cache_root: Path, weights: InceptionWeights, device: str = "cpu") -> Path:
+    """torch-fidelity's cache_root for ``weights`` on ``device`` (cpu | cuda, resolved).
+
+    Features of other weights, or computed on another device (GPU and CPU convolutions differ
+    in the last bits), never mix.
+    """
+    return Path(cache_root) / f"{weights.identity}-tf{torch_fidelity.__version__}-{device}"
+
+
+def resolve_device(device: str) -> str:
+    """``eval.inception_device`` as the device Inception runs on: ``cpu`` or ``cuda``.
+
+    ``cuda`` without a visible CUDA device is a ConfigError (never a silent CPU fall-back);
+    ``auto`` takes cuda when visible and says so on stderr when it falls back to the CPU.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"eval.inception_device: {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "eval.inception_device is cuda but this process sees no CUDA device "
+            "(run the stage on a GPU node, or set eval.inception_device: cpu)"
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            tqdm.write(
+                "Inception runs on the CPU (eval.inception_device: auto, no CUDA device "
+                "visible); set eval.inception_device: cuda to require a GPU",
+                file=sys.stderr,
+            )
+    return device
 
 
 def _check_compatible(
@@ -265,12 +298,12 @@ def _cache_name(key: str) -> str:
     return f"x{key[:32]}"
 
 
-def _stat_file(cache: Path, key: str) -> Path:
-    return cache / f"{_cache_name(key)}-{EXTRACTOR}-stat-fid-{FID_LAYER}.pt"
+def _stat_file(cache: Path, key: str, weights: InceptionWeights) -> Path:
+    return cache / f"{_cache_name(key)}-{weights.extractor}-stat-fid-{weights.fid_layer}.pt"
 
 
-def _features_file(cache: Path, key: str, layer: str) -> Path:
-    return cache / f"{_cache_name(key)}-{EXTRACTOR}-features-{layer}.pt"
+def _features_file(cache: Path, key: str, layer: str, weights: InceptionWeights) -> Path:
+    return cache / f"{_cache_name(key)}-{weights.extractor}-features-{layer}.pt"
 
 
 def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **opts) -> None:
@@ -281,8 +314,11 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
     two images, the set as both inputs; both values are discarded) fills the cache in a single
     pass without computing a Fréchet distance nobody needs (~8 s of eigvals on 2 CPU cores).
     """
-    fid_ready = _stat_file(cache, key).is_file() or _features_file(cache, key, FID_LAYER).is_file()
-    if fid_ready and _features_file(cache, key, IS_LAYER).is_file():
+    fid_ready = (
+        _stat_file(cache, key, weights).is_file()
+        or _features_file(cache, key, weights.fid_layer, weights).is_file()
+    )
+    if fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file():
         return
     name = _cache_name(key)
     with tqdm(total=len(images), desc=f"Inception ({weights.identity})", unit="img") as bar:
@@ -303,9 +339,9 @@ def _statistics(key: str, weights: InceptionWeights, cache: Path, **opts) -> dic
     When not cached yet, torch-fidelity computes them from the cached features during an FID of
     the set against itself (the only call that computes statistics; its value is discarded).
     """
-    if not _stat_file(cache, key).is_file():
+    if not _stat_file(cache, key, weights).is_file():
         _fid(key, key, weights, cache, **opts)
-    return load_numpy_dict(_stat_file(cache, key))
+    return load_numpy_dict(_stat_file(cache, key, weights))
 
 
 def load_numpy_dict(path: Path) -> dict[str, np.ndarray]:
@@ -340,12 +376,12 @@ def _inception_score(key: str, weights, cache: Path, is_splits: int, **opts) -> 
     return {"is_mean": float(mean), "is_std": float(std)}
 
 
-def _install_reference(stats: dict[str, Any], cache: Path) -> str:
+def _install_reference(stats: dict[str, Any], cache: Path, weights: InceptionWeights) -> str:
     """Reference ``stats`` as torch-fidelity's stat file in ``cache``; returns its content key."""
     key = stats["content_key"]
-    if not _stat_file(cache, key).is_file():  # the reference came from DVC, not this cache
+    if not _stat_file(cache, key, weights).is_file():  # the reference came from DVC, not here
         stat = {"mu": stats["mu"].numpy().astype(np.float32), "sigma": stats["sigma"].numpy()}
-        _save_pt(_stat_file(cache, key), stat)
+        _save_pt(_stat_file(cache, key, weights), stat)
     return key
 
 
@@ -359,10 +395,10 @@ def _save_pt(path: Path, obj: Any) -> None:
         torch.save(obj, f)
 
 
-def _drop_fid_features(cache: Path, key: str) -> None:
-    """Delete the 2048-d features (8 kB an image) once the statistics supersede them."""
-    if _stat_file(cache, key).is_file():
-        _features_file(cache, key, FID_LAYER).unlink(missing_ok=True)
+def _drop_fid_features(cache: Path, key: str, weights: InceptionWeights) -> None:
+    """Delete the FID features (Inception's: 8 kB an image) once the statistics supersede them."""
+    if _stat_file(cache, key, weights).is_file():
+        _features_file(cache, key, weights.fid_layer, weights).unlink(missing_ok=True)
 
 
 class _NeverRead(Dataset):
@@ -391,10 +427,10 @@ def _calculate(
     unknown = set(kwargs) - set(TORCH_FIDELITY_DEFAULTS)
     if unknown:
         raise TypeError(f"not torch-fidelity keywords: {', '.join(sorted(unknown))}")
-    cuda = _use_cuda(device)
-    with _torch_threads(None if cuda else threads):
+    cuda = resolve_device(device) == "cuda"
+    with _torch_threads(None if cuda else threads), _no_tf32():
         return torch_fidelity.calculate_metrics(
-            feature_extractor=EXTRACTOR,
+            feature_extractor=weights.extractor,
             feature_extractor_weights_path=str(weights.path) if weights.path else None,
             cache_root=str(cache),
             cache=True,
@@ -406,12 +442,19 @@ def _calculate(
         )
 
 
-def _use_cuda(device: str) -> bool:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"eval.inception_device: {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("eval.inception_device is cuda but no CUDA device is visible")
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls (no TF32) for the block, then restored.
+
+    On Ampere and later GPUs cuDNN convolutions default to TF32 (10-bit mantissa), which moves
+    Inception features and so FID; the published FIDs were computed in float32.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @contextlib.contextmanager

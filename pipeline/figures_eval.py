@@ -69,6 +69,11 @@ def save_interpolation(
     save_png(path, captioned(strip, caption))
 
 
+def fig5_axis(curve: dict[str, np.ndarray]) -> np.ndarray:
+    """Fig. 5's x values: T - t for the 1-based t (0 at x_T; Table 4 counts T - t + 1 instead)."""
+    return curve["T_minus_t"]
+
+
 def save_rate_distortion(path: str | os.PathLike, curve: dict[str, np.ndarray], title: str) -> None:
     """Fig. 5: distortion and rate against reverse steps, and distortion against rate.
 
@@ -79,11 +84,11 @@ def save_rate_distortion(path: str | os.PathLike, curve: dict[str, np.ndarray], 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    steps, rate, rmse = curve["steps"], curve["rate_bpd"], curve["distortion_rmse"]
+    steps, rate, rmse = fig5_axis(curve), curve["rate_bpd"], curve["distortion_rmse"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     panels = [
-        (steps, rmse, "reverse process steps", "distortion (RMSE, [0, 255])"),
-        (steps, rate, "reverse process steps", "rate (bits/dim)"),
+        (steps, rmse, "reverse process steps (T - t)", "distortion (RMSE, [0, 255])"),
+        (steps, rate, "reverse process steps (T - t)", "rate (bits/dim)"),
         (rate, rmse, "rate (bits/dim)", "distortion (RMSE, [0, 255])"),
     ]
     for ax, (x, y, xlabel, ylabel) in zip(axes, panels, strict=True):

@@ -6,6 +6,10 @@
   by torch.hub into ``$TORCH_HOME/hub/checkpoints`` on first use and checked against its sha256.
 - a path: a local copy of that file for machines without internet, checked against
   ``eval.inception_sha256`` (required).
+- ``classifier`` (synthetic data only): not Inception but the small classifier that the
+  ``featurenet`` stage trains on the synthetic training split (``pipeline.featurenet``): its
+  penultimate activations for FID, its logits for IS, through torch-fidelity as a registered
+  feature extractor. Informative on these images, but not comparable to published numbers.
 - ``stand-in``: the same architecture with seeded He-normal weights, built locally and cached.
   Its features vary with the input, so FID still ranks image sets, but no number is comparable
   to a published one and IS is ~1 (uninformative). torch-fidelity's own initialisation would be
@@ -45,15 +49,27 @@ class InceptionWeights:
     identity: str  # cache key: inception-<sha12> (real weights) | stand-in-<sha12>
     stand_in: bool  # True unless these are the official weights: not comparable to papers
     sha256: str | None = None
+    extractor: str = "inception-v3-compat"  # torch-fidelity's registered feature extractor
+    fid_layer: str = "2048"  # its feature for FID (and KID)
+    is_layer: str = "logits_unbiased"  # its feature for IS (softmax taken by torch-fidelity)
 
 
-def resolve_inception_weights(eval_cfg, cache_root: Path) -> InceptionWeights:
+def resolve_inception_weights(
+    eval_cfg, cache_root: Path, classifier: Path | None = None
+) -> InceptionWeights:
     """The weights named by ``eval_cfg.inception_weights`` (an EvalConfig), ready to load.
 
     ``cache_root`` holds the stand-in (``weights/``); real weights live where torch.hub keeps
-    them or where the user put them.
+    them or where the user put them; ``classifier`` is the featurenet stage's file (used only
+    when the choice is ``classifier``).
     """
     choice = eval_cfg.inception_weights
+    if choice == "classifier":
+        from pipeline.featurenet import classifier_weights  # registers the extractor
+
+        if classifier is None:
+            raise ConfigError("eval.inception_weights: classifier needs the featurenet stage")
+        return classifier_weights(Path(classifier))
     if choice == "stand-in":
         return stand_in_weights(Path(cache_root) / "weights")
     if choice == "default":

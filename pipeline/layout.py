@@ -10,6 +10,7 @@ from pathlib import Path
 
 DATA = Path("data")
 REFERENCE = Path("reference")
+FEATURENET = Path("featurenet")
 MODELS = Path("models")
 CHECKPOINTS = Path("checkpoints")
 SAMPLES = Path("samples")
@@ -28,6 +29,11 @@ def data_dir(scale: str) -> Path:
 def reference_dir(scale: str) -> Path:
     """Cached Inception statistics of the reference splits (shared by every variant)."""
     return REFERENCE / scale
+
+
+def classifier_path(scale: str) -> Path:
+    """The feature network of a scale (stage featurenet; eval.inception_weights: classifier)."""
+    return FEATURENET / scale / "classifier.pt"
 
 
 def model_dir(variant: str) -> Path:

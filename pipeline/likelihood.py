@@ -160,7 +160,8 @@ def summarize(terms: dict[str, np.ndarray]) -> dict[str, Any]:
     """Sums over images of every term (exact across blocks) and the bound in bits/dim.
 
     Returns count, nll_bpd (mean total bound), prior_sum, and the [T] sums vb_sum,
-    xstart_mse_sum, mse_sum, and the per-t means vb_bpd, xstart_mse, mse.
+    xstart_mse_sum, xstart_rmse_sum (of the per-image sqrt(MSE)), mse_sum, and the per-t means
+    vb_bpd, xstart_mse, mse.
     """
     count = int(terms["total_bpd"].shape[0])
     if count == 0:
@@ -169,6 +170,7 @@ def summarize(terms: dict[str, np.ndarray]) -> dict[str, Any]:
         "prior_sum": float(terms["prior_bpd"].sum()),
         "vb_sum": terms["vb"].sum(axis=0),
         "xstart_mse_sum": terms["xstart_mse"].sum(axis=0),
+        "xstart_rmse_sum": np.sqrt(terms["xstart_mse"]).sum(axis=0),
         "mse_sum": terms["mse"].sum(axis=0),
     }
     return {
@@ -239,6 +241,7 @@ def compute_nll(
         desc="images",
         shared=job,
         connect=connect,
+        steps_per_item=network.diffusion().num_timesteps,  # terms: progress within blocks
     )
     terms = merge_blocks(work, n, block)
     return NllResult(split, terms, summarize(terms), run, work)

@@ -26,10 +26,23 @@ SKIPPED_KEY = "skipped"
 SKIPPED_FILE = "SKIPPED.txt"
 # diffusers' prediction_type for each mean_type it has (it has no x_{t-1}-mean prediction)
 PREDICTION_TYPES = {"eps": "epsilon", "xstart": "sample"}
+# diffusers' variance_type -> ours (the _log forms are the same variance, another parameterisation)
+VARIANCE_TYPES = {
+    "fixed_small": "fixedsmall",
+    "fixed_small_log": "fixedsmall",
+    "fixed_large": "fixedlarge",
+    "fixed_large_log": "fixedlarge",
+    "learned": "learned",
+    "learned_range": "learned_range",
+}
 
 
 def skip_reason(cfg: Config, variant: str) -> str | None:
     """Why ``variant`` is not run at this scale, or None when it is."""
+    chosen = cfg.train.variants
+    if chosen is not None and variant not in chosen:
+        names = ", ".join(chosen)
+        return f"scale {cfg.scale} trains {names} only (presets.{cfg.scale}.train.variants)"
     if cfg.model.source == "checkpoint" and variant != cfg.model.checkpoint_variant:
         return (
             f"scale {cfg.scale} evaluates the published weights of "
@@ -109,6 +122,25 @@ def _check_schedule(cfg: Config, scheduler: dict[str, Any] | None, where: str) -
         raise ConfigError(f"{where}: the checkpoint uses trained_betas; only a linear schedule is")
 
 
+def _check_variance(
+    cfg: Config, variant: Variant, scheduler: dict[str, Any] | None, where: str
+) -> None:
+    """The checkpoint's sampler variance (scheduler ``variance_type``) must be the one we sample
+    with (``sample.var_type``, else the variant's): one line naming both otherwise."""
+    from pipeline.sampling import sampler_var_type
+
+    if scheduler is None:
+        return
+    theirs = scheduler.get("variance_type")
+    ours = sampler_var_type(cfg, variant)
+    if VARIANCE_TYPES.get(theirs, theirs) != ours:
+        raise ConfigError(
+            f"{where}: the checkpoint's scheduler samples with variance_type {theirs!r}, but "
+            f"this scale samples with {ours!r}; set presets.{cfg.scale}.sample.var_type to "
+            f"{VARIANCE_TYPES.get(theirs, theirs)!r} (fixedsmall: beta~_t, fixedlarge: beta_t)"
+        )
+
+
 def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
     """Convert ``cfg.model.checkpoint`` into models/<variant>/; returns its model.json."""
     from pipeline.convert import SCHEDULER_DEFAULTS, load_diffusers_unet, scheduler_info
@@ -143,6 +175,7 @@ def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
             f"presets.{cfg.scale}.model.checkpoint_variant {variant.name} predicts "
             f"{variant.mean_type!r}; use a variant whose mean_type matches (eps for 'epsilon')"
         )
+    _check_variance(cfg, variant, scheduler, where)
     run_id = tracking.start_variant_run(
         cfg,
         variant,

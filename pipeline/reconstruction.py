@@ -5,8 +5,8 @@ Fig. 7: for each t, x_t ~ q(x_t | x_0) of a test image, then ``draws`` runs of t
 process from that same x_t down to x_0 (different reverse noise): what the samples that share
 the latent x_t have in common.
 
-Fig. 8: two test images x_0, x'_0 are encoded stochastically to x_t, x'_t with the SAME noise
-(so the mix has the right variance and only the images differ), mixed linearly,
+Fig. 8: two test images x_0, x'_0 are encoded stochastically to x_t, x'_t with independent
+q-noise (as the official code does: each endpoint is its own draw of q(x_t | x_0)), mixed linearly,
 x̄_t = (1 - λ) x_t + λ x'_t for evenly spaced λ in [0, 1], and decoded by the reverse process
 with the same reverse noise for every λ, so that only λ changes along a row (paper Section 4.3:
 "We fixed the noise for different values of λ"). λ = 0 and λ = 1 are the reconstructions of
@@ -37,9 +37,11 @@ from pipeline.config import config_hash
 from pipeline.data import to_model_input, to_uint8
 from pipeline.diffusion import GaussianDiffusion, NoiseFn
 from pipeline.fidelity import content_key
+from pipeline.gputasks import submit
 from pipeline.likelihood import setup_worker
 from pipeline.noise import ImageNoise, item_seed
 from pipeline.sampling import SamplingJob
+from pipeline.taskprogress import BlockProgress
 from pipeline.unet import UNet
 
 
@@ -114,10 +116,15 @@ def lambdas(count: int) -> np.ndarray:
 def interpolation_chain(
     diffusion: GaussianDiffusion, a: Tensor, b: Tensor, t: int, count: int, seed: int
 ) -> Chain:
-    """Fig. 8's chain: rows (pair-major) (1 - λ) x_t + λ x'_t, one noise stream per pair."""
+    """Fig. 8's chain: rows (pair-major) (1 - λ) x_t + λ x'_t, one noise stream per pair.
+
+    The two endpoints draw independent q-noise (streams ``interp-q`` and ``interp-q2``); the
+    reverse noise (``interp-p``) is shared by every λ of a pair.
+    """
     P, device = a.shape[0], a.device
     eps = ImageNoise(stream_seed(seed, "interp-q", t), range(P), device=device)(tuple(a.shape))
-    x_t, x_t2 = q_sample_at(diffusion, a, t, eps), q_sample_at(diffusion, b, t, eps)
+    eps2 = ImageNoise(stream_seed(seed, "interp-q2", t), range(P), device=device)(tuple(b.shape))
+    x_t, x_t2 = q_sample_at(diffusion, a, t, eps), q_sample_at(diffusion, b, t, eps2)
     lam = torch.tensor(lambdas(count), dtype=x_t.dtype, device=device).view(1, -1, 1, 1, 1)
     mixed = ((1 - lam) * x_t.unsqueeze(1) + lam * x_t2.unsqueeze(1)).flatten(0, 1)
     rows = [p for p in range(P) for _ in range(count)]
@@ -177,6 +184,8 @@ def interpolations(
 # ---------------------------------------------------------------------------------------------
 # One Ray task for both figures, cached by content.
 
+FIGURES = "figures"  # the progress key of the figure task
+
 
 @dataclass(frozen=True)
 class FigureSpec:
@@ -203,11 +212,20 @@ class FigureSpec:
             "images": images,
             "recon": [list(self.recon_ts), self.recon_draws],
             "interp": [self.interp_t, self.interp_lambdas],
+            "interp_q_noise": "independent",  # the two endpoints draw their own q-noise
             "seed": self.seed,
             "device": network.device_type,
             "torch": torch.__version__,
         }
         return config_hash(payload)
+
+    def image_steps(self) -> int:
+        """Per-image noise draws of figure_arrays (its progress unit): q noise, then t - 1
+        reverse steps of every chain."""
+        n, p = len(self.recon_images), len(self.interp_sources)
+        recon = sum(n + n * self.recon_draws * (t - 1) for t in self.recon_ts) if n else 0
+        interp = p + p * self.interp_lambdas * (self.interp_t - 1) if p else 0
+        return recon + interp
 
 
 def figure_arrays(model: UNet, diffusion: GaussianDiffusion, spec: FigureSpec) -> dict:
@@ -239,7 +257,6 @@ def figure_arrays(model: UNet, diffusion: GaussianDiffusion, spec: FigureSpec) -
     return out
 
 
-@ray.remote
 def _figure_task(network: SamplingJob, spec: FigureSpec) -> dict[str, np.ndarray]:
     device = setup_worker(network)
     return figure_arrays(network.model(device), network.diffusion(), spec)
@@ -248,12 +265,23 @@ def _figure_task(network: SamplingJob, spec: FigureSpec) -> dict[str, np.ndarray
 class PendingFigures:
     """Figure arrays being computed by a Ray task, or already read from the cache."""
 
-    def __init__(self, path: Path, arrays: dict | None = None, ref: Any = None) -> None:
-        self.path, self.arrays, self.ref = path, arrays, ref
+    def __init__(
+        self,
+        path: Path,
+        arrays: dict | None = None,
+        ref: Any = None,
+        progress: BlockProgress | None = None,
+    ) -> None:
+        self.path, self.arrays, self.ref, self.progress = path, arrays, ref, progress
 
     def result(self) -> dict[str, np.ndarray]:
         """The arrays (waiting for the task and caching its result the first time)."""
         if self.arrays is None:
+            if self.progress is not None:
+                while not ray.wait([self.ref], timeout=2.0)[0]:
+                    self.progress.poll()
+                self.progress.finished(FIGURES, self.progress.total)
+                self.progress.close()
             self.arrays = ray.get(self.ref)
             save_npz(self.path, **self.arrays)
         return self.arrays
@@ -277,5 +305,14 @@ def submit_figures(
         with np.load(path) as f:
             return PendingFigures(path, arrays={k: f[k] for k in f.files})
     connect()
-    task = _figure_task.options(max_retries=3, retry_exceptions=True, **resources)
-    return PendingFigures(path, ref=task.remote(network, spec))
+    progress = BlockProgress(spec.image_steps(), 0, "Fig. 7/8 image-steps", steps_per_item=1)
+    ref = submit(
+        _figure_task,
+        network,
+        spec,
+        resources=resources,
+        progress=progress.handle(FIGURES),
+        max_retries=3,
+        retry_exceptions=True,
+    )
+    return PendingFigures(path, ref=ref, progress=progress)

@@ -1,12 +1,13 @@
 """Drawing N samples with Algorithm 2 from a variant's EMA weights, fanned out over Ray.
 
-Sample i draws x_T and every step's noise from its own generator seeded by (seed, i)
-(pipeline.noise). Samples are computed in fixed blocks of indices by pipeline.blocks (resumable,
-retried, written atomically as uint8 shards under ``work/sample/<variant>/<key>/``) and merged
-into ``samples/<variant>/samples.npz``. ``key`` hashes everything that changes a block's bytes
-(weights, seed, sampler, diffusion settings, precision, memory format, block size, device type,
-torch version, and the batch size where the network is not batch-invariant), so blocks are
-reused across reruns, more samples or another worker count, and never mixed across weights.
+Sample i draws x_T and every step's noise from its own generator seeded by (seed, i), on the
+sampling device (pipeline.noise: no per-step host copy or sync). Samples are computed in fixed
+blocks of indices by pipeline.blocks (resumable, retried, written atomically as uint8 shards
+under ``work/sample/<variant>/<key>/``) and merged into ``samples/<variant>/samples.npz``.
+``key`` hashes everything that changes a block's bytes (weights, seed, sampler, diffusion
+settings, precision, memory format, block size, device type, torch version, and the batch size
+where the network is not batch-invariant), so blocks are reused across reruns, more samples or
+another worker count, and never mixed across weights.
 
 Reproducibility: on the CPU in float32 (the default memory format) the U-Net is batch-invariant,
 so sample i is bit-identical for any batch size and worker count. With bf16, channels_last or a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +32,18 @@ from torch import Tensor
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
-from pipeline.blocks import BlockRun, merge_blocks, run_blocks
+from pipeline.blocks import BlockRun, run_blocks
 from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
 from pipeline.data import to_uint8
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.errors import ConfigError, DataError
 from pipeline.figures import save_progressive, save_sample_grid
+from pipeline.gputasks import submit
 from pipeline.noise import ImageNoise
+from pipeline.npzmap import load_npz_array
 from pipeline.raycluster import init_ray
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.shards import merge_to_npz
 from pipeline.storage import shared_path
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
@@ -231,7 +236,6 @@ def progressive_frames(
     }
 
 
-@ray.remote
 def _progressive_task(job: SamplingJob, indices: list[int], frames: int) -> dict[str, np.ndarray]:
     device = _setup_worker(job)
     model = job.model(device)
@@ -309,6 +313,23 @@ def check_sample_config(cfg: Config) -> None:
         raise ConfigError(f"{where}.progressive_seeds are sample indices: need >= 0")
 
 
+def sampler_var_type(cfg: Config, variant: Variant) -> str:
+    """The variance the sampler draws with: ``sample.var_type`` when set, else the variant's.
+
+    Only a fixed variance can be swapped (the official LSUN sampler used beta~_t where CIFAR10
+    used beta_t); a learned variance is the network's output: ConfigError.
+    """
+    chosen = cfg.sample.var_type
+    if chosen is None or chosen == variant.var_type:
+        return variant.var_type
+    if variant.var_type == "learned":
+        raise ConfigError(
+            f"presets.{cfg.scale}.sample.var_type: {chosen!r} cannot replace the learned variance "
+            f"of variant {variant.name}; set it to null"
+        )
+    return chosen
+
+
 def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
     """The sampling job of a variant: its EMA weights and the params' sample section."""
     model, _ = load_weights(weights, "cpu")
@@ -325,7 +346,7 @@ def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
         state_dict=model.state_dict(),
         betas=tuple(float(b) for b in betas),
         mean_type=variant.mean_type,
-        var_type=variant.var_type,
+        var_type=sampler_var_type(cfg, variant),
         loss_type=variant.loss_type,
         steps=s.steps,
         seed=s.seed,
@@ -376,10 +397,13 @@ def draw_samples(
         desc="samples",
         shared=job,
         connect=functools.partial(init_ray, cfg.ray),
+        steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress within blocks
     )
-    images = merge_blocks(work, s.n_samples, s.block_size)["images"]
+    merged = work / f"merged-{s.n_samples}.npz"  # moved into samples/<V>/ by write_outputs
+    sha256 = merge_to_npz(work, s.n_samples, s.block_size, merged)  # one shard in memory
+    images = load_npz_array(merged, "images")  # memory-mapped
     progressive = _progressive(cfg, job, work, resources)
-    manifest = make_manifest(cfg, variant, info, job, images, key)
+    manifest = make_manifest(cfg, variant, info, job, images, key, sha256)
     return SampleSet(images, progressive, manifest, run, work)
 
 
@@ -395,16 +419,32 @@ def _progressive(
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     init_ray(cfg.ray)
-    task = _progressive_task.options(max_retries=3, retry_exceptions=True, **resources)
-    out = ray.get(task.remote(job, list(seeds), frames))
+    task = submit(
+        _progressive_task,
+        job,
+        list(seeds),
+        frames,
+        resources=resources,
+        max_retries=3,
+        retry_exceptions=True,
+    )
+    out = ray.get(task)
     save_npz(path, **out)
     return out
 
 
 def make_manifest(
-    cfg: Config, variant: Variant, info: ModelInfo, job: SamplingJob, images: np.ndarray, key: str
+    cfg: Config,
+    variant: Variant,
+    info: ModelInfo,
+    job: SamplingJob,
+    images: np.ndarray,
+    key: str,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
-    """What samples.npz holds and how it was drawn (deterministic: no timings)."""
+    """What samples.npz holds and how it was drawn (deterministic: no timings).
+
+    ``sha256``: that of the images' bytes when already known (hashed while merging)."""
     manifest = {
         "format": FORMAT,
         "variant": variant.name,
@@ -412,13 +452,14 @@ def make_manifest(
         "count": int(images.shape[0]),
         "shape": list(images.shape),
         "dtype": str(images.dtype),
-        "sha256": _array_sha256(images),
+        "sha256": sha256 or _array_sha256(images),
         "sampler": job.label(),
+        "var_type": job.var_type,  # the sampler's variance (sample.var_type or the variant's)
         "respaced": job.respaced,
         "steps": job.steps or len(job.betas),
         "num_timesteps": len(job.betas),
         "seed": job.seed,
-        "seeding": "sample i: torch CPU generator seeded by SeedSequence([seed, i])",
+        "seeding": f"sample i: torch {job.device_type} generator seeded by SeedSequence([seed, i])",
         "weights_sha256": info.sha256,
         "weights_digest": job.weights_digest(),
         "mlflow_run_id": info.meta.get("mlflow_run_id"),
@@ -434,8 +475,12 @@ def make_manifest(
     return manifest
 
 
-def _array_sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+def _array_sha256(array: np.ndarray, chunk: int = 1024) -> str:
+    """sha256 of the array's C-order bytes, hashed ``chunk`` rows at a time (no whole copy)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(array), chunk):
+        digest.update(np.ascontiguousarray(array[start : start + chunk]).data)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,10 +497,14 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
     if "stand_in" in result.manifest:
         title += f" ({STAND_IN_NOTE})"
     with atomic_dir(out_dir) as tmp:
-        save_npz(tmp / "samples.npz", images=result.images)
+        merged = getattr(result.images, "filename", None)  # the memory-mapped merge
+        if merged is not None and Path(merged).is_file():
+            os.replace(merged, tmp / "samples.npz")  # moved, not copied: disk once
+        else:
+            save_npz(tmp / "samples.npz", images=result.images)
         write_json(tmp / "manifest.json", result.manifest)
         figures = [tmp / "grid.png"]
-        save_sample_grid(figures[0], result.images[: cfg.sample.grid_size], title)
+        save_sample_grid(figures[0], np.array(result.images[: cfg.sample.grid_size]), title)
         if result.progressive:
             figures.append(tmp / "progressive.png")
             prog = result.progressive

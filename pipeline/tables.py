@@ -19,6 +19,8 @@ from pipeline.atomic import write_text
 from pipeline.config import STAND_IN_NOTE
 from pipeline.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
 
+TAG_SELECTION = "ddpm.selection"  # = pipeline.training.selection.TAG_SELECTION (no torch here)
+
 # Metric names every variant run carries (evaluate stage): MLflow metrics and metrics JSON keys.
 METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd", "nll_train_bpd")
 UNSTABLE = "not reported in the paper (training unstable)"
@@ -26,7 +28,8 @@ PUBLISHED = "published weights"
 
 
 def rd_metric(kind: str, steps: int) -> str:
-    """MLflow metric name of a Table-4 value: kind 'rate_bpd' or 'rmse' after ``steps`` steps."""
+    """MLflow metric name of a Table-4 value after ``steps`` steps: kind 'rate_bpd', 'rmse'
+    (RMS over the images) or 'rmse_per_image' (mean of per-image RMSEs)."""
     return f"rd_{kind}_{steps}"
 
 
@@ -62,6 +65,9 @@ def _note(runs: pd.DataFrame, variant: str, *, paper_empty: bool = False) -> str
     tags = runs.loc[variant]
     if str(tags.get(f"tags.{TAG_SOURCE}", "")) == PUBLISHED:
         notes.append(PUBLISHED)
+    selection = tags.get(f"tags.{TAG_SELECTION}")  # which checkpoint (train.select)
+    if isinstance(selection, str) and selection != "last checkpoint":
+        notes.append(selection)
     if str(tags.get(f"tags.{TAG_STAND_IN}", "")).lower() == "true":
         reason = tags.get("tags.stand_in_reason")
         notes.append(STAND_IN_NOTE + (f" ({reason})" if isinstance(reason, str) else ""))
@@ -120,6 +126,8 @@ def table2(runs: pd.DataFrame) -> pd.DataFrame:
 def table4(runs: pd.DataFrame, num_timesteps: int, steps: tuple[int, ...]) -> pd.DataFrame:
     """Table 4: rate and distortion of the L_simple model after n reverse steps.
 
+    Distortion: "RMSE" compares the mean of the per-image RMSEs (Sec. 4.3's per-image
+    definition, averaged) with the paper; "RMSE (RMS) ours" is sqrt of the mean MSE beside it.
     With T != 1000 (smoke scales), our row n is set beside the paper's row at the same fraction
     of the reverse process (n * 1000 / T), when the paper has one.
     """
@@ -136,11 +144,42 @@ def table4(runs: pd.DataFrame, num_timesteps: int, steps: tuple[int, ...]) -> pd
             {
                 "steps": n,
                 **_triple("rate bpd", theirs[0], _value(runs, v, rd_metric("rate_bpd", n))),
-                **_triple("RMSE", theirs[1], _value(runs, v, rd_metric("rmse", n))),
+                **_triple("RMSE", theirs[1], _value(runs, v, rd_metric("rmse_per_image", n))),
+                "RMSE (RMS) ours": _value(runs, v, rd_metric("rmse", n)),
                 "note": note,
             }
         )
     return pd.DataFrame(rows)
+
+
+def is_lsun(dataset: str) -> bool:
+    """Whether the report of ``dataset`` is Table 3 (LSUN 256x256) rather than Tables 1, 2, 4."""
+    return dataset in paper.LSUN_FID
+
+
+def table3(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Table 3 (LSUN 256x256): FID against the training set, only beside the same dataset's.
+
+    One row per variant run at this scale (the LSUN presets run L_simple only); the paper's
+    FID is that of ``dataset`` (paper.LSUN_FID), never a CIFAR10 number.
+    """
+    theirs = paper.LSUN_FID[dataset]
+    rows = []
+    for v in runs.index:
+        note = _note(runs, v)
+        if dataset == "lsun_bedroom":
+            note = "; ".join(x for x in (note, "paper's large model: 4.90") if x)
+        rows.append(
+            {
+                "dataset": dataset,
+                "variant": v,
+                **_triple("FID", theirs, _value(runs, v, "fid_train")),
+                "note": note,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["dataset", "variant", "FID paper", "FID ours", "FID diff", "note"]
+    )
 
 
 def _cell(value: object) -> str:
@@ -169,3 +208,43 @@ def write_table(table: pd.DataFrame, stem: Path, title: str) -> None:
     """Write ``stem``.md and ``stem``.csv atomically."""
     write_text(stem.with_suffix(".md"), to_markdown(table, title))
     write_text(stem.with_suffix(".csv"), table.to_csv(index=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-data row (reference stage's ``real_data``): the floor and ceiling of the variants.
+
+REAL_DATA = "real data"
+
+
+def real_data_note(real: dict) -> str:
+    """The real-data row's note: which images, against what, and the stand-in label."""
+    note = (
+        f"{real['count']} real {real['images']} images against the train reference, same extractor"
+    )
+    if real.get("stand_in_note"):
+        note += f"; {real['stand_in_note']}"
+    return note
+
+
+def with_real_data(
+    table: pd.DataFrame, real: dict | None, name: str, runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """``table`` (table1 or table2) with the real-data row appended (when ``real`` is given):
+    IS of real test images and their FID against the train reference. With the feature network
+    (runs carry ``classifier_confidence``) a column of it for every row, real data included."""
+    table = table.copy()
+    if runs is not None and "metrics.classifier_confidence" in runs.columns:
+        found = [_value(runs, v, "classifier_confidence") for v in table["variant"]]
+        table.insert(len(table.columns) - 1, "classifier confidence", found)
+    if not real:
+        return table
+    row: dict = {c: None for c in table.columns}
+    row.update({"model" if name == "table1" else "mean": REAL_DATA})
+    row.update({"variant": f"{real['images']} split", "note": real_data_note(real)})
+    if "objective" in row:
+        row["objective"] = "—"
+    row.update({"IS ours": real.get("is_mean"), "IS std ours": real.get("is_std")})
+    row["FID train ours" if name == "table1" else "FID ours"] = real.get("fid_train")
+    if "classifier confidence" in row:
+        row["classifier confidence"] = real.get("classifier_confidence")
+    return pd.concat([table, pd.DataFrame([row])], ignore_index=True)

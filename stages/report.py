@@ -1,8 +1,10 @@
-"""Stage ``report``: the paper's Tables 1, 2 and 4 beside ours, read back from MLflow.
+"""Stage ``report``: the paper's tables of the scale's dataset beside ours, read from MLflow.
 
 ``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (its id is in
-models/<variant>/model.json) with mlflow.search_runs and writes reports/table{1,2,4}.{md,csv},
-then logs them to a parent MLflow run for the whole reproduction.
+models/<variant>/model.json) with mlflow.search_runs and writes, by dataset, Table 3 (LSUN
+256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10) otherwise, as
+reports/table<N>.{md,csv}, then logs them to a parent MLflow run for the whole reproduction.
+A number is only ever set beside the paper's number for the same dataset.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import pandas as pd
+
 from pipeline import layout, tables, tracking
 from pipeline.cli import entry_point, run_stage
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.errors import UserError
 from pipeline.published import is_skipped
 
@@ -35,6 +39,54 @@ def variant_run_ids(variants: list[str]) -> dict[str, str]:
     return ids
 
 
+def build_tables(
+    cfg: Config, runs: pd.DataFrame, real: dict | None = None
+) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The tables of the scale's dataset, {stem: (table, title)}, the headline table first.
+
+    ``real`` is the reference stage's real-data row (see real_data); CIFAR10-style tables end
+    with it. LSUN scales hold out no test split, so Table 3 has no such row.
+    """
+    if tables.is_lsun(cfg.data.dataset):
+        return {
+            "table3": (
+                tables.table3(runs, cfg.data.dataset),
+                f"Table 3: LSUN 256x256 FID ({cfg.data.dataset})",
+            )
+        }
+    return {
+        "table2": (
+            tables.with_real_data(tables.table2(runs), real, "table2", runs),
+            "Table 2: ablation over the mean and the objective",
+        ),
+        "table1": (
+            tables.with_real_data(tables.table1(runs), real, "table1", runs),
+            "Table 1: CIFAR10 sample quality and NLL",
+        ),
+        "table4": (
+            tables.table4(runs, cfg.diffusion.num_timesteps, cfg.eval.rd_steps),
+            "Table 4: rate and distortion along the reverse process (L_simple)",
+        ),
+    }
+
+
+def real_data(scale: str) -> dict | None:
+    """The reference stage's real-data row (reference/<scale>/manifest.json), if it has one."""
+    path = layout.reference_dir(scale) / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    real = manifest.get("real_data")
+    if real and manifest.get("stand_in"):
+        real = {**real, "stand_in_note": _stand_in_note(manifest)}
+    return real
+
+
+def _stand_in_note(manifest: dict) -> str:
+    reasons = ", ".join(manifest.get("stand_in_reasons", []))
+    return manifest["stand_in_note"] + (f" ({reasons})" if reasons else "")
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,21 +103,14 @@ def main(argv: list[str] | None = None) -> None:
             f"MLflow store {tracking.tracking_uri(cfg)} has no run for: {', '.join(missing)} "
             "(was MLFLOW_TRACKING_URI changed since training?)"
         )
-    built = {
-        "table1": (tables.table1(runs), "Table 1: CIFAR10 sample quality and NLL"),
-        "table2": (tables.table2(runs), "Table 2: ablation over the mean and the objective"),
-        "table4": (
-            tables.table4(runs, cfg.diffusion.num_timesteps, cfg.eval.rd_steps),
-            "Table 4: rate and distortion along the reverse process (L_simple)",
-        ),
-    }
+    built = build_tables(cfg, runs, real_data(cfg.scale))
     files = []
     for stem, (table, title) in built.items():
         path = layout.REPORTS / stem
         tables.write_table(table, path, f"{title} ({cfg.scale} scale)")
         files += [path.with_suffix(".md"), path.with_suffix(".csv")]
     parent = tracking.log_reproduction(cfg, run_ids, files)
-    print((layout.REPORTS / "table2.md").read_text())
+    print((layout.REPORTS / f"{next(iter(built))}.md").read_text())
     print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
 
 

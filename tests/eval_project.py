@@ -36,10 +36,14 @@ def _repo_params() -> dict[str, Any]:
 
 
 def tiny_params(**eval_: Any) -> dict[str, Any]:
-    """The repo's params.yaml at scale tiny, ``eval_`` overriding its eval keys."""
+    """The repo's params.yaml at scale tiny, ``eval_`` overriding its eval keys.
+
+    The He-initialised stand-in Inception unless ``eval_`` says otherwise: these projects have
+    no featurenet stage (tests/test_featurenet.py covers the classifier).
+    """
     raw = copy.deepcopy(_repo_params())
     raw["scale"] = "tiny"
-    raw["presets"]["tiny"]["eval"].update(eval_)
+    raw["presets"]["tiny"]["eval"].update({"inception_weights": "stand-in", **eval_})
     return raw
 
 

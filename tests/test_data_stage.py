@@ -133,3 +133,8 @@ def test_dvc_repro_reruns_prepare_only_when_its_params_change(repo):
     set_param(repo, "presets.tiny.data.seed", 1)
     assert "Running stage 'prepare'" in dvc(repo, "repro", "prepare")
     assert manifest.stat().st_mtime_ns != first
+    # disk once: the prepared data is not copied into DVC's cache, its checksum is in dvc.lock
+    cached = [p for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()]
+    assert cached == [], cached
+    [out] = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+    assert out["path"] == "data/tiny" and out["md5"].endswith(".dir")

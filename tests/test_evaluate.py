@@ -122,8 +122,10 @@ def test_mlflow_run_has_the_reports_metrics_tags_and_artifacts(project):
 def test_plots_csv_is_the_curve(project):
     with (project.root / "plots" / VARIANT / "rate_distortion.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["t", "steps", "rate_bpd", "distortion_rmse", "vb_bpd",
-                             "xstart_mse", "eps_mse"]  # fmt: skip
+    assert list(rows[0]) == ["t", "steps", "T_minus_t", "rate_bpd", "distortion_rmse",
+                             "distortion_rmse_per_image", "vb_bpd", "xstart_mse",
+                             "eps_mse"]  # fmt: skip
+    assert [int(r["T_minus_t"]) for r in rows] == list(range(19, -1, -1))
     assert [int(r["t"]) for r in rows] == list(range(1, 21))
     assert [int(r["steps"]) for r in rows] == list(range(20, 0, -1))
     table4 = read_metrics(project)["table4"]
@@ -131,6 +133,8 @@ def test_plots_csv_is_the_curve(project):
         if r["steps"] in table4:
             assert float(r["rate_bpd"]) == pytest.approx(table4[r["steps"]]["rate_bpd"], 1e-9)
             assert float(r["distortion_rmse"]) == pytest.approx(table4[r["steps"]]["rmse"], 1e-9)
+            per_image = table4[r["steps"]]["rmse_per_image"]
+            assert float(r["distortion_rmse_per_image"]) == pytest.approx(per_image, 1e-9)
     rate = np.array([float(r["rate_bpd"]) for r in rows])
     assert np.all(np.diff(rate) <= 0)  # more reverse steps, more bits received
 

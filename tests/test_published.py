@@ -21,7 +21,11 @@ TINY = load_config(ROOT / "params.yaml", "tiny")
 
 
 def write_checkpoint(
-    folder, num_timesteps=TINY.diffusion.num_timesteps, resolution=8, prediction_type="epsilon"
+    folder,
+    num_timesteps=TINY.diffusion.num_timesteps,
+    resolution=8,
+    prediction_type="epsilon",
+    variance_type="fixed_large",
 ):
     """A randomly initialised diffusers-format DDPM checkpoint in the tiny layout."""
     layout = {
@@ -39,7 +43,7 @@ def write_checkpoint(
         "beta_start": d.beta_start,
         "beta_end": d.beta_end,
         "beta_schedule": "linear",
-        "variance_type": "fixed_large",
+        "variance_type": variance_type,
         "prediction_type": prediction_type,
     }
     (folder / "scheduler_config.json").write_text(json.dumps(scheduler))
@@ -134,6 +138,7 @@ def test_wrong_shape_is_named_in_one_line(project, capsys):
         ({"num_timesteps": 1000}, "trained with {'num_train_timesteps': 1000}"),
         ({"resolution": 16}, "is for 16x16 images, but presets.tiny.data.resolution is 8"),
         ({"prediction_type": "sample"}, "predicts 'sample' (scheduler prediction_type)"),
+        ({"variance_type": "fixed_small"}, "samples with variance_type 'fixed_small', but"),
     ],
 )
 def test_checkpoint_for_another_process_is_refused(project, capsys, kwargs, message):
@@ -167,5 +172,27 @@ def test_other_variants_are_marked_not_run(project, capsys):
         assert path.exists(), out
         assert path.is_file() or any(path.iterdir()), out
     csv = (project / "plots/xprev_learned_kl/rate_distortion.csv").read_text()
-    assert csv.startswith("t,steps,rate_bpd") and csv.count("\n") == 1  # header only
+    assert csv.startswith("t,steps,T_minus_t,rate_bpd") and csv.count("\n") == 1  # header only
     assert not (project / "mlflow.db").exists()  # nothing was tracked for it
+
+
+def test_sampler_variance_follows_the_scale_and_the_checkpoint_must_agree():
+    """The LSUN presets sample with beta~_t (sample.var_type fixedsmall, the official LSUN
+    sampler), CIFAR10 with the variant's beta_t; a checkpoint's scheduler must agree."""
+    from pipeline.errors import ConfigError
+    from pipeline.published import _check_variance
+    from pipeline.sampling import sampler_var_type
+
+    lsun = load_config(ROOT / "params.yaml", "published_lsun_church")
+    cifar = load_config(ROOT / "params.yaml", "published")
+    variant = lsun.variant("eps_fixed_mse")
+    assert sampler_var_type(lsun, variant) == "fixedsmall"
+    assert sampler_var_type(cifar, variant) == "fixedlarge"
+    for scale in ("paper_lsun_church", "paper_lsun_bedroom", "paper_lsun_cat"):
+        assert sampler_var_type(load_config(ROOT / "params.yaml", scale), variant) == "fixedsmall"
+    _check_variance(lsun, variant, {"variance_type": "fixed_small"}, "x")  # accepted
+    _check_variance(cifar, variant, {"variance_type": "fixed_large"}, "x")
+    with pytest.raises(ConfigError, match=r"set presets\.published_lsun_church\.sample\.var_type"):
+        _check_variance(lsun, variant, {"variance_type": "fixed_large"}, "x")
+    with pytest.raises(ConfigError, match="cannot replace the learned variance"):
+        sampler_var_type(lsun, lsun.variant("eps_learned_kl"))

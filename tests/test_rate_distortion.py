@@ -70,3 +70,33 @@ def test_nats_to_bits_per_dim():
     ab = np.prod(1 - linear_beta_schedule(4, 0.1, 0.4))
     ref = 0.5 * (-math.log(1 - ab) + (1 - ab) - 1)  # KL(N(0, 1 - ab) || N(0, 1)) per dim
     assert math.isclose(prior_nats_per_dim, ref, rel_tol=1e-10)
+
+
+def test_distortion_both_aggregations_of_the_per_image_rmse():
+    """Sec. 4.3: distortion per image is sqrt(||x_0 - x0_hat||^2 / D); over images we give the
+    mean of those (what Table 4 compares) and the RMS, which Jensen makes no smaller."""
+    rng = np.random.default_rng(2)
+    B, T = 6, 5
+    vb, prior = rng.uniform(0, 1, (B, T)), rng.uniform(0, 0.01, B)
+    mse = rng.uniform(0, 1, (B, T)) ** 3  # spread-out per-image MSEs
+    curve = rate_distortion(vb.sum(0), prior.sum(), mse.sum(0), B, np.sqrt(mse).sum(0))
+    for j in range(T):
+        per_image = [127.5 * math.sqrt(mse[b, j]) for b in range(B)]
+        assert math.isclose(curve["distortion_rmse_per_image"][j], np.mean(per_image))
+        assert math.isclose(curve["distortion_rmse"][j], 127.5 * math.sqrt(mse[:, j].mean()))
+    assert np.all(curve["distortion_rmse_per_image"] < curve["distortion_rmse"])
+    rows = table4_rows(curve, (T, 1))
+    assert rows[0]["distortion_rmse_per_image"] == curve["distortion_rmse_per_image"][0]
+
+
+def test_fig5_axis_is_t_rev_and_table4_counts_one_more():
+    """Fig. 5 plots against T - t (0 at x_T); Table 4's rows count T - t + 1 reverse steps."""
+    from pipeline.figures_eval import fig5_axis
+
+    T = 10
+    curve = rate_distortion(np.ones(T), 0.0, np.ones(T), 1)
+    axis = fig5_axis(curve)
+    for t in range(1, T + 1):  # 1-based t; index t - 1
+        assert axis[t - 1] == T - t
+        assert curve["steps"][t - 1] == T - t + 1
+    assert axis.max() == T - 1 and axis.min() == 0

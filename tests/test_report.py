@@ -35,7 +35,11 @@ def project(tmp_path, monkeypatch):
                 client.log_metric(run_id, key, value)
             for n, rate, rmse in ((20, 1.25, 2.0), (10, 0.5, 40.0)):
                 client.log_metric(run_id, tables.rd_metric("rate_bpd", n), rate)
-                client.log_metric(run_id, tables.rd_metric("rmse", n), rmse)
+                client.log_metric(run_id, tables.rd_metric("rmse_per_image", n), rmse)
+                client.log_metric(run_id, tables.rd_metric("rmse", n), rmse + 0.5)
+        if name == "eps_fixed_mse":  # trained with train.select: best_fid
+            note = "checkpoint of step 8 selected (lowest FID 2.5 of 3 evaluated during training)"
+            mlflow.MlflowClient().set_tag(run_id, tables.TAG_SELECTION, note)
         folder = tmp_path / "models" / name
         folder.mkdir(parents=True)
         (folder / "model.json").write_text(json.dumps({"mlflow_run_id": run_id}))
@@ -44,12 +48,15 @@ def project(tmp_path, monkeypatch):
 
 def test_tables_put_paper_ours_and_difference_side_by_side(project):
     report.main(["--scale", "tiny"])
+    names = {p.name for p in (project / "reports").iterdir()}  # CIFAR10-like: no Table 3
+    assert names == {f"table{n}.{x}" for n in (1, 2, 4) for x in ("md", "csv")}
     t2 = pd.read_csv(project / "reports" / "table2.csv").set_index("variant")
     row = t2.loc["eps_fixed_mse"]
     assert row["FID paper"] == 3.17 and row["FID ours"] == 30.5
     assert row["FID diff"] == pytest.approx(30.5 - 3.17)
     assert row["IS diff"] == pytest.approx(1.5 - 9.46)
     assert STAND_IN_NOTE in row["note"]
+    assert "step 8 selected (lowest FID 2.5 of 3 evaluated during training)" in row["note"]
     unstable = t2.loc["xprev_fixed_mse"]
     assert pd.isna(unstable["FID paper"]) and "training unstable" in unstable["note"]
     assert pd.isna(t2.loc["xprev_learned_kl", "FID ours"])  # not evaluated: left empty
@@ -61,12 +68,27 @@ def test_tables_put_paper_ours_and_difference_side_by_side(project):
     t4 = pd.read_csv(project / "reports" / "table4.csv")
     # T = 20: our 20 and 10 steps sit beside the paper's 1000 and 500.
     assert list(t4["rate bpd paper"]) == [1.77581, 0.00716]
-    assert list(t4["RMSE ours"]) == [2.0, 40.0]
+    assert list(t4["RMSE ours"]) == [2.0, 40.0]  # the mean of per-image RMSEs is compared
+    assert list(t4["RMSE (RMS) ours"]) == [2.5, 40.5] and "RMSE (RMS) diff" not in t4
     assert "T = 20" in t4["note"][0]
 
     md = (project / "reports" / "table2.md").read_text()
     assert "| eps prediction | \\|\\|eps - eps_theta\\|\\|^2 (L_simple) |" in md
     assert "Rows noted stand-in are not comparable to published numbers" in md
+
+
+def test_lsun_report_is_table3_with_no_cifar10_number(project):
+    """An LSUN scale's FID sits beside the paper's FID of that LSUN dataset, nothing else."""
+    report.main(["--scale", "paper_lsun_church"])
+    assert sorted(p.name for p in (project / "reports").iterdir()) == ["table3.csv", "table3.md"]
+    t3 = pd.read_csv(project / "reports" / "table3.csv").set_index("variant")
+    row = t3.loc["eps_fixed_mse"]
+    assert row["FID paper"] == 7.89 and row["FID ours"] == 30.5
+    assert row["FID diff"] == pytest.approx(30.5 - 7.89)
+    text = (project / "reports" / "table3.md").read_text()
+    cifar10 = [3.17, 5.24, 9.46, 13.51, 13.22, 23.69, 3.75, 1.77581]
+    assert not any(f"{x:.3f}" in text or str(x) in text for x in cifar10)
+    assert set(t3["FID paper"]) == {7.89}
 
 
 def test_parent_run_holds_the_tables_and_nests_the_variants(project):
@@ -94,3 +116,27 @@ def test_missing_model_is_one_clear_line(project):
         "error: models/eps_fixed_kl/model.json: missing; run the pipeline first (dvc repro)"
     ]
     assert not (project / "reports").exists()
+
+
+def test_real_data_row_and_classifier_confidence(project):
+    real = {"images": "test", "count": 16, "fid_train": 2.5, "is_mean": 6.0, "is_std": 0.5}
+    real["classifier_confidence"] = 0.75
+    manifest = {"stand_in": True, "stand_in_note": STAND_IN_NOTE, "real_data": real}
+    manifest["stand_in_reasons"] = ["synthetic data"]
+    (project / "reference" / "tiny").mkdir(parents=True)
+    (project / "reference" / "tiny" / "manifest.json").write_text(json.dumps(manifest))
+    run_id = json.loads((project / "models" / "eps_fixed_mse" / "model.json").read_text())
+    mlflow.MlflowClient().log_metric(run_id["mlflow_run_id"], "classifier_confidence", 0.5)
+    report.main(["--scale", "tiny"])
+    t2 = pd.read_csv(project / "reports" / "table2.csv")
+    row = t2[t2["mean"] == tables.REAL_DATA].iloc[0]
+    assert row["variant"] == "test split" and row["FID ours"] == 2.5 and row["IS ours"] == 6.0
+    assert row["classifier confidence"] == 0.75 and pd.isna(row["FID paper"])
+    assert "16 real test images" in row["note"] and STAND_IN_NOTE in row["note"]
+    by_variant = t2.set_index("variant")
+    assert by_variant.loc["eps_fixed_mse", "classifier confidence"] == 0.5
+    assert pd.isna(by_variant.loc["xprev_learned_kl", "classifier confidence"])
+    t1 = pd.read_csv(project / "reports" / "table1.csv")
+    row = t1[t1["model"] == tables.REAL_DATA].iloc[0]
+    assert row["FID train ours"] == 2.5 and row["IS ours"] == 6.0 and pd.isna(row["FID test ours"])
+    assert "real data" in (project / "reports" / "table2.md").read_text()

@@ -134,3 +134,34 @@ def test_two_workers_resume_on_one_worker(reference, tmp_path, monkeypatch):
         update = torch.cat([(a[k] - init[k]).flatten() for k in a]).norm()
         difference = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
         assert difference < 1e-3 * update, (name, difference.item(), update.item())
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch):
+    """eval_every 4 on Ray beside one training worker: FIDs of steps 4, 8, 12 logged as
+    fid_during_training, stored per step, and select best_fid exports the lowest one."""
+    from pipeline.data import open_split
+    from pipeline.fidelity import compute_reference_stats
+    from pipeline.inception import resolve_inception_weights
+    from pipeline.training.selection import EvalRecords
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    keys = {"num_workers": 1, "eval_every": 4, "eval_samples": 2, "select": "best_fid"}
+    cfg = make_project(tmp_path, **keys)
+    weights = resolve_inception_weights(cfg.eval, tmp_path / "work" / "fidelity")
+    train = open_split(tmp_path / "data" / cfg.scale, "train")[:3]
+    ref = tmp_path / "reference" / cfg.scale
+    compute_reference_stats(train, "train", weights, tmp_path / "c", ref, is_splits=1)
+    summary = train_variant(cfg, cfg.variant(VARIANT), tmp_path)
+    run_dir = tmp_path / "checkpoints" / VARIANT / summary.run_name
+    records = EvalRecords(run_dir).all()
+    assert [r["step"] for r in records] == [4, 8, 12]
+    best = min(records, key=lambda r: (r["fid"], r["step"]))
+    selection = summary.model_json["selection"]
+    assert selection["selected_step"] == best["step"] == summary.model_json["steps"]
+    assert selection["evaluations"] == 3
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = summary.model_json["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "fid_during_training")
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], r["fid"]) for r in records]
+    assert f"step {best['step']} selected" in client.get_run(run_id).data.tags["ddpm.selection"]

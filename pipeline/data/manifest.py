@@ -6,7 +6,7 @@
       manifest.json                     what is here (see below)
       train.npy  or  train-00000.npy, train-00001.npy, ...   uint8 [n, R, R, 3] (HWC), in order
       test.npy   or  test-00000.npy, ...
-      train-labels.npy, test-labels.npy optional int64 [N] (cifar10)
+      train-labels.npy, test-labels.npy optional int64 [N] (cifar10, synthetic)
 
 manifest.json::
 

@@ -32,8 +32,12 @@ def export_weights(
     variant: Variant,
     run: dict[str, str],
     mlflow_run_id: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ema.pt, model.pt and model.json from a checkpoint folder; returns model.json."""
+    """Write ema.pt, model.pt and model.json from a checkpoint folder; returns model.json.
+
+    ``extra`` is added to model.json (e.g. ``selection``: which checkpoint and why).
+    """
     payload = read_checkpoint(checkpoint)
     step = int(payload["step"])
     meta = {
@@ -63,6 +67,7 @@ def export_weights(
             "run_name": run["name"],
             "ema_decay": cfg.train.ema_decay,
             "stand_in": cfg.stand_in_reasons(),
+            **(extra or {}),
         }
         write_json(tmp / "model.json", info)
     return info

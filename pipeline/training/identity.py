@@ -22,7 +22,8 @@ from pipeline.config import Config, Variant, config_hash
 from pipeline.data import read_manifest
 
 # Train keys that do not change the weights (beyond float rounding): the cluster's shape,
-# threads and memory layout, retries, logging and checkpoint cadence.
+# threads and memory layout, retries, logging and checkpoint cadence, evaluation during training
+# and checkpoint selection (turning them on for a finished run evaluates its kept checkpoints).
 NOT_IN_IDENTITY = (
     "log_every",
     "checkpoint_every",
@@ -34,6 +35,10 @@ NOT_IN_IDENTITY = (
     "torch_threads",
     "channels_last",
     "max_failures",
+    "eval_every",
+    "eval_samples",
+    "select",
+    "variants",
 )
 MLFLOW_RECORD = "mlflow_run.json"
 IDENTITY_RECORD = "identity.json"

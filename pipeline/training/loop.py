@@ -32,6 +32,7 @@ from pipeline.training.ema import EMA
 from pipeline.training.monitor import Monitor
 from pipeline.training.optim import clip_gradients, make_optimizer
 from pipeline.training.randomness import diffusion_inputs, seed_dropout
+from pipeline.training.replicas import ReplicaClipping, loss_scale
 from pipeline.training.session import RaySession, Session, checkpoint_name
 from pipeline.unet import build_unet
 
@@ -75,18 +76,32 @@ def train_step(
     t: Tensor,
     noise: Tensor,
     cfg: Config,
+    replicas: ReplicaClipping | None = None,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on this rank's batch; returns (mean loss, gradient norm), on device.
 
     ``model`` is the network to call (DDP-wrapped when distributed; it averages the gradients
-    over the ranks in backward); ``state.model`` is the same network unwrapped.
+    over the ranks in backward); ``state.model`` is the same network unwrapped. ``scale``
+    multiplies the per-image loss (1/ln 2: a kl loss in bits); with ``replicas`` each virtual
+    replica's gradient is clipped before averaging (pipeline.training.replicas), else the whole
+    batch's gradient is clipped (the norm returned is then the mean of the replicas' norms).
     """
     state.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x_start.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-        losses = diffusion.training_losses(_float_output(model), x_start, t, noise)["loss"]
-    loss = losses.float().mean()
-    loss.backward()
-    grad_norm = clip_gradients(state.model, cfg.train.grad_clip)
+
+    def loss_fn(net: nn.Module, x: Tensor, tt: Tensor, eps: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+            losses = diffusion.training_losses(_float_output(net), x, tt, eps)["loss"]
+        return losses.float().mean() * scale
+
+    if replicas is None:
+        loss = loss_fn(model, x_start, t, noise)
+        loss.backward()
+        grad_norm = clip_gradients(state.model, cfg.train.grad_clip)
+    else:
+        loss, grad_norm = replicas.backward(
+            model, state.model, loss_fn, x_start, t, noise, state.step
+        )
     state.optimizer.step()
     state.schedule.step()
     state.ema.update(state.model)
@@ -128,10 +143,13 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     stats = IntervalStats(session.device)
     monitor = Monitor(session.rank == 0, train.batch_size, job.board)
     monitor.start(start, train.steps)
+    replicas, scale = _replica_clipping(job.cfg, session), loss_scale(job.cfg, job.variant)
     model.train()
     for step in range(start, train.steps):
         faults.maybe_inject(job.fault, job.run_dir, session.rank, step, state.model)
-        loss, grad_norm = train_step(model, state, diffusion, *inputs(step), job.cfg)
+        loss, grad_norm = train_step(
+            model, state, diffusion, *inputs(step), job.cfg, replicas, scale
+        )
         stats.add(step, loss, grad_norm)
         checkpoint = state.step % train.checkpoint_every == 0 or state.step == train.steps
         if state.step % train.log_every == 0 or checkpoint:
@@ -144,6 +162,14 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
                 _report_checkpoint(session, state, job, {"step": state.step, **metrics})
     monitor.close()
     return _outcome("finished", start, state.step, None)
+
+
+def _replica_clipping(cfg: Config, session: Session) -> ReplicaClipping | None:
+    """Per-replica clipping for ``train.clip_replicas`` > 1; None: clip the whole batch."""
+    t = cfg.train
+    if t.clip_replicas <= 1:
+        return None
+    return ReplicaClipping(t.clip_replicas, session.rank, session.world_size, t.grad_clip, t.seed)
 
 
 class StepInputs:
@@ -168,14 +194,19 @@ class StepInputs:
         """(x_start, t, noise) of ``step``; also reseeds dropout for it."""
         x_start = self._to_device(self.batches.batch(step))
         t, noise = diffusion_inputs(
-            self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size
-        )
+            self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size, self.device
+        )  # drawn on the device: no copy, no sync
         seed_dropout(self.seed, step, self.rank)
-        return x_start, t.to(self.device), self._to_device(noise)
+        return x_start, t, noise.contiguous(memory_format=self._format())
 
     def _to_device(self, x: Tensor) -> Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        """The step's images on the device; from pinned memory on CUDA, so without a host sync."""
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self._format())
+
+    def _format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def _report_checkpoint(

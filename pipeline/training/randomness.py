@@ -1,11 +1,15 @@
-"""Every random draw of a training step as a pure function of (seed, step).
+"""Every random draw of a training step as a pure function of (seed, step), drawn on the device.
 
-At global step s, each rank draws the timesteps t and the noise eps for the *whole* global batch
-from one generator seeded by (seed, s) and keeps its own slice, and reseeds torch's global RNG
-(which dropout uses) from (seed, s, rank). Together with :class:`pipeline.data.TrainBatches`
-(whose images and flips depend only on (seed, s) too), this makes a step independent of the
-history of the RNGs: W workers with batch b see the examples, t and eps that one worker with
-batch W*b sees, and a run resumed at step s repeats an uninterrupted one exactly.
+At global step s, row r of the global batch (r = rank * b + j for rank ``rank`` of W, b = B / W
+rows each) draws its timestep t and its noise eps from its own generator, seeded by a
+counter-based mix of (seed, s, r) (splitmix64 over a SeedSequence base), on the training device.
+Each rank draws only its own b rows, with no host-to-device copy and no host synchronisation.
+Torch's global RNG (which dropout uses) is reseeded from (seed, s, rank). Together with
+:class:`pipeline.data.TrainBatches` (whose images and flips depend only on (seed, s) too), this
+makes a step independent of the history of the RNGs: W workers with batch b see the examples, t
+and eps that one worker with batch W*b sees, and a run resumed at step s repeats an
+uninterrupted one exactly. CPU (mt19937) and CUDA (Philox) generators draw different bits, so
+these equalities hold per device type.
 """
 
 from __future__ import annotations
@@ -16,12 +20,28 @@ from torch import Tensor
 
 NOISE_STREAM = 0x6E6F6973  # "nois": timesteps and noise
 DROPOUT_STREAM = 0x64726F70  # "drop": torch's global RNG (dropout)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
 
 
 def step_seed(seed: int, step: int, stream: int, rank: int = 0) -> int:
     """A 64-bit seed for (seed, step, stream, rank), decorrelated by numpy's SeedSequence."""
     words = np.random.SeedSequence([seed, step, stream, rank]).generate_state(2, np.uint32)
     return int(words[0]) | int(words[1]) << 32
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of uint64 ``z`` (elementwise, wrapping): a bijective mix."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def row_seeds(seed: int, step: int, start: int, stop: int) -> np.ndarray:
+    """uint64 [stop - start]: the generator seeds of global rows start .. stop-1 at ``step``."""
+    base = np.uint64(step_seed(seed, step, NOISE_STREAM))
+    with np.errstate(over="ignore"):
+        return splitmix64(base + np.arange(start, stop, dtype=np.uint64) * GOLDEN)
 
 
 def diffusion_inputs(
@@ -31,19 +51,24 @@ def diffusion_inputs(
     shape: tuple[int, ...],
     rank: int = 0,
     world_size: int = 1,
+    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """This rank's timesteps and noise at ``step``, drawn on the CPU.
+    """This rank's timesteps and noise at ``step``, drawn on ``device``.
 
     ``shape`` is the global batch's [B, C, H, W]. Returns t, long [B // world_size] in
     [0, num_timesteps), and eps, float32 [B // world_size, C, H, W] ~ N(0, I): rows
-    [rank * b, (rank + 1) * b) of what one worker would draw for the whole batch.
+    [rank * b, (rank + 1) * b) of what one worker would draw for the whole batch; row r's
+    values depend only on (seed, step, r) and the device type.
     """
-    generator = torch.Generator().manual_seed(step_seed(seed, step, NOISE_STREAM))
-    t = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
-    noise = torch.randn(shape, generator=generator)
     b = shape[0] // world_size
-    rows = slice(rank * b, (rank + 1) * b)
-    return t[rows], noise[rows]
+    device = torch.device(device)
+    t = torch.empty(b, dtype=torch.long, device=device)
+    noise = torch.empty((b, *shape[1:]), dtype=torch.float32, device=device)
+    for j, row_seed in enumerate(row_seeds(seed, step, rank * b, (rank + 1) * b).tolist()):
+        generator = torch.Generator(device=device).manual_seed(row_seed)
+        t[j : j + 1].random_(0, num_timesteps, generator=generator)
+        noise[j].normal_(generator=generator)
+    return t, noise
 
 
 def seed_dropout(seed: int, step: int, rank: int) -> None:

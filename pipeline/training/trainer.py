@@ -28,12 +28,13 @@ from pipeline import tracking
 from pipeline.config import Config, Variant
 from pipeline.data import open_split
 from pipeline.errors import ConfigError
-from pipeline.layout import checkpoint_dir, data_dir, model_dir
+from pipeline.layout import checkpoint_dir, data_dir, model_dir, reference_dir
 from pipeline.raycluster import init_ray
 from pipeline.storage import shared_data, shared_path
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
+from pipeline.training.eval_during import CheckpointEvaluator
 from pipeline.training.export import export_weights
 from pipeline.training.identity import (
     record_mlflow_run,
@@ -43,6 +44,7 @@ from pipeline.training.identity import (
 )
 from pipeline.training.loop import TrainJob, train_loop_per_worker
 from pipeline.training.progress import BoardReader, ProgressBoard, ProgressDisplay
+from pipeline.training.selection import TAG_SELECTION, select_checkpoint, selection_note
 
 # Each ray.train.report waits about this long for the controller (Ray's default is 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -154,24 +156,58 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     run_dir = shared_path(cfg, root, checkpoint_dir(variant.name)) / run["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_identity(run_dir, cfg, variant, data)
+    evaluator = make_evaluator(cfg, variant, run_dir, root)
     uri, run_id = open_mlflow_run(cfg, variant, run_dir, root)
+    if evaluator is not None:
+        evaluator.mlflow = (uri, run_id)
     start = time.perf_counter()
     job = TrainJob(cfg, variant, str(data), str(run_dir), run, fault=faults.from_environment())
-    result, starts = fit(job, uri, run_id)
+    result, starts = fit(job, uri, run_id, [evaluator] if evaluator else [])
     seconds = time.perf_counter() - start
     if result.return_value["status"] == "diverged":
         _mark_run(uri, run_id, "diverged")
         raise TrainingDivergedError(_diverged_message(result, cfg.train.steps))
     out = root / model_dir(variant.name)
-    with result.checkpoint.as_directory() as folder:
-        info = export_weights(folder, out, cfg, variant, run, run_id)
+    with result.checkpoint.as_directory() as last:
+        folder, selection = Path(last), {"select": "last", "evaluations": 0}
+        if evaluator is not None:
+            evaluator.finish()
+            folder, selection = select_checkpoint(cfg.train.select, evaluator.records, folder)
+            selection["eval_seconds"] = round(time.perf_counter() - start - seconds, 3)
+        info = export_weights(folder, out, cfg, variant, run, run_id, {"selection": selection})
+    _log_selection(uri, run_id, selection)
     _mark_run(uri, run_id, "finished")
     return TrainSummary(
         variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
     )
 
 
-def fit(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
+def make_evaluator(
+    cfg: Config, variant: Variant, run_dir: Path, root: Path
+) -> CheckpointEvaluator | None:
+    """Evaluation during training (train.eval_every > 0), or None; needs the train reference."""
+    if cfg.train.eval_every <= 0:
+        return None
+    stats = root / reference_dir(cfg.scale) / "train-stats.pt"
+    if not stats.is_file():
+        raise ConfigError(
+            f"presets.{cfg.scale}.train.eval_every needs the training reference statistics "
+            f"{stats}; run the reference stage first (dvc repro reference)"
+        )
+    return CheckpointEvaluator(cfg, variant, run_dir, stats, root)
+
+
+def _log_selection(uri: str, run_id: str, selection: dict[str, Any]) -> None:
+    """The chosen checkpoint as MLflow tag ``ddpm.selection`` (the report's notes show it)."""
+    import mlflow
+
+    text = selection_note(selection)
+    mlflow.MlflowClient(uri).set_tag(run_id, TAG_SELECTION, text)
+
+
+def fit(
+    job: TrainJob, uri: str, run_id: str, sinks: list[Any] | None = None
+) -> tuple[Any, list[int]]:
     """Run the job's TorchTrainer, showing progress and logging curves to the MLflow run.
 
     Returns Ray's result and the steps the workers started (and restarted) at.
@@ -185,7 +221,7 @@ def fit(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
     trainer = make_trainer(job)
     display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
     try:
-        with BoardReader(board, [display, MlflowCurves(uri, run_id)]):
+        with BoardReader(board, [display, MlflowCurves(uri, run_id), *(sinks or [])]):
             result = trainer.fit()
     except Exception:
         _mark_run(uri, run_id, "failed")

@@ -1,0 +1,129 @@
+"""Evaluation during training and the paper's checkpoint selection (App. B: the minimum FID).
+
+A real tiny training run (in this process) leaves checkpoints every 2 steps; the evaluator
+scores them with a scorer whose FIDs the test controls, then with the real one (samples of the
+EMA weights, FID against stand-in reference statistics).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_project import VARIANT, make_project, tiny_config
+
+from pipeline.training.checkpoint import read_checkpoint
+from pipeline.training.eval_during import CheckpointEvaluator, score_checkpoint
+from pipeline.training.export import export_weights
+from pipeline.training.loop import TrainJob, run_worker
+from pipeline.training.selection import EvalRecords, select_checkpoint, selection_note
+from pipeline.training.session import LocalSession
+
+FIDS = {4: 7.0, 8: 2.5, 12: 3.0}  # step -> the FID the controlled scorer returns
+TRAIN = {"num_workers": 1, "steps": 12, "checkpoint_every": 2, "log_every": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(project root, run folder with every checkpoint of a 12-step run)."""
+    root = tmp_path_factory.mktemp("sel")
+    cfg = make_project(root, **TRAIN, eval_every=4, eval_samples=8)
+    run_dir = root / "checkpoints" / VARIANT / "run"
+    job = TrainJob(cfg, cfg.variant(VARIANT), str(root / "data" / cfg.scale), str(run_dir),
+                   {"name": "run", "config_hash": "0"})  # fmt: skip
+    run_worker(job, LocalSession(run_dir, keep=100))
+    return root, run_dir
+
+
+def _controlled(calls: list[int]):
+    def scorer(cfg, variant, checkpoint, reference, root) -> float:
+        step = json.loads((Path(checkpoint) / "meta.json").read_text())["step"]
+        calls.append(step)
+        return FIDS[step]
+
+    return scorer
+
+
+def _evaluator(root: Path, run_dir: Path, calls: list[int], select: str = "best_fid"):
+    cfg = tiny_config(**TRAIN, eval_every=4, eval_samples=8, select=select)
+    return cfg, CheckpointEvaluator(
+        cfg, cfg.variant(VARIANT), run_dir, root / "ref.pt", root, scorer=_controlled(calls),
+        run_task=False,
+    )  # fmt: skip
+
+
+def test_best_fid_selects_the_lowest_fid_checkpoint_and_resume_redoes_nothing(
+    trained, tmp_path, monkeypatch
+):
+    root, run_dir = trained
+    calls: list[int] = []
+    cfg, evaluator = _evaluator(root, run_dir, calls)
+    from pipeline.training import eval_during
+
+    monkeypatch.setattr(eval_during, "SETTLE_S", 1e9)
+    evaluator.poll()  # the newest checkpoint (12) may still be being written: not yet
+    assert calls == [4, 8]
+    monkeypatch.setattr(eval_during, "SETTLE_S", 0.0)
+    evaluator.poll()  # its files have not changed for SETTLE_S seconds: complete
+    assert calls == [4, 8, 12]  # every eval_every (4) steps, not every checkpoint (2)
+    records = evaluator.finish()
+    assert calls == [4, 8, 12]
+    assert [(r["step"], r["fid"], r["n_samples"]) for r in records] == [
+        (4, 7.0, 8), (8, 2.5, 8), (12, 3.0, 8)
+    ]  # fmt: skip
+    last = run_dir / "checkpoint_000000012"
+    folder, selection = select_checkpoint("best_fid", evaluator.records, last)
+    assert selection["selected_step"] == 8 and selection["evaluations"] == 3
+    assert "step 8 selected (lowest FID 2.5 of 3 evaluated" in selection_note(selection)
+    run = {"name": "run", "config_hash": "0"}
+    extra = {"selection": selection}
+    info = export_weights(folder, tmp_path / "model", cfg, cfg.variant(VARIANT), run, None, extra)
+    assert info["steps"] == 8 and info["selection"]["selected_step"] == 8
+    ema = torch.load(tmp_path / "model" / "ema.pt", weights_only=False)
+    want = read_checkpoint(run_dir / "checkpoint_000000008")["ema"]
+    state = ema.get("state_dict", ema)
+    assert all(torch.equal(state[k], want[k]) for k in want)
+
+    assert select_checkpoint("last", evaluator.records, last)[0] == last
+    again: list[int] = []  # a restarted driver: the evaluations done are not redone
+    _, resumed = _evaluator(root, run_dir, again)
+    assert resumed.finish() == records and again == []
+
+
+@pytest.mark.slow  # ~2 min on this shared CPU: three stand-in Inception builds and passes
+def test_real_score_is_the_fid_of_the_ema_samples(trained):
+    """score_checkpoint: eval_samples samples of the EMA weights, FID against reference
+    statistics (stand-in Inception; 3 + 3 images: Inception on the CPU is the cost)."""
+    from pipeline.data import open_split
+    from pipeline.fidelity import compute_fid_is, compute_reference_stats
+    from pipeline.inception import resolve_inception_weights
+    from pipeline.sampling import sample_images
+    from pipeline.training.loop import make_diffusion
+    from pipeline.unet import build_unet
+
+    root, run_dir = trained
+    cfg = tiny_config(**TRAIN, eval_every=4, eval_samples=3)
+    variant = cfg.variant(VARIANT)
+    weights = resolve_inception_weights(cfg.eval, root / "work" / "fidelity")
+    train = open_split(root / "data" / cfg.scale, "train")[:3]
+    ref = compute_reference_stats(train, "train", weights, root / "c", root / "ref", is_splits=1)
+    checkpoint = run_dir / "checkpoint_000000012"
+    fid = score_checkpoint(cfg, variant, checkpoint, ref, root)
+    # independently: the EMA network's samples (sample section's seed), scored the same way
+    diffusion = make_diffusion(cfg, variant)
+    net = build_unet(cfg.model, cfg.data.resolution, diffusion.model_output_channels(3))
+    net.load_state_dict(read_checkpoint(checkpoint)["ema"])
+    images = sample_images(net.eval(), diffusion, range(3), cfg.sample.seed, 8)
+    want = compute_fid_is(images, {"train": ref}, weights, root / "c2", is_splits=1)
+    assert fid > 0 and fid == pytest.approx(want["fid_train"], rel=1e-6)
+
+
+def test_records_are_files_and_the_best_copy_survives_ray_pruning(trained, tmp_path):
+    _, run_dir = trained
+    records = EvalRecords(tmp_path)
+    records.add({"step": 4, "fid": 5.0, "n_samples": 8}, run_dir / "checkpoint_000000004")
+    records.add({"step": 8, "fid": 6.0, "n_samples": 8}, run_dir / "checkpoint_000000008")
+    assert records.done() == {4, 8} and records.best()["step"] == 4
+    assert read_checkpoint(records.best_checkpoint())["step"] == 4  # a copy, not a link
