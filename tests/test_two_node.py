@@ -77,7 +77,9 @@ def placements(cluster: TwoNodes, storage: Path) -> dict[str, set[str]]:
 
     url = cluster.dashboard_url
     nodes = list_nodes(address=url, limit=10)
-    blocks = list_tasks(address=url, filters=[("func_or_class_name", "=", "_run_block")], limit=999)
+    tasks = list_tasks(address=url, limit=9999)  # blocks run through pipeline.gputasks' _call
+    block_fns = ("_run_block", "_call", "_call_on_gpu")
+    blocks = [t for t in tasks if t.func_or_class_name.split(".")[-1] in block_fns]
     return {
         "head": {n.node_id for n in nodes if n.is_head_node},
         "other": {n.node_id for n in nodes if not n.is_head_node},
