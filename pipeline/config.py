@@ -225,6 +225,13 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster storage. DDPM_CLUSTER_STORAGE (environment) wins over ``storage``."""
+
+    storage: str | None = None  # a path every node mounts (NFS...); None: single node, local
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolved configuration of one scale."""
 
@@ -237,6 +244,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     variants: dict[str, Variant] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
@@ -264,7 +272,7 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Every key as ``section.key`` (what MLflow logs as params)."""
         out: dict[str, Any] = {"scale": self.scale}
-        for name in (*SECTIONS, "ray", "mlflow"):
+        for name in (*SECTIONS, "ray", "mlflow", "cluster"):
             for key, value in dataclasses.asdict(getattr(self, name)).items():
                 out[f"{name}.{key}"] = value
         return out
@@ -279,6 +287,7 @@ SECTION_TYPES: dict[str, type] = {
     "eval": EvalConfig,
     "ray": RayConfig,
     "mlflow": MlflowConfig,
+    "cluster": ClusterConfig,
 }
 
 
@@ -301,7 +310,7 @@ def load_config(path: str | os.PathLike | None = None, scale: str | None = None)
 
 def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
     """Resolve a params dict (the content of params.yaml) into a :class:`Config`."""
-    _check_keys("params.yaml", raw, {"scale", "presets", "variants", "ray", "mlflow"})
+    _check_keys("params.yaml", raw, {"scale", "presets", "variants", "ray", "mlflow", "cluster"})
     presets = raw.get("presets") or {}
     scale = scale or raw.get("scale")
     if not scale:
@@ -314,7 +323,7 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
         name: _build(SECTION_TYPES[name], preset.get(name) or {}, f"presets.{scale}.{name}")
         for name in SECTIONS
     }
-    for name in ("ray", "mlflow"):
+    for name in ("ray", "mlflow", "cluster"):
         sections[name] = _build(SECTION_TYPES[name], raw.get(name) or {}, name)
     variants = {}
     for vname, vraw in (raw.get("variants") or {}).items():

@@ -37,6 +37,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import ConfigError, DataError
 from pipeline.inception import STAND_IN_IS_NOTE, InceptionWeights
+from pipeline.storage import safe_load
 
 if TYPE_CHECKING:
     from pipeline.taskprogress import BlockProgress
@@ -358,7 +359,19 @@ def _statistics(key: str, weights: InceptionWeights, cache: Path, **opts) -> dic
     """
     if not _stat_file(cache, key, weights).is_file():
         _fid(key, key, weights, cache, **opts)
-    return torch.load(_stat_file(cache, key, weights), map_location="cpu", weights_only=False)
+    return load_numpy_dict(_stat_file(cache, key, weights))
+
+
+def load_numpy_dict(path: Path) -> dict[str, np.ndarray]:
+    """A ``torch.save``d dict of numpy arrays, loaded with ``weights_only=True`` and an allow-list.
+
+    Cache folders may sit on shared storage, so a file holding anything else (a tampered one
+    whose unpickling would run code) is refused with a DataError; nothing in it is executed.
+    """
+    out = safe_load(path)
+    if not isinstance(out, dict) or not all(isinstance(v, np.ndarray) for v in out.values()):
+        raise DataError(f"{path}: refused, not a dict of arrays")
+    return out
 
 
 def _fid(key1: str, key2: str, weights: InceptionWeights, cache: Path, **opts) -> float:

@@ -38,6 +38,7 @@ from pipeline.diffusion import GaussianDiffusion
 from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
 from pipeline.sampling import SamplingJob, make_job
+from pipeline.storage import shared_path
 from pipeline.unet import UNet
 
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
@@ -227,7 +228,7 @@ def compute_nll(
     n = min(n_images, len(images))
     block = cfg.eval.nll_block_size
     key = nll_key(network, weights_digest, split, split_digest(data_dir, split), block)
-    work = (root / layout.work_dir("nll", variant) / f"{split}-{key}").resolve()
+    work = shared_path(cfg, root, layout.work_dir("nll", variant)) / f"{split}-{key}"
     job = NllJob(network, images[:n], split)
     connect = connect or functools.partial(init_ray, cfg.ray)
     run = run_blocks(

@@ -44,6 +44,7 @@ from pipeline.npzmap import load_npz_array
 from pipeline.raycluster import init_ray
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
 from pipeline.shards import merge_to_npz
+from pipeline.storage import shared_path
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import load_weights, sha256_file
@@ -384,7 +385,7 @@ def draw_samples(
     job = make_job(cfg, variant, info.weights)
     s = cfg.sample
     key = block_key(job, s.block_size)
-    work = (root / layout.work_dir("sample", variant.name) / key).resolve()
+    work = shared_path(cfg, root, layout.work_dir("sample", variant.name)) / key
     resources = task_resources(cfg)
     run = run_blocks(
         sample_block,

@@ -1,16 +1,15 @@
-"""The tiny preset end to end: dvc repro in a copy of the repo, and the same as a Ray job.
+"""The tiny preset end to end: dvc repro in a copy of the repo (the Ray job: test_two_node.py).
 
-Real components only: DVC, a local Ray cluster started by ``ray start --head``, a real
-``mlflow server``, Ray Train, torch-fidelity (stand-in weights). Every variant must reach MLflow
-with its metrics, and the report must write the three tables.
+Real components only: DVC, a private Ray head started by ``ray start --head``, Ray Train,
+torch-fidelity (stand-in weights). Every variant must reach MLflow with its metrics, and the
+report must write the three tables. The same as ``ray job submit`` on a two-node cluster with
+a real ``mlflow server`` is tests/test_two_node.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,40 +18,12 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
-from repo_copy import BIN, ROOT, copy_repo, env, free_port
+from repo_copy import BIN, ROOT, copy_repo, env
 
 from pipeline.config import load_config
-from pipeline.raycluster import local_head, wait_for_url
 
 METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd")
 ALL_VARIANTS = set(load_config(ROOT / "params.yaml", "tiny").variants)
-TABLE1_VARIANTS = {"eps_fixed_kl", "eps_fixed_mse"}  # Table 1's rows: the Ray-job test runs these
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store; yields its URI."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for_url(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-
-@pytest.fixture
-def ray_head():
-    """A real ``ray start --head`` cluster (own ports and temp dir); yields the job address."""
-    with local_head(2, env=env(RAY_AUTH_MODE="disabled")) as head:
-        yield head.dashboard_url
 
 
 def ray_sessions() -> set[Path]:
@@ -195,26 +166,3 @@ def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
     assert len(metrics) == 6 and all(m["data"]["stand_in"] is True for m in metrics.values())
     again = subprocess.run(["dvc", "status"], cwd=repo, env=env(), capture_output=True, text=True)
     assert "up to date" in again.stdout  # a second repro would do nothing
-
-
-@pytest.mark.e2e
-def test_ray_job_on_a_cluster_tracked_by_an_mlflow_server(tmp_path, ray_head, mlflow_server):
-    repo = copy_repo(tmp_path / "repo", variants=TABLE1_VARIANTS)  # two variants: CI time
-    runtime = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
-    job = subprocess.run(
-        [BIN / "ray", "job", "submit", "--address", ray_head, "--working-dir", str(repo),
-         "--runtime-env-json", json.dumps(runtime), "--", "python", "-m", "stages.repro"],
-        env=env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True,
-    )  # fmt: skip
-    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-4000:]
-    runs = variant_runs(mlflow_server)
-    client = mlflow.MlflowClient()
-    parent = mlflow.search_runs(
-        experiment_names=["ddpm-repro"], filter_string="tags.`ddpm.role` = 'reproduction'"
-    )
-    assert len(parent) == 1
-    tables = {}
-    for t in ("table1", "table2", "table4"):
-        local = client.download_artifacts(parent["run_id"][0], f"tables/{t}.csv", str(tmp_path))
-        tables[t] = pd.read_csv(local)
-    check_results(runs, tables, TABLE1_VARIANTS)

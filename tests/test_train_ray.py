@@ -149,6 +149,23 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_two_workers_resume_on_one_worker(reference, tmp_path, monkeypatch):
+    """Checkpointed with 2 workers, continued with 1: resumes at the step, matches to rounding."""
+    with pytest.raises(Exception, match="InjectedFault"):
+        train(tmp_path, monkeypatch, fault="fail:1:6", max_failures=0)  # dies after step 4's save
+    monkeypatch.delenv(faults.ENV)
+    single = train(tmp_path, monkeypatch, num_workers=1)
+    assert (single.run_name, single.start, single.steps) == (reference.run_name, 4, 12)
+    cfg = make_project(tmp_path / "init")
+    init = make_state(cfg, cfg.variant(VARIANT), torch.device("cpu")).model.state_dict()
+    for name in ("model.pt", "ema.pt"):
+        a, b = weights(reference, name), weights(single, name)
+        update = torch.cat([(a[k] - init[k]).flatten() for k in a]).norm()
+        difference = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+        assert difference < 1e-3 * update, (name, difference.item(), update.item())
+
+
+@pytest.mark.slow
 def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch):
     """eval_every 4 on Ray beside one training worker: FIDs of steps 4, 8, 12 logged as
     fid_during_training, stored per step, and select best_fid exports the lowest one."""

@@ -7,13 +7,16 @@ loadable with ``weights_only=True``) and ``meta.json`` (the step and run, for pe
     model       the raw network's state_dict
     ema         the EMA network's state_dict
     optimizer   Adam's state_dict;  schedule: the LambdaLR's
-    rng         torch, numpy and python RNG states of rank 0 (and CUDA's when used)
+    rng         torch, numpy and python RNG states of rank 0, and CUDA's per device when used:
+                ``cuda = {"devices": [state of visible device 0, 1, ...]}``
     data        {"seed", "step"}: the data order is a pure function of these
     run         run name and config hash, checked on restore
 
 Correctness does not depend on the RNG states (every step reseeds from (seed, step); see
 :mod:`pipeline.training.randomness`), but they are restored so that code outside the step
-continues as it would have.
+continues as it would have. A run resumes on any worker or GPU count: each process restores the
+CUDA states of the devices it has (device i gets saved device i's state; devices beyond those
+saved keep theirs, saved devices beyond those present are ignored).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def capture_rng() -> dict[str, Any]:
         "python": _python_state_to_plain(random.getstate()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng["cuda"] = {"devices": torch.cuda.get_rng_state_all()}
     return rng
 
 
@@ -70,7 +73,21 @@ def restore_rng(rng: dict[str, Any]) -> None:
     version, internal, gauss_next = rng["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_cuda_rng(rng["cuda"])
+
+
+def restore_cuda_rng(saved: dict[str, list[torch.Tensor]] | list[torch.Tensor]) -> int:
+    """Set the CUDA RNG of each device this process sees from the saved per-device states.
+
+    ``saved`` is ``{"devices": [...]}`` (or the bare list of older checkpoints). A checkpoint
+    written where more GPUs were visible (W workers, or 8 GPUs a node) resumes where fewer are,
+    and vice versa. Returns the number of devices restored.
+    """
+    states = saved["devices"] if isinstance(saved, dict) else saved
+    count = min(len(states), torch.cuda.device_count())
+    for index in range(count):
+        torch.cuda.set_rng_state(states[index], index)
+    return count
 
 
 def _python_state_to_plain(state: tuple) -> list:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from pipeline.config import Config, Variant
 from pipeline.data import TrainBatches, open_split
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.storage import record_placement
 from pipeline.training import faults
 from pipeline.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.training.divergence import IntervalStats
@@ -116,7 +117,9 @@ def _float_output(model: nn.Module):
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry point: ``config = {"job": TrainJob}``."""
     logging.getLogger().setLevel(logging.WARNING)  # Ray's per-report INFO lines
-    return run_worker(config["job"], RaySession())
+    session = RaySession()
+    record_placement(Path(config["job"].run_dir), session.rank)
+    return run_worker(config["job"], session)
 
 
 def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:

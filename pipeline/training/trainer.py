@@ -10,7 +10,9 @@ writes the final weights to ``models/<variant>/``. A diverged run raises
 :class:`~pipeline.training.divergence.TrainingDivergedError` naming the step and the last good
 checkpoint.
 
-On a cluster of several nodes, ``checkpoints/`` must be on storage every node sees (NFS).
+With ``cluster.storage`` set (:mod:`pipeline.storage`), the run folder (Ray Train's storage_path)
+and the prepared data the ranks map are in cluster storage, so ranks on any node find them and a
+resubmitted job continues from the stored checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.data import open_split
 from pipeline.errors import ConfigError
 from pipeline.layout import checkpoint_dir, data_dir, model_dir, reference_dir
 from pipeline.raycluster import init_ray
+from pipeline.storage import shared_data, shared_path
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
@@ -147,10 +150,10 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     """
     root = Path(root or Path.cwd()).resolve()
     check_train_config(cfg)
-    data = root / data_dir(cfg.scale)
-    check_data(cfg, data)
+    check_data(cfg, root / data_dir(cfg.scale))
+    data = shared_data(cfg, root / data_dir(cfg.scale))  # in cluster storage when set
     run = run_identity(cfg, variant, data)
-    run_dir = root / checkpoint_dir(variant.name) / run["name"]
+    run_dir = shared_path(cfg, root, checkpoint_dir(variant.name)) / run["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     write_identity(run_dir, cfg, variant, data)
     evaluator = make_evaluator(cfg, variant, run_dir, root)

@@ -1,0 +1,160 @@
+"""Durable, incremental runs on a cluster: each finished stage reaches cluster storage at once.
+
+``stages.repro`` uses this when ``cluster.storage`` is set (see :mod:`pipeline.storage`):
+
+1. restore: copy ``<storage>/state/<scale>/`` (dvc.lock and the outputs DVC does not cache:
+   metrics/, plots/, the pointer files and Inception caches of checkpoints/ and work/) into the
+   working directory, then ``dvc pull --allow-missing`` from the storage remote. Every torch
+   file restored is first loaded with ``weights_only=True`` (:func:`pipeline.storage.safe_load`);
+   one that is refused is not restored (its stage then simply reruns).
+2. reproduce stage by stage (``dvc repro --single-item``, in dvc.yaml's order), and after each
+   stage ``dvc push`` its outputs to the remote and save the state: a job stopped or failed
+   keeps every stage it finished; a resubmitted job (new working directory, same params) skips
+   them, training continues from its stored checkpoint and finished blocks are reused.
+
+A push the remote rejects fails the run after the stage, with its local outputs kept.
+:func:`check_job_tracking` stops a Ray job whose MLflow store would live in its temporary
+working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.errors import DataError, UserError
+from pipeline.storage import copy_file_atomic, dvc_remote, safe_load, state_dir
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in every `ray job submit` driver
+REMOTE = "cluster-storage"
+STATE = ("dvc.lock", "metrics", "plots", "checkpoints", "work")  # relative to the project
+
+Dvc = Callable[..., None]
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the entrypoint of a ``ray job submit``."""
+    return RAY_JOB_ENV in os.environ
+
+
+def local_store(uri: str) -> Path | None:
+    """The local path of a file-based MLflow store (sqlite:///..., file:..., a path), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri).expanduser()
+    return None
+
+
+def check_job_tracking(cfg: Config, workdir: Path) -> None:
+    """In a Ray job, a UserError unless MLflow's store outlives the job's working directory."""
+    if not in_ray_job():
+        return
+    uri = tracking.tracking_uri(cfg, workdir)
+    store = local_store(uri)
+    if store is None or not store.resolve().is_relative_to(workdir.resolve()):
+        return
+    configured = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    where = f"the MLflow store {uri}" if configured else "MLFLOW_TRACKING_URI is not set"
+    raise UserError(
+        f"{where}: in a Ray job the MLflow store would be in the job's temporary working "
+        f"directory and lost with it; set MLFLOW_TRACKING_URI in the job's runtime_env "
+        f'(--runtime-env-json \'{{"env_vars": {{"MLFLOW_TRACKING_URI": ...}}}}\') to an '
+        f"MLflow server or a store on cluster storage"
+    )
+
+
+def stage_names() -> list[str]:
+    """dvc.yaml's stages in file order (foreach expanded), a topological order here."""
+    out = subprocess.run(
+        ["dvc", "stage", "list", "--name-only"], capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        raise UserError(f"dvc stage list failed: {out.stderr.strip().splitlines()[-1:]}")
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def reproduce_with_storage(storage: Path, scale: str, repro_args: list[str], dvc: Dvc) -> None:
+    """Restore, then reproduce stage by stage with a push and a state save after each."""
+    state = state_dir(storage, scale)
+    dvc("remote", "add", "--local", "--force", "--default", REMOTE, str(dvc_remote(storage)))
+    if restore_state(state, Path.cwd()):
+        print(f"restored the state of an earlier run from {state}", flush=True)
+        dvc("pull", "--allow-missing")
+    if repro_args:  # targets or options of the user's: one repro, then one push
+        dvc("repro", *repro_args)
+        push(dvc, storage, None)
+        save_state(Path.cwd(), state)
+        return
+    for name in stage_names():
+        dvc("repro", "--single-item", name)
+        push(dvc, storage, name)
+        save_state(Path.cwd(), state)
+
+
+def push(dvc: Dvc, storage: Path, stage: str | None) -> None:
+    """``dvc push [stage]`` to the storage remote; a rejected push is one UserError line."""
+    try:
+        dvc("push", *([stage] if stage else []))
+    except SystemExit as e:
+        what = f"stage {stage}" if stage else "the outputs"
+        raise UserError(
+            f"dvc push of {what} to {dvc_remote(storage)} failed (status {e.code}); the outputs "
+            "are kept in the working directory and DVC's cache: fix the remote and rerun"
+        ) from None
+
+
+def _files(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Files under ``folder`` of the given top-level names, relative to ``folder``."""
+    found = []
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            found.append(Path(name))
+        elif path.is_dir():
+            found += [p.relative_to(folder) for p in sorted(path.rglob("*")) if p.is_file()]
+    return found
+
+
+def _same(a: Path, b: Path) -> bool:
+    if not b.is_file():
+        return False
+    sa, sb = a.stat(), b.stat()
+    return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns
+
+
+def save_state(project: Path, state: Path) -> int:
+    """Copy dvc.lock and the uncached outputs into ``state`` (changed files only); bytes copied."""
+    copied = 0
+    for rel in _files(project, STATE):
+        if rel.name.startswith(".") and rel.name.endswith(".tmp"):
+            continue
+        if not _same(project / rel, state / rel):
+            copy_file_atomic(project / rel, state / rel)
+            copied += (project / rel).stat().st_size
+    return copied
+
+
+def restore_state(state: Path, project: Path) -> bool:
+    """Copy a saved state into ``project``; torch files only when they load weights-only."""
+    files = _files(state, STATE) if state.is_dir() else []
+    if not any(rel == Path("dvc.lock") for rel in files):
+        return False
+    for rel in files:
+        if rel.suffix == ".pt":
+            try:
+                safe_load(state / rel)
+            except DataError as e:
+                print(f"warning: not restored: {e}", flush=True)
+                continue
+        if not _same(state / rel, project / rel):
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(state / rel, project / rel)
+    return True

@@ -1,0 +1,140 @@
+"""Cluster storage without a cluster: the setting, its errors, the state a resubmission restores.
+
+Files read from (shared) storage never execute code: a tampered file is refused. The two-node
+runs are in test_two_node.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import durable, storage
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.fidelity import load_numpy_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this would create a file: what a tampered cache could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_statistics_are_arrays_and_a_tampered_file_is_refused(tmp_path):
+    stats = {"mu": np.arange(3, dtype=np.float32), "sigma": np.eye(3)}
+    torch.save(stats, tmp_path / "stat.pt")  # what torch-fidelity writes
+    loaded = load_numpy_dict(tmp_path / "stat.pt")
+    assert loaded["mu"].dtype == np.float32 and loaded["sigma"].dtype == np.float64
+    np.testing.assert_array_equal(loaded["sigma"], stats["sigma"])
+    marker = tmp_path / "code-ran"
+    torch.save({"mu": stats["mu"], "sigma": Payload(marker)}, tmp_path / "tampered.pt")
+    with pytest.raises(DataError, match="refused"):
+        load_numpy_dict(tmp_path / "tampered.pt")
+    assert not marker.exists()
+    torch.save({"mu": [1.0]}, tmp_path / "list.pt")
+    with pytest.raises(DataError, match="refused"):
+        load_numpy_dict(tmp_path / "list.pt")
+
+
+def test_the_storage_setting_and_its_errors(tmp_path, monkeypatch):
+    cfg = load_config(ROOT / "params.yaml", "tiny")
+    monkeypatch.delenv(storage.ENV, raising=False)
+    assert cfg.cluster.storage is None and storage.check_storage(cfg) is None  # the default
+    monkeypatch.setenv(storage.ENV, str(tmp_path / "shared"))
+    assert storage.check_storage(cfg) == tmp_path / "shared" and (tmp_path / "shared").is_dir()
+    for bad, match in (("s3://bucket/x", "URIs are not supported"), ("rel/path", "absolute")):
+        monkeypatch.setenv(storage.ENV, bad)
+        with pytest.raises(ConfigError, match=match):
+            storage.check_storage(cfg)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(storage.ENV, str(tmp_path / "file" / "below"))
+    with pytest.raises(UserError, match="not writable"):
+        storage.check_storage(cfg)
+
+
+def test_prepared_data_and_block_folders_move_to_storage(tmp_path, monkeypatch):
+    cfg = load_config(ROOT / "params.yaml", "tiny")
+    local = tmp_path / "project" / "data" / "tiny"
+    local.mkdir(parents=True)
+    (local / "manifest.json").write_text("{}")
+    (local / "train.npy").write_bytes(b"x" * 10)
+    monkeypatch.setenv(storage.ENV, str(tmp_path / "shared"))
+    shared = storage.shared_data(cfg, local)
+    assert shared.parent == tmp_path / "shared" / "data" and shared.name.startswith("tiny-")
+    assert (shared / "train.npy").read_bytes() == b"x" * 10
+    assert storage.shared_data(cfg, local) == shared  # copied once
+    work = storage.shared_path(cfg, tmp_path / "project", Path("work/sample/v"))
+    assert work == tmp_path / "shared" / "work" / "sample" / "v"
+    pointer = tmp_path / "project" / "work" / "sample" / "v" / storage.POINTER
+    assert pointer.read_text().strip() == str(work)  # the local DVC out exists
+
+
+def test_state_round_trip_skips_a_tampered_torch_file(tmp_path):
+    project, state, again = tmp_path / "p", tmp_path / "state", tmp_path / "q"
+    (project / "metrics").mkdir(parents=True)
+    (project / "dvc.lock").write_text("schema: '2.0'\n")
+    (project / "metrics" / "v.json").write_text("{}")
+    (project / "work" / "fid" / "v").mkdir(parents=True)
+    torch.save({"mu": np.zeros(2)}, project / "work" / "fid" / "v" / "good.pt")
+    torch.save({"x": Payload(tmp_path / "ran")}, project / "work" / "fid" / "v" / "bad.pt")
+    (project / "models").mkdir()  # cached outputs go through the DVC remote, not the state
+    (project / "models" / "ema.pt").write_bytes(b"w")
+    assert durable.save_state(project, state) > 0
+    assert durable.save_state(project, state) == 0  # unchanged files are not copied again
+    assert not (state / "models").exists()
+    assert durable.restore_state(state, again)
+    assert (again / "dvc.lock").is_file() and (again / "metrics" / "v.json").is_file()
+    assert (again / "work" / "fid" / "v" / "good.pt").is_file()
+    assert (
+        not (again / "work" / "fid" / "v" / "bad.pt").exists() and not (tmp_path / "ran").exists()
+    )
+    assert not durable.restore_state(tmp_path / "empty", again)
+
+
+def test_a_ray_job_without_a_durable_mlflow_store_is_one_error_line(tmp_path, monkeypatch):
+    cfg = load_config(ROOT / "params.yaml", "tiny")
+    monkeypatch.delenv(durable.RAY_JOB_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    durable.check_job_tracking(cfg, tmp_path)  # not a Ray job: the local default is fine
+    monkeypatch.setenv(durable.RAY_JOB_ENV, "{}")
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI is not set"):
+        durable.check_job_tracking(cfg, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'sub' / 'm.db'}")
+    with pytest.raises(UserError, match="temporary working directory"):
+        durable.check_job_tracking(cfg, tmp_path)
+    for fine in ("http://127.0.0.1:5000", f"sqlite:///{tmp_path.parent / 'elsewhere.db'}"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", fine)
+        durable.check_job_tracking(cfg, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({durable.RAY_JOB_ENV: "{}", "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, "-m", "stages.repro"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert (
+        run.stderr.startswith("error: MLFLOW_TRACKING_URI is not set")
+        and run.stderr.count("\n") == 1
+    )
+
+
+def test_a_rejected_push_is_one_error_line_naming_the_remote(tmp_path, monkeypatch):
+    """A real ``dvc push`` that fails (here: no DVC project) becomes one UserError line."""
+    from stages.repro import dvc
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    with pytest.raises(UserError, match=f"push of stage train@v to {tmp_path / 'dvc'} failed"):
+        durable.push(dvc, tmp_path, "train@v")

@@ -1,0 +1,222 @@
+"""The tiny preset as ``ray job submit`` on two nodes that share nothing but cluster storage.
+
+Real components (tests/two_node.py): a ``ray start --head`` node and a second node in its own
+mount namespace that cannot see the checkout, /tmp or /dev/shm of the head; a real ``mlflow
+server``; DVC with the storage remote. a. (default suite): the job succeeds with one training
+worker on each node and blocks on both, which Ray's own task and actor records (node ids) show;
+MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
+b. and c. (slow): a job stopped during training and resubmitted after an edit continues from
+the stored checkpoint with bit-identical final EMA weights, recomputes no finished stage, and a
+fresh clone gets every output with ``dvc pull`` from the storage remote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from repo_copy import BIN, copy_repo, env
+from test_end_to_end import check_results, variant_runs
+from two_node import TwoNodes, can_run, mlflow_server, two_nodes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
+
+VARIANT = "eps_fixed_mse"  # one variant suffices (the single-node tests run all six)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with two_nodes() as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+def project(dest: Path) -> Path:
+    """A copy of the repo at the tiny scale, one variant, two training workers (one a node)."""
+    repo = copy_repo(dest, variants={VARIANT})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["presets"]["tiny"]["train"]["num_workers"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+def submit(
+    cluster: TwoNodes, repo: Path, env_vars: dict[str, str], log: Path | None = None
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``ray job submit --working-dir repo -- python -m stages.repro``; with ``log``, don't wait."""
+    cmd = [
+        BIN / "ray", "job", "submit", "--address", cluster.dashboard_url,
+        "--working-dir", str(repo), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+        "--", "python", "-m", "stages.repro",
+    ]  # fmt: skip
+    job_env = env(RAY_AUTH_MODE="disabled")
+    if log is None:
+        return subprocess.run(cmd, env=job_env, capture_output=True, text=True)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=job_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def placements(cluster: TwoNodes, storage: Path) -> dict[str, set[str]]:
+    """Node ids of the head, the other node, the training ranks and the block tasks.
+
+    The ranks record their node in storage (``nodes/`` of the run); the block tasks are Ray's
+    task records.
+    """
+    from ray.util.state import list_nodes, list_tasks
+
+    url = cluster.dashboard_url
+    nodes = list_nodes(address=url, limit=10)
+    tasks = list_tasks(address=url, limit=9999)  # blocks run through pipeline.gputasks' _call
+    block_fns = ("_run_block", "_call", "_call_on_gpu")
+    blocks = [t for t in tasks if t.func_or_class_name.split(".")[-1] in block_fns]
+    return {
+        "head": {n.node_id for n in nodes if n.is_head_node},
+        "other": {n.node_id for n in nodes if not n.is_head_node},
+        "train": {
+            json.loads(f.read_text())["node_id"]
+            for f in storage.glob("checkpoints/*/*/nodes/rank-*.json")
+        },
+        "blocks": {t.node_id for t in blocks if t.node_id},
+    }
+
+
+def du(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_path):
+    repo = project(tmp_path / "repo")  # one variant: CI time
+    storage = cluster.storage / "a"
+    start = time.perf_counter()
+    env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
+    job = submit(cluster, repo, env_vars)
+    seconds = time.perf_counter() - start
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr
+    where = placements(cluster, storage)
+    assert len(list(storage.glob("checkpoints/*/*/nodes/rank-*.json"))) == 2  # ranks 0 and 1
+    assert where["train"] == where["head"] | where["other"], where  # one rank on each node
+    assert where["blocks"] == where["head"] | where["other"], where  # blocks on both
+    runs = variant_runs(tracking)
+    check_results(runs, tables_from_mlflow(tmp_path), {VARIANT})
+    sizes = {p.name: du(p) for p in sorted(storage.iterdir()) if p.is_dir()}
+    weights = [du(run) for run in storage.glob("checkpoints/*/*/checkpoint_000000008")]
+    print(
+        f"\ntwo-node job a.: {seconds:.0f} s; storage bytes by folder: {sizes}; "
+        f"a final checkpoint {weights[0]} bytes (model, EMA and Adam: ~4x the weights); "
+        f"object store: every block result (= the shards, {sizes['work']} bytes in all) and "
+        f"the weights once per node and block run; training ranks: gloo all-reduce over TCP"
+    )
+    assert {"checkpoints", "data", "work", "dvc", "state"} <= set(sizes)
+    (run,) = (storage / "checkpoints" / VARIANT).iterdir()
+    assert (run / "checkpoint_000000008" / "state.pt").is_file()
+    assert "Running stage" in job.stdout
+
+
+def tables_from_mlflow(tmp_path: Path) -> dict:
+    import mlflow
+    import pandas as pd
+
+    parent = mlflow.search_runs(
+        experiment_names=["ddpm-repro"], filter_string="tags.`ddpm.role` = 'reproduction'"
+    )
+    assert len(parent) == 1
+    client = mlflow.MlflowClient()
+    tables = {}
+    for t in ("table1", "table2", "table4"):
+        local = client.download_artifacts(parent["run_id"][0], f"tables/{t}.csv", str(tmp_path))
+        tables[t] = pd.read_csv(local)
+    return tables
+
+
+def test_a_job_without_a_durable_mlflow_store_stops_before_any_work(cluster, tmp_path):
+    repo = copy_repo(tmp_path / "repo", variants={VARIANT})
+    job = submit(cluster, repo, {"DDPM_CLUSTER_STORAGE": str(cluster.storage / "nomlflow")})
+    assert job.returncode != 0
+    errors = {line for line in job.stdout.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1, job.stdout[-3000:]  # (ray job submit shows the log twice)
+    assert "MLFLOW_TRACKING_URI is not set" in errors.pop()
+    assert "Running stage" not in job.stdout
+    assert not (cluster.storage / "nomlflow" / "data").exists()
+
+
+def final_ema(storage: Path, variant: str, step: int) -> dict[str, torch.Tensor]:
+    (run,) = (storage / "checkpoints" / variant).iterdir()
+    state = torch.load(run / f"checkpoint_{step:09d}" / "state.pt", weights_only=True)
+    return state["ema"]
+
+
+@pytest.mark.slow
+def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
+    cluster, tracking, tmp_path
+):
+    """b. stop during training, edit, resubmit: resumes, skips, same weights; c. dvc pull."""
+    repo = project(tmp_path / "repo")
+    # Ray reuses the working directory of an identical package (a.'s, outputs and all): differ.
+    (repo / "README.md").write_text((repo / "README.md").read_text() + "\ncase b\n")
+    storage = cluster.storage / "b"
+    env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
+    start = time.perf_counter()
+    first = tmp_path / "first.log"
+    hung = submit(cluster, repo, {**env_vars, "DDPM_TEST_FAULT": "hang:0:6"}, first)
+    runs = storage / "checkpoints" / VARIANT
+    deadline = time.monotonic() + 600
+    while not list(runs.glob("*/checkpoint_000000004/state.pt")):
+        assert time.monotonic() < deadline and hung.poll() is None, first.read_text()[-4000:]
+        time.sleep(1)
+    stop_job(cluster, hung)
+    first_log = first.read_text()
+    assert "Running stage 'train@" in first_log
+    (repo / "README.md").write_text((repo / "README.md").read_text() + "\nedited\n")  # new package
+    second = submit(cluster, repo, {**env_vars, "DDPM_TEST_FAULT": "hang:0:6"})
+    seconds = time.perf_counter() - start
+    assert second.returncode == 0 and "succeeded" in second.stdout, second.stdout[-6000:]
+    log = second.stdout
+    assert "restored the state of an earlier run" in log
+    for stage in ("prepare", "reference"):
+        assert f"Stage '{stage}' didn't change, skipping" in log, log[-6000:]
+        assert f"Running stage '{stage}'" not in log
+    assert "resumed at step 4" in log or "from step 4" in log, log[-6000:]
+    if not (cluster.storage / "a").is_dir():
+        pytest.skip("compares with test a's uninterrupted run")
+    reference = final_ema(cluster.storage / "a", VARIANT, 8)
+    resumed = final_ema(storage, VARIANT, 8)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    ran = [line for line in log.splitlines() if line.startswith("Running stage")]
+    print(f"\ntwo-node b. (stop, edit, resubmit): {seconds:.0f} s; storage: {du(storage)} bytes")
+    print(f"resubmission ran: {ran}; {[x for x in log.splitlines() if 'resumed' in x]}")
+
+    clone = project(tmp_path / "clone")  # c. a fresh clone elsewhere
+    shutil.rmtree(clone / "dvc.lock", ignore_errors=True)
+    state = storage / "state" / "tiny"
+    shutil.copy2(state / "dvc.lock", clone / "dvc.lock")
+    dvc = [BIN / "dvc"]
+    subprocess.run([*dvc, "remote", "add", "-d", "s", str(storage / "dvc")], cwd=clone, check=True)
+    pulled = subprocess.run([*dvc, "pull"], cwd=clone, env=env(), capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    for out in (f"models/{VARIANT}/ema.pt", f"samples/{VARIANT}", "reports/table2.csv"):
+        assert (clone / out).exists(), out
+    assert len(variant_runs(tracking)) >= 1
+
+
+def stop_job(cluster: TwoNodes, proc: subprocess.Popen) -> None:
+    """``ray job stop`` the running job (``proc`` is its ``ray job submit``, which then ends)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    (job,) = [j for j in client.list_jobs() if j.status == JobStatus.RUNNING]
+    subprocess.run(
+        [BIN / "ray", "job", "stop", "--address", cluster.dashboard_url, job.submission_id],
+        env=env(RAY_AUTH_MODE="disabled"), check=True, capture_output=True,
+    )  # fmt: skip
+    proc.wait(120)

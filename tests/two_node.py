@@ -1,0 +1,174 @@
+"""A two-node Ray cluster on this machine whose nodes share one folder only (test helper).
+
+The head is ``ray start --head`` on 127.0.0.1 (:func:`pipeline.raycluster.local_head`, 1 CPU).
+The second node runs ``ray start --address ... --block`` (1 CPU) inside its own mount namespace
+(``unshare --mount --propagation private --fork``, needs root) with private tmpfs mounts over
+/tmp, /dev/shm and the project checkout: it cannot see the head's files, its session folder, the
+job's working directory or the test's temp folders. Only the Python environment (bind-mounted
+back onto its path when it lives inside the checkout, as ``.venv`` does in CI) and one "cluster
+storage" folder outside /tmp and the checkout (standing in for NFS) are visible to both.
+
+With one CPU a node, two 1-CPU training workers or blocks land one on each node. Every process
+started here is stopped by its pid (the head's process group, then the node's), never
+``ray stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from repo_copy import BIN, ROOT, env, free_port
+
+from pipeline.raycluster import local_head, wait_for_url
+
+STORAGE_PARENT = Path("/var/tmp")  # outside /tmp and the checkout: visible to both nodes
+
+
+@dataclass(frozen=True)
+class TwoNodes:
+    """The cluster: the head's addresses and the shared storage folder."""
+
+    address: str  # GCS address (ray.init)
+    dashboard_url: str  # job API (ray job submit --address)
+    storage: Path
+    node_log: Path
+
+
+def can_run() -> str | None:
+    """Why a two-node cluster cannot be simulated here, or None."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs Linux and root (unshare --mount)"
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        return "needs unshare and mount"
+    return None
+
+
+def node_script(address: str, checkout: Path, venv: Path, temp: str) -> str:
+    """The second node's shell script (run inside the new mount namespace).
+
+    ``temp`` (in its private /tmp) is its Ray temp dir: unique, so that its processes can be
+    found by their command line.
+    """
+    ray = venv / "bin" / "ray"
+    keep = "/dev/shm/ddpm-venv"
+    start = [
+        str(venv / "bin" / "python"), str(ray), "start", f"--address={address}", "--block",
+        "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        f"--temp-dir={temp}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", "--min-worker-port=20000",
+        "--max-worker-port=29999",
+    ]  # fmt: skip
+    q = shlex.quote
+    return "\n".join(
+        [
+            "set -e",
+            "mount -t tmpfs tmpfs /dev/shm",
+            f"mkdir -p {keep} && mount --bind {q(str(venv))} {keep}",
+            "mount -t tmpfs tmpfs /tmp",
+            f"if [ -d {q(str(checkout))} ]; then mount -t tmpfs tmpfs {q(str(checkout))}; fi",
+            f"if [ ! -x {q(str(venv / 'bin' / 'python'))} ]; then",
+            f"  mkdir -p {q(str(venv))} && mount --bind {keep} {q(str(venv))}",
+            "fi",
+            f"test ! -e {q(str(checkout / 'params.yaml'))}",  # the checkout is hidden
+            f"exec {shlex.join(start)}",
+        ]
+    )
+
+
+@contextlib.contextmanager
+def two_nodes(head_cpus: int = 1, timeout_s: float = 120) -> Iterator[TwoNodes]:
+    """Start the head and the hidden second node; stop both (by pid) on exit."""
+    storage = Path(tempfile.mkdtemp(prefix="ddpm-storage-", dir=STORAGE_PARENT))
+    venv = Path(sys.prefix).resolve()
+    proc = None
+    try:
+        with local_head(head_cpus, env=env(RAY_AUTH_MODE="disabled")) as head:
+            node_log = head.temp_dir / "node2.log"
+            temp = f"/tmp/ddpm-node2-{os.urandom(6).hex()}"
+            script = node_script(head.address, ROOT, venv, temp)
+            with open(node_log, "wb") as log:
+                proc = subprocess.Popen(
+                    ["unshare", "--mount", "--propagation", "private", "--fork",
+                     "bash", "-c", script],
+                    env=env(RAY_AUTH_MODE="disabled"), stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            wait_for_nodes(head.address, 2, proc, node_log, timeout_s)
+            yield TwoNodes(head.address, head.dashboard_url, storage, node_log)
+    finally:
+        if proc is not None:
+            stop_node(proc, temp)
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def stop_node(proc: subprocess.Popen, temp: str) -> None:
+    """SIGKILL the node: its process group, its descendants and whatever names its temp dir."""
+    found = [p for p in psutil.process_iter(["cmdline"]) if _names(p, temp)]
+    with contextlib.suppress(psutil.Error):
+        found += psutil.Process(proc.pid).children(recursive=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in found:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(30)
+
+
+def _names(p: psutil.Process, temp: str) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(temp in arg for arg in p.info["cmdline"] or ())
+    return False
+
+
+def wait_for_nodes(
+    address: str, count: int, proc: subprocess.Popen, log: Path, timeout_s: float
+) -> None:
+    """Wait until ``count`` nodes are alive (asked through a short-lived driver)."""
+    code = (
+        "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the second node exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        out = subprocess.run(
+            [BIN / "python", "-c", code, address], env=env(), capture_output=True, text=True
+        )
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1)
+    pytest.fail(f"the second node did not join in {timeout_s:.0f} s: {log.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store in ``folder``; yields its URI."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "server-artifacts")],
+        env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_url(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
