@@ -319,15 +319,7 @@ def merge_blocks(
     Shards that start at or beyond ``n_items`` are ignored.
     """
     out_dir = Path(out_dir)
-    blocks = block_ranges(n_items, block_size)
-    present = [r for r in list_shards(out_dir) if r[0] < n_items]
-    _check_coverage(out_dir, n_items, present)
-    wrong = sorted(set(present) - set(blocks))
-    if wrong:
-        raise DataError(
-            f"{out_dir}: shards {_fmt(wrong)} are not blocks of {block_size} items; "
-            f"merge with the block size they were computed with"
-        )
+    blocks = checked_blocks(out_dir, n_items, block_size)
     parts: dict[str, list[np.ndarray]] = {}
     for start, stop in blocks:
         arrays = read_shard(shard_path(out_dir, start, stop), stop - start)
@@ -339,6 +331,21 @@ def merge_blocks(
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def checked_blocks(out_dir: Path, n_items: int, block_size: int) -> list[Range]:
+    """The blocks of ``0 .. n_items-1``, after checking that the shards in ``out_dir`` are
+    exactly those blocks (DataError naming missing, duplicated or foreign ranges otherwise)."""
+    blocks = block_ranges(n_items, block_size)
+    present = [r for r in list_shards(out_dir) if r[0] < n_items]
+    _check_coverage(out_dir, n_items, present)
+    wrong = sorted(set(present) - set(blocks))
+    if wrong:
+        raise DataError(
+            f"{out_dir}: shards {_fmt(wrong)} are not blocks of {block_size} items; "
+            f"merge with the block size they were computed with"
+        )
+    return blocks
 
 
 def _check_coverage(out_dir: Path, n_items: int, present: list[Range]) -> None:

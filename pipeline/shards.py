@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.blocks import _check_coverage, _fmt, block_ranges, list_shards, read_shard, shard_path
+from pipeline.blocks import checked_blocks, read_shard, shard_path
 from pipeline.errors import DataError
 
 
@@ -35,15 +35,7 @@ def merge_to_npz(
     ``name`` is missing or differs in dtype or item shape from the first one's.
     """
     out_dir = Path(out_dir)
-    blocks = block_ranges(n_items, block_size)
-    present = [r for r in list_shards(out_dir) if r[0] < n_items]
-    _check_coverage(out_dir, n_items, present)
-    wrong = sorted(set(present) - set(blocks))
-    if wrong:
-        raise DataError(
-            f"{out_dir}: shards {_fmt(wrong)} are not blocks of {block_size} items; "
-            f"merge with the block size they were computed with"
-        )
+    blocks = checked_blocks(out_dir, n_items, block_size)
     digest = hashlib.sha256()
     with (
         atomic_path(path, ".npz") as tmp,

@@ -4,8 +4,8 @@ Inside a task, :func:`advance` counts image-steps: every :class:`pipeline.noise.
 (one per image and reverse step, or per image and timestep of the bound) advances it by the
 rows it draws, so the samplers and the bound need no extra code. A task run through
 :func:`pipeline.gputasks.submit` with a ``progress`` handle pushes its running count to a
-zero-CPU :class:`TaskBoard` actor at most every
-``PUSH_EVERY_S`` seconds (and once at the end).
+zero-CPU :class:`~pipeline.training.progress.ProgressBoard` actor (training's mailbox) at most
+every ``PUSH_EVERY_S`` seconds (and once at the end).
 
 On the driver, :class:`BlockProgress` adds the finished blocks and the partial counts of the
 blocks in flight: a tqdm bar with rate and ETA on a terminal, else one line every
@@ -24,24 +24,11 @@ from typing import Any, TextIO
 import ray
 from tqdm import tqdm
 
+from pipeline.training.progress import ProgressBoard
+
 PUSH_EVERY_S = 2.0
 LINE_EVERY_S = 30.0
 MIN_IMAGE_STEPS = 100_000  # smaller runs (seconds: the smoke scale) skip the board actor
-
-
-@ray.remote(num_cpus=0)
-class TaskBoard:
-    """A mailbox: tasks push their counts, the driver takes them."""
-
-    def __init__(self) -> None:
-        self._updates: list[dict[str, Any]] = []
-
-    def push(self, update: dict[str, Any]) -> None:
-        self._updates.append(update)
-
-    def take(self) -> list[dict[str, Any]]:
-        updates, self._updates = self._updates, []
-        return updates
 
 
 class _Reporter:
@@ -56,10 +43,14 @@ class _Reporter:
         if time.monotonic() - self.last_push >= PUSH_EVERY_S:
             self.push()
 
-    def push(self) -> None:
+    def push(self, wait: bool = False) -> None:
+        """Send the count; ``wait``: until the board holds it (the task's last push, so that
+        the driver sees it once the task's result is in)."""
         self.last_push = time.monotonic()
         with contextlib.suppress(Exception):  # progress must never fail the work
-            self.board.push.remote({"key": self.key, "done": self.done})
+            ref = self.board.push.remote({"key": self.key, "done": self.done})
+            if wait:
+                ray.get(ref, timeout=10)
 
 
 _current: _Reporter | None = None
@@ -82,7 +73,7 @@ def reporting(progress: tuple[Any, Any] | None) -> Iterator[None]:
     try:
         yield
     finally:
-        _current.push()
+        _current.push(wait=True)
         _current = None
 
 
@@ -122,7 +113,7 @@ class BlockProgress:
         if not self.steps_per_item or self.total * self.steps_per_item < MIN_IMAGE_STEPS:
             return None
         if self.board is None:
-            self.board = TaskBoard.remote()
+            self.board = ProgressBoard.remote()
         return self.board, key
 
     def finished(self, key: Any, items: int) -> None:

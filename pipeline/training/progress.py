@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """A mailbox: rank 0 pushes updates, the driver takes them."""
+    """A mailbox: rank 0 (or a block task) pushes updates, the driver takes them."""
 
     def __init__(self) -> None:
         self._updates: list[dict[str, Any]] = []
