@@ -126,9 +126,23 @@ def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return np.rint(255 * np.clip(a + (b - a) * x * 0.7 + (c - a) * y * 0.3, 0, 1)).astype(np.uint8)
 
 
+# LSUN has no test split unless data.test_fraction > 0: the evaluation must not ask for one
+# (params are checked across sections when loaded).
+LSUN_EVAL = {"nll_images": 0, "fid_against": ["train"]}
+
+
+def one_preset(data: dict, scale: str = "t") -> dict:
+    """params.yaml's content with one preset, ``scale``, whose data section is ``data`` (LSUN:
+    with an evaluation that needs no test split); other sections default."""
+    preset: dict = {"data": data}
+    if str(data.get("dataset", "")).startswith("lsun_") and not data.get("test_fraction"):
+        preset["eval"] = LSUN_EVAL
+    return {"scale": scale, "presets": {scale: preset}}
+
+
 def data_config(**data: object) -> Config:
     """A resolved config (scale ``t``) whose data section is ``data``, other sections default."""
-    return config_from_dict({"scale": "t", "presets": {"t": {"data": data}}})
+    return config_from_dict(one_preset(data))
 
 
 def ddpm_unet(layout: dict, out_channels: int = 3, seed: int = 0, layers_per_block: int = 2):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import data_formats
 import pytest
 import yaml
 from data_formats import make_cifar_archive
@@ -35,7 +36,7 @@ def run_stage(cwd: Path, *args: str, params: dict | None = None) -> subprocess.C
 
 
 def one_preset(data: dict) -> dict:
-    return {"scale": "mine", "presets": {"mine": {"data": data}}}
+    return data_formats.one_preset(data, "mine")
 
 
 def test_prepares_the_tiny_scale(tmp_path):
