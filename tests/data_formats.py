@@ -126,17 +126,17 @@ def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return np.rint(255 * np.clip(a + (b - a) * x * 0.7 + (c - a) * y * 0.3, 0, 1)).astype(np.uint8)
 
 
-# LSUN has no test split unless data.test_fraction > 0: the evaluation must not ask for one
-# (params are checked across sections when loaded).
-LSUN_EVAL = {"nll_images": 0, "fid_against": ["train"]}
-
-
 def one_preset(data: dict, scale: str = "t") -> dict:
-    """params.yaml's content with one preset, ``scale``, whose data section is ``data`` (LSUN:
-    with an evaluation that needs no test split); other sections default."""
+    """params.yaml's content with one preset, ``scale``, whose data section is ``data``; other
+    sections default, but for the evaluation, which must fit the splits (params are checked
+    across sections when loaded): no NLL (the default 10,000 test images are CIFAR10's), and
+    for LSUN without a test split, FID against the training set only."""
     preset: dict = {"data": data}
-    if str(data.get("dataset", "")).startswith("lsun_") and not data.get("test_fraction"):
-        preset["eval"] = LSUN_EVAL
+    dataset = str(data.get("dataset", "cifar10"))
+    if dataset != "cifar10":
+        preset["eval"] = {"nll_images": 0}
+    if dataset.startswith("lsun_") and not data.get("test_fraction"):
+        preset["eval"]["fid_against"] = ["train"]
     return {"scale": scale, "presets": {scale: preset}}
 
 
