@@ -145,7 +145,7 @@ def test_fault_spec_fires_once(tmp_path, monkeypatch):
         faults.maybe_inject(fault, tmp_path, 1, 3, model)
     faults.maybe_inject(fault, tmp_path, 1, 3, model)  # the retry goes through
     monkeypatch.setenv(faults.ENV, "explode:1")
-    with pytest.raises(ValueError, match=r"expected fail\|hang\|nan:RANK:STEP"):
+    with pytest.raises(ValueError, match=r"expected fail\|kill\|hang\|nan:RANK:STEP"):
         faults.from_environment()
 
 
