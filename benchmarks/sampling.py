@@ -18,7 +18,8 @@ import torch
 from pipeline.cli import quiet_environment
 from pipeline.config import ModelConfig
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.sampling import SamplingJob, sample_block, sample_images
+from pipeline.sampling import sample_block, sample_images
+from pipeline.samplingjob import SamplingJob
 from pipeline.unet import UNet, build_unet
 
 NETS = {

@@ -41,7 +41,8 @@ from pipeline.npzmap import load_npz_array
 from pipeline.rate_distortion import rate_distortion, table4_rows
 from pipeline.raycluster import init_ray
 from pipeline.reconstruction import FigureSpec, submit_figures
-from pipeline.sampling import ModelInfo, SamplingJob, load_model_info
+from pipeline.sampling import ModelInfo, load_model_info
+from pipeline.samplingjob import SamplingJob
 
 INCEPTION_CACHE = layout.WORK / "fidelity"  # the reference stage's (the stand-in weights)
 

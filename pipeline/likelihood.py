@@ -37,7 +37,7 @@ from pipeline.data import open_split, read_manifest, to_model_input
 from pipeline.diffusion import GaussianDiffusion
 from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
-from pipeline.sampling import SamplingJob, make_job
+from pipeline.samplingjob import SamplingJob, make_job
 from pipeline.storage import shared_path
 from pipeline.unet import UNet
 

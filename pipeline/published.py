@@ -127,7 +127,7 @@ def _check_variance(
 ) -> None:
     """The checkpoint's sampler variance (scheduler ``variance_type``) must be the one we sample
     with (``sample.var_type``, else the variant's): one line naming both otherwise."""
-    from pipeline.sampling import sampler_var_type
+    from pipeline.samplingjob import sampler_var_type
 
     if scheduler is None:
         return

@@ -40,7 +40,7 @@ from pipeline.fidelity import content_key
 from pipeline.gputasks import submit
 from pipeline.likelihood import setup_worker
 from pipeline.noise import ImageNoise, item_seed
-from pipeline.sampling import SamplingJob
+from pipeline.samplingjob import SamplingJob
 from pipeline.taskprogress import BlockProgress
 from pipeline.unet import UNet
 

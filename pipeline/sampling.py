@@ -1,5 +1,8 @@
 """Drawing N samples with Algorithm 2 from a variant's EMA weights, fanned out over Ray.
 
+What each task gets, the network and sampler settings, is a :class:`pipeline.samplingjob.
+SamplingJob` (shared with the NLL and the figures).
+
 Sample i draws x_T and every step's noise from its own generator seeded by (seed, i), on the
 sampling device (pipeline.noise: no per-step host copy or sync). Samples are computed in fixed
 blocks of indices by pipeline.blocks (resumable, retried, written atomically as uint8 shards
@@ -28,97 +31,29 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from torch import Tensor
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
 from pipeline.blocks import BlockRun, run_blocks
 from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
 from pipeline.data import to_uint8
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.diffusion import GaussianDiffusion
 from pipeline.errors import ConfigError, DataError
 from pipeline.figures import save_progressive, save_sample_grid
 from pipeline.gputasks import submit
 from pipeline.noise import ImageNoise
 from pipeline.npzmap import load_npz_array
 from pipeline.raycluster import init_ray
-from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.samplingjob import SamplingJob, make_job, variant_types
 from pipeline.shards import merge_to_npz
 from pipeline.storage import shared_path
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
-from pipeline.weights import load_weights, sha256_file
+from pipeline.weights import sha256_file
 
 FORMAT = "ddpm-repro/samples-v1"
 TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
 TAG_KEY = "ddpm.sample_key"  # MLflow tag: the block key (work/sample/<variant>/<key>)
-
-
-# ---------------------------------------------------------------------------------------------
-# The job: what every Ray task needs, shipped once through the object store.
-
-
-@dataclass(frozen=True)
-class SamplingJob:
-    """The network and the sampler settings of one sampling run."""
-
-    unet: dict[str, Any]  # UNet constructor kwargs
-    state_dict: dict[str, Tensor]  # EMA weights
-    betas: tuple[float, ...]  # the training schedule (float64 values)
-    mean_type: str
-    var_type: str
-    loss_type: str
-    steps: int | None  # None: all T steps (Algorithm 2); fewer: respaced
-    seed: int
-    batch_size: int
-    bf16: bool = False
-    channels_last: bool = False
-    use_gpu: bool = False
-    torch_threads: int = 1
-
-    @property
-    def respaced(self) -> bool:
-        """Whether this is the respaced extension (fewer steps than T), not Algorithm 2."""
-        return self.steps is not None and self.steps != len(self.betas)
-
-    @property
-    def device_type(self) -> str:
-        return "cuda" if self.use_gpu else "cpu"
-
-    @property
-    def batch_invariant(self) -> bool:
-        """Whether an image's output is independent of its batch (measured; see pipeline.unet)."""
-        return self.device_type == "cpu" and not self.bf16 and not self.channels_last
-
-    def weights_digest(self) -> str:
-        """sha256 of the architecture and every tensor's name, dtype, shape and bytes.
-
-        Unlike the file's sha256, it ignores the file's ``meta`` (step, provenance): only what
-        changes a sample's bytes.
-        """
-        digest = hashlib.sha256(json.dumps(self.unet, sort_keys=True).encode())
-        for name in sorted(self.state_dict):
-            tensor = self.state_dict[name].detach().cpu().contiguous()
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()
-
-    def diffusion(self) -> GaussianDiffusion:
-        base = GaussianDiffusion(
-            np.array(self.betas), self.mean_type, self.var_type, self.loss_type
-        )
-        if not self.respaced:
-            return base
-        return RespacedDiffusion(base, space_timesteps(base.num_timesteps, self.steps))
-
-    def label(self) -> str:
-        return sampler_label(len(self.betas), self.steps)
-
-    def model(self, device: torch.device) -> UNet:
-        model = UNet(**self.unet)
-        model.load_state_dict(self.state_dict)
-        model = model.to(device).eval()
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
 def block_key(job: SamplingJob, block_size: int) -> str:
@@ -268,7 +203,7 @@ def load_model_info(model_dir: Path, variant: Variant, scale: str) -> ModelInfo:
         meta = json.loads(info.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{info}: not readable JSON ({e}); rerun the train stage") from None
-    want = {"variant": variant.name, "scale": scale, **_types(variant)}
+    want = {"variant": variant.name, "scale": scale, **variant_types(variant)}
     got = {k: meta.get(k) for k in want}
     if got != want:
         raise DataError(
@@ -281,14 +216,6 @@ def load_model_info(model_dir: Path, variant: Variant, scale: str) -> ModelInfo:
             f"{weights}: sha256 differs from {info}'s ema_sha256; rerun the train stage"
         )
     return ModelInfo(weights=weights, meta=meta, sha256=sha)
-
-
-def _types(variant: Variant) -> dict[str, str]:
-    return {
-        "mean_type": variant.mean_type,
-        "var_type": variant.var_type,
-        "loss_type": variant.loss_type,
-    }
 
 
 def _describe(d: dict[str, Any]) -> str:
@@ -311,51 +238,6 @@ def check_sample_config(cfg: Config) -> None:
         raise ConfigError(f"{where}.gpus_per_worker must be positive with use_gpu (got 0)")
     if any(i < 0 for i in s.progressive_seeds):
         raise ConfigError(f"{where}.progressive_seeds are sample indices: need >= 0")
-
-
-def sampler_var_type(cfg: Config, variant: Variant) -> str:
-    """The variance the sampler draws with: ``sample.var_type`` when set, else the variant's.
-
-    Only a fixed variance can be swapped (the official LSUN sampler used beta~_t where CIFAR10
-    used beta_t); a learned variance is the network's output: ConfigError.
-    """
-    chosen = cfg.sample.var_type
-    if chosen is None or chosen == variant.var_type:
-        return variant.var_type
-    if variant.var_type == "learned":
-        raise ConfigError(
-            f"presets.{cfg.scale}.sample.var_type: {chosen!r} cannot replace the learned variance "
-            f"of variant {variant.name}; set it to null"
-        )
-    return chosen
-
-
-def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
-    """The sampling job of a variant: its EMA weights and the params' sample section."""
-    model, _ = load_weights(weights, "cpu")
-    d, s = cfg.diffusion, cfg.sample
-    betas = linear_beta_schedule(d.num_timesteps, d.beta_start, d.beta_end)
-    want = GaussianDiffusion(betas, **_types(variant)).model_output_channels(model.in_channels)
-    if model.out_channels != want:
-        raise DataError(
-            f"{weights}: the network returns {model.out_channels} channels but var_type "
-            f"{variant.var_type!r} needs {want}; rerun the train stage for this variant"
-        )
-    return SamplingJob(
-        unet=dict(model.init_kwargs),
-        state_dict=model.state_dict(),
-        betas=tuple(float(b) for b in betas),
-        mean_type=variant.mean_type,
-        var_type=sampler_var_type(cfg, variant),
-        loss_type=variant.loss_type,
-        steps=s.steps,
-        seed=s.seed,
-        batch_size=s.batch_size,
-        bf16=s.bf16,
-        channels_last=s.channels_last,
-        use_gpu=s.use_gpu,
-        torch_threads=s.torch_threads,
-    )
 
 
 def task_resources(cfg: Config) -> dict[str, float]:

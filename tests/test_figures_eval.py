@@ -26,7 +26,7 @@ from pipeline.reconstruction import (
     stream_seed,
     submit_figures,
 )
-from pipeline.sampling import SamplingJob
+from pipeline.samplingjob import SamplingJob
 
 BETAS = linear_beta_schedule(20, 5e-3, 0.5)
 

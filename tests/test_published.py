@@ -180,7 +180,7 @@ def test_sampler_variance_follows_the_scale_and_the_checkpoint_must_agree():
     sampler), CIFAR10 with the variant's beta_t; a checkpoint's scheduler must agree."""
     from pipeline.errors import ConfigError
     from pipeline.published import _check_variance
-    from pipeline.sampling import sampler_var_type
+    from pipeline.samplingjob import sampler_var_type
 
     lsun = load_config(ROOT / "params.yaml", "published_lsun_church")
     cifar = load_config(ROOT / "params.yaml", "published")

@@ -20,10 +20,10 @@ from pipeline.sampling import (
     block_key,
     draw_samples,
     load_model_info,
-    make_job,
     sample_images,
     to_uint8,
 )
+from pipeline.samplingjob import make_job
 from pipeline.unet import UNet
 from pipeline.weights import save_weights, sha256_file
 

@@ -41,7 +41,8 @@ def score_checkpoint(
     from pipeline.fidelity import compute_fid_is, inception_options
     from pipeline.inception import resolve_inception_weights
     from pipeline.layout import WORK
-    from pipeline.sampling import sample_images, sampler_var_type
+    from pipeline.sampling import sample_images
+    from pipeline.samplingjob import sampler_var_type
     from pipeline.training.checkpoint import read_checkpoint
     from pipeline.training.loop import make_diffusion
     from pipeline.unet import build_unet
