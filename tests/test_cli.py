@@ -70,3 +70,27 @@ def test_run_stage_user_error_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr == "error: params.yaml: no such variant 'x'\n"
     assert done.stdout == ""
+
+
+def test_a_diverged_training_stage_is_one_line_and_exit_2(tmp_path):
+    """The train stage's divergence stop (TrainingDivergedError, raised by the driver after
+    Ray Train; its message: tests/test_train_ray.py) leaves the stage as a user error does."""
+    message = (
+        "training diverged: the loss or the gradient norm became NaN or infinite in step 7 of "
+        "12; last good checkpoint: after step 4, checkpoints/v/run/checkpoint_000000004"
+    )
+    done = run_program(
+        f"""
+        from pipeline.cli import entry_point, run_stage
+        from pipeline.training.divergence import TrainingDivergedError
+
+        @entry_point
+        def main():
+            raise TrainingDivergedError({message!r})
+
+        run_stage(main)
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {message}\n"

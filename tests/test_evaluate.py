@@ -13,6 +13,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -187,6 +189,47 @@ def test_without_the_bound_the_curve_outputs_are_skipped(project, tmp_path):
     text = (tmp_path / "plots" / VARIANT / "rate_distortion.csv").read_text()
     assert text.strip() == ",".join(CSV_COLUMNS)
     assert list((tmp_path / "figures" / VARIANT).iterdir()) == []
+
+
+def test_evaluate_stage_stopped_by_sigterm_leaves_no_output_and_reruns(project, tmp_path):
+    """The evaluate stage alone (its own local Ray), SIGTERM after its Inception pass: exit 143,
+    no metrics, plots or figures of the variant; the rerun gives the whole evaluation."""
+    root = tmp_path / "copy"
+    shutil.copytree(project.root, root, ignore=shutil.ignore_patterns("__pycache__"))
+    for out in ("metrics", f"plots/{VARIANT}", f"figures/{VARIANT}", f"work/fid/{VARIANT}"):
+        shutil.rmtree(root / out, ignore_errors=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+    }
+    for key in ("DDPM_PARAMS", "RAY_ADDRESS"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "stages.evaluate", "--variant", VARIANT]
+    proc = subprocess.Popen(command, cwd=root, env=env, stderr=subprocess.PIPE)
+    seen = bytearray()
+    try:
+        while b"Inception (" not in seen:  # the FID/IS pass has run: the NLL blocks are next
+            chunk = proc.stderr.read1(4096)
+            assert chunk, f"the stage ended before its Inception pass: {seen.decode()[-2000:]}"
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        seen += proc.stderr.read()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM, seen.decode()[-2000:]
+    assert b"interrupted: finished work is kept; rerun to resume" in seen
+    assert not (root / "metrics" / f"{VARIANT}.json").exists()
+    assert not (root / "figures" / VARIANT).exists()
+    assert not (root / "plots" / VARIANT).exists()
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.loads((root / "metrics" / f"{VARIANT}.json").read_text())
+    assert metrics["fid_train"] == pytest.approx(read_metrics(project)["fid_train"], rel=1e-6)
+    assert metrics["nll_bpd"] == pytest.approx(read_metrics(project)["nll_bpd"], rel=1e-6)
+    assert {p.name for p in (root / "figures" / VARIANT).iterdir()} == FIGURES
 
 
 # ---------------------------------------------------------------------------------------------
