@@ -63,9 +63,21 @@ class LocalHead:
 
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct unused TCP ports on 127.0.0.1.
+
+    All are held open until every one is chosen: ports taken one after another can repeat (the
+    kernel may hand a just-closed port out again), and Ray refuses a port given to two of its
+    components.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def wait_for_url(url: str, proc: subprocess.Popen, seconds: float, what: str) -> None:
@@ -130,12 +142,12 @@ def local_head(
     """
     temp = Path(tempfile.mkdtemp(prefix="ddpm-ray-", dir="/tmp"))  # short: unix socket paths
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, client = free_ports(4)
     cmd = [
         str(ray_bin if ray_bin.exists() else "ray"), "start", "--head", "--block",
         f"--temp-dir={temp}", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+        f"--ray-client-server-port={client}", "--disable-usage-stats",
         *([f"--num-cpus={num_cpus}"] if num_cpus else []),
     ]  # fmt: skip
     proc = None

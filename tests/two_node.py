@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from repo_copy import BIN, ROOT, env, free_port
+from repo_copy import BIN, ROOT, env, free_port, free_ports
 
 from pipeline.raycluster import local_head, wait_for_url
 
@@ -64,12 +64,13 @@ def node_script(address: str, checkout: Path, venv: Path, temp: str) -> str:
     """
     ray = venv / "bin" / "ray"
     keep = "/dev/shm/ddpm-venv"
+    agent, metrics, runtime_env = free_ports(3)
     start = [
         str(venv / "bin" / "python"), str(ray), "start", f"--address={address}", "--block",
         "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
         f"--temp-dir={temp}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", "--min-worker-port=20000",
+        f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}", "--min-worker-port=20000",
         "--max-worker-port=29999",
     ]  # fmt: skip
     q = shlex.quote
