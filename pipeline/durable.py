@@ -33,12 +33,21 @@ from urllib.parse import urlparse
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, UserError
-from pipeline.storage import copy_file_atomic, dvc_remote, safe_load, state_dir
+from pipeline.layout import data_dir
+from pipeline.storage import (
+    copy_file_atomic,
+    dvc_remote,
+    node_local_data,
+    safe_load,
+    state_dir,
+    store_data,
+)
 from pipeline.storage_fs import Store
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in every `ray job submit` driver
 REMOTE = "cluster-storage"
 STATE = ("dvc.lock", "metrics", "plots", "checkpoints", "work")  # relative to the project
+DATA_RECORD = "data.txt"  # in the state: where in storage the prepared data (uncached) is
 
 Dvc = Callable[..., None]
 
@@ -94,16 +103,43 @@ def reproduce_with_storage(store: Store, scale: str, repro_args: list[str], dvc:
         dvc("remote", "modify", "--local", REMOTE, option, value)
     if restore_state(store, state, Path.cwd()):
         print(f"restored the state of an earlier run from {store.uri(state)}", flush=True)
+        restore_data(store, state, Path.cwd(), scale)
         dvc("pull", "--allow-missing")
     if repro_args:  # targets or options of the user's: one repro, then one push
         dvc("repro", *repro_args)
         push(dvc, store, None)
+        save_data(Path.cwd(), store, state, scale)
         save_state(Path.cwd(), store, state)
         return
     for name in stage_names():
         dvc("repro", "--single-item", name)
         push(dvc, store, name)
+        save_data(Path.cwd(), store, state, scale)
         save_state(Path.cwd(), store, state)
+
+
+def save_data(project: Path, store: Store, state: Path, scale: str) -> None:
+    """The prepared data (an uncached DVC output, so in no remote) copied into storage once
+    (``data/<scale>-<digest>/``, as the training ranks read it) and recorded in the state."""
+    local = project / data_dir(scale)
+    if (local / "manifest.json").is_file():
+        where = store_data(store, local)
+        if not store.exists(state / DATA_RECORD) or store.read_text(state / DATA_RECORD) != where:
+            store.write_text(state / DATA_RECORD, where)
+
+
+def restore_data(store: Store, state: Path, project: Path, scale: str) -> None:
+    """The recorded prepared data into ``project`` (sha256-checked through the node-local
+    cache), so that DVC finds ``data/<scale>`` as dvc.lock records it and skips prepare."""
+    local = project / data_dir(scale)
+    if local.exists() or not store.exists(state / DATA_RECORD):
+        return
+    source = node_local_data(store.read_text(state / DATA_RECORD).strip())
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.parent / f".{local.name}.restoring"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, local)
 
 
 def push(dvc: Dvc, store: Store, stage: str | None) -> None:

@@ -162,6 +162,12 @@ def shared_data(cfg: Config, local: Path) -> str:
     local = local.resolve()
     if store is None:
         return str(local)
+    return store_data(store, local)
+
+
+def store_data(store: Store, local: Path) -> str:
+    """:func:`shared_data` into ``store``: the URI (or path) of the stored copy."""
+    local = local.resolve()
     rel = Path("data") / f"{local.name}-{_digest(local / 'manifest.json')}"
     if not store.is_local:
         if not store.exists(rel / "manifest.json"):
