@@ -83,3 +83,11 @@ def _credentials() -> dict[str, str]:
         "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         "region_name": CREDENTIALS["AWS_DEFAULT_REGION"],
     }
+
+
+def read_object(endpoint: str, bucket: str, key: str) -> bytes:
+    """The bytes of one object."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, **_credentials())
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -149,7 +149,8 @@ def test_finished_blocks_are_uploaded_and_reused_by_a_resubmitted_driver(s3, tmp
         )
 
 
-def test_state_round_trip_through_a_bucket(s3, tmp_path):
+def test_state_round_trip_through_a_bucket(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     project, again = tmp_path / "p", tmp_path / "q"
     (project / "metrics").mkdir(parents=True)
     (project / "dvc.lock").write_text("schema: '2.0'\n")
@@ -167,6 +168,13 @@ def test_state_round_trip_through_a_bucket(s3, tmp_path):
     assert not (again / "work" / "fid" / "bad.pt").exists()
     assert [p.name for p in again.iterdir() if p.name.startswith(".")] == []  # temp removed
     assert not durable.restore_state(store, Path("state") / "other", again)
+    _prepared(project / "data" / "tiny")  # uncached by DVC: stored once, restored by record
+    durable.save_data(project, store, rel, "tiny")
+    durable.restore_data(store, rel, again, "tiny")
+    for name in ("manifest.json", "train.npy"):
+        assert (again / "data" / "tiny" / name).read_bytes() == (
+            project / "data" / "tiny" / name
+        ).read_bytes()
 
 
 def test_bad_bucket_settings_are_one_line_before_any_work(s3, tmp_path, monkeypatch):
@@ -181,6 +189,9 @@ def test_bad_bucket_settings_are_one_line_before_any_work(s3, tmp_path, monkeypa
         monkeypatch.setenv(storage.ENV, value)
         with pytest.raises(error, match=match):
             storage.check_storage(cfg)
+    monkeypatch.setenv(storage.ENV, f"s3://{BUCKET}/x")
+    with pytest.raises(ConfigError, match="eval_every > 0 with bucket storage"):
+        storage.check_storage(load_config(ROOT / "params.yaml", "paper"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv(storage.ENV, f"s3://{BUCKET}/x")
     start = time.monotonic()

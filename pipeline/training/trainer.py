@@ -240,12 +240,6 @@ def make_evaluator(
     """Evaluation during training (train.eval_every > 0), or None; needs the train reference."""
     if cfg.train.eval_every <= 0:
         return None
-    if _bucket_run(cfg, root, run_dir) is not None:
-        raise ConfigError(
-            f"presets.{cfg.scale}.train.eval_every > 0 with bucket storage "
-            f"({check_storage(cfg).url}) is not supported yet: the evaluator reads checkpoints "
-            "from a folder; use a mounted storage path or eval_every: 0"
-        )
     stats = root / reference_dir(cfg.scale) / "train-stats.pt"
     if not stats.is_file():
         raise ConfigError(
