@@ -209,3 +209,21 @@ def test_a_missing_bucket_stops_the_repro_with_one_error_line(s3, tmp_path):
     assert run.returncode == 2 and run.stdout == "", run.stderr
     assert run.stderr.startswith(f"error: cluster storage s3://no-such-{BUCKET}/x")
     assert run.stderr.count("\n") == 1
+
+
+def test_a_push_the_bucket_rejects_is_one_line_and_keeps_the_outputs(s3, tmp_path, monkeypatch):
+    """A real ``dvc push`` to s3:// (through dvc-s3) of a bucket that does not exist."""
+    from stages.repro import dvc
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    store = Store.parse(f"s3://no-such-{BUCKET}/x")
+    dvc("init", "--no-scm", "-q")
+    (tmp_path / "out.txt").write_text("finished work")
+    dvc("add", "-q", "out.txt")
+    dvc("remote", "add", "--local", "--default", durable.REMOTE, storage.dvc_remote(store))
+    for option, value in store.dvc_remote_options().items():
+        dvc("remote", "modify", "--local", durable.REMOTE, option, value)
+    with pytest.raises(UserError, match=f"push of the outputs to s3://no-such-{BUCKET}/x/dvc"):
+        durable.push(dvc, store, None)
+    assert (tmp_path / "out.txt").read_text() == "finished work"

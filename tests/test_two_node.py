@@ -7,7 +7,8 @@ worker on each node and blocks on both, which Ray's own task and actor records (
 MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
 b. and c. (slow): a job stopped during training and resubmitted after an edit continues from
 the stored checkpoint with bit-identical final EMA weights, recomputes no finished stage, and a
-fresh clone gets every output with ``dvc pull`` from the storage remote.
+fresh clone gets every output with ``dvc pull`` from the storage remote. (slow) a. with the
+storage in an s3:// bucket (a moto server, tests/moto_s3.py).
 """
 
 from __future__ import annotations
