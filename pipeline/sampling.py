@@ -46,7 +46,7 @@ from pipeline.npzmap import load_npz_array
 from pipeline.raycluster import init_ray
 from pipeline.samplingjob import SamplingJob, make_job, variant_types
 from pipeline.shards import merge_to_npz
-from pipeline.storage import shared_path
+from pipeline.storage import shared_path, synced
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import sha256_file
@@ -269,22 +269,23 @@ def draw_samples(
     key = block_key(job, s.block_size)
     work = shared_path(cfg, root, layout.work_dir("sample", variant.name)) / key
     resources = task_resources(cfg)
-    run = run_blocks(
-        sample_block,
-        s.n_samples,
-        s.block_size,
-        work,
-        s.num_workers,
-        resources,
-        desc="samples",
-        shared=job,
-        connect=functools.partial(init_ray, cfg.ray),
-        steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress within blocks
-    )
+    with synced(cfg, root, work, ("block-*.npz", "progressive-*.npz")):  # a bucket: uploads
+        run = run_blocks(
+            sample_block,
+            s.n_samples,
+            s.block_size,
+            work,
+            s.num_workers,
+            resources,
+            desc="samples",
+            shared=job,
+            connect=functools.partial(init_ray, cfg.ray),
+            steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress in blocks
+        )
+        progressive = _progressive(cfg, job, work, resources)
     merged = work / f"merged-{s.n_samples}.npz"  # moved into samples/<V>/ by write_outputs
     sha256 = merge_to_npz(work, s.n_samples, s.block_size, merged)  # one shard in memory
     images = load_npz_array(merged, "images")  # memory-mapped
-    progressive = _progressive(cfg, job, work, resources)
     manifest = make_manifest(cfg, variant, info, job, images, key, sha256)
     return SampleSet(images, progressive, manifest, run, work)
 

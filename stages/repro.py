@@ -39,6 +39,7 @@ from pipeline.durable import check_job_tracking, reproduce_with_storage
 from pipeline.errors import UserError
 from pipeline.raycluster import local_head, ray_address
 from pipeline.storage import check_storage
+from pipeline.storage_fs import Store
 
 
 def in_git_repo() -> bool:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def reproduce(
-    storage: Path | None, scale: str, repro_args: list[str], env: dict[str, str] | None
+    storage: Store | None, scale: str, repro_args: list[str], env: dict[str, str] | None
 ) -> None:
     """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each."""
     if storage is None:
