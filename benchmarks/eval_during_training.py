@@ -23,8 +23,8 @@ import torch
 from pipeline.atomic import write_json
 from pipeline.config import load_config
 from pipeline.layout import reference_dir
-from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.eval_during import score_checkpoint
+from pipeline.training.checkpoint import read_checkpoint, save_checkpoint
+from pipeline.training.eval_during import driver_weights, score_checkpoint
 from pipeline.training.loop import make_state
 
 
@@ -43,9 +43,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = make_state(cfg, variant, torch.device("cpu"))  # the cost does not depend on it
         save_checkpoint(tmp, state, {"name": "bench", "config_hash": "0"}, 0)
+        ema = read_checkpoint(tmp)["ema"]
+        weights = driver_weights(cfg, Path("."))
+        data = Path(weights.path).read_bytes() if weights.path else None
         for i in range(2):
             start = time.perf_counter()
-            score_checkpoint(cfg, variant, Path(tmp), reference, Path("."))
+            score_checkpoint(cfg, variant, 1, ema, reference.read_bytes(), weights, data)
             seconds.append(time.perf_counter() - start)
             print(f"evaluation {i}: {seconds[-1]:.1f} s ({args.samples} samples)", flush=True)
     result = {

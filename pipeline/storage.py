@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.errors import DataError, UserError
 from pipeline.storage_fs import Store
 
 ENV = "DDPM_CLUSTER_STORAGE"
@@ -60,14 +60,8 @@ _checked: set[str] = set()
 
 def check_storage(cfg: Config) -> Store | None:
     """The storage, created if needed and checked writable (once per process); UserError
-    otherwise. A bucket with evaluation during training is a ConfigError (not supported yet)."""
+    otherwise."""
     store = storage_root(cfg)
-    if store is not None and not store.is_local and cfg.train.eval_every > 0:
-        raise ConfigError(
-            f"presets.{cfg.scale}.train.eval_every > 0 with bucket storage ({store.url}) is not "
-            "supported yet (the evaluator reads checkpoints from a folder): mount the bucket "
-            "and give the mount path, or set eval_every: 0"
-        )
     key = f"{store.url} {os.environ.get('AWS_ENDPOINT_URL', '')}" if store else ""
     if store is not None and key not in _checked:
         store.check_writable()

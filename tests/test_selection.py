@@ -7,13 +7,13 @@ EMA weights, FID against stand-in reference statistics).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from train_project import VARIANT, make_project, tiny_config
 
+from pipeline.inception import InceptionWeights
 from pipeline.training.checkpoint import read_checkpoint
 from pipeline.training.eval_during import CheckpointEvaluator, score_checkpoint
 from pipeline.training.export import export_weights
@@ -38,19 +38,24 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _controlled(calls: list[int]):
-    def scorer(cfg, variant, checkpoint, reference, root) -> float:
-        step = json.loads((Path(checkpoint) / "meta.json").read_text())["step"]
+    def scorer(cfg, variant, step, ema, reference, weights, weights_file) -> float:
+        assert reference == STATS_BYTES and weights_file is None  # inputs by value, no path
         calls.append(step)
         return FIDS[step]
 
     return scorer
 
 
-def _evaluator(root: Path, run_dir: Path, calls: list[int], select: str = "best_fid"):
+STATS_BYTES = b"stand-in reference statistics"  # the controlled scorer only checks they arrive
+NO_WEIGHTS = InceptionWeights(None, "none", stand_in=True)
+
+
+def _evaluator(root: Path, run_dir: Path, calls: list[int], select: str = "best_fid", **kw):
     cfg = tiny_config(**TRAIN, eval_every=4, eval_samples=8, select=select)
+    (root / "ref.pt").write_bytes(STATS_BYTES)
     return cfg, CheckpointEvaluator(
         cfg, cfg.variant(VARIANT), run_dir, root / "ref.pt", root, scorer=_controlled(calls),
-        run_task=False,
+        run_task=False, weights=NO_WEIGHTS, **kw,
     )  # fmt: skip
 
 
@@ -110,7 +115,9 @@ def test_real_score_is_the_fid_of_the_ema_samples(trained):
     train = open_split(root / "data" / cfg.scale, "train")[:3]
     ref = compute_reference_stats(train, "train", weights, root / "c", root / "ref", is_splits=1)
     checkpoint = run_dir / "checkpoint_000000012"
-    fid = score_checkpoint(cfg, variant, checkpoint, ref, root)
+    ema = read_checkpoint(checkpoint)["ema"]
+    data = Path(weights.path).read_bytes()
+    fid = score_checkpoint(cfg, variant, 12, ema, ref.read_bytes(), weights, data)
     # independently: the EMA network's samples (sample section's seed), scored the same way
     diffusion = make_diffusion(cfg, variant)
     net = build_unet(cfg.model, cfg.data.resolution, diffusion.model_output_channels(3))
@@ -127,3 +134,89 @@ def test_records_are_files_and_the_best_copy_survives_ray_pruning(trained, tmp_p
     records.add({"step": 8, "fid": 6.0, "n_samples": 8}, run_dir / "checkpoint_000000008")
     assert records.done() == {4, 8} and records.best()["step"] == 4
     assert read_checkpoint(records.best_checkpoint())["step"] == 4  # a copy, not a link
+
+
+def test_the_scorer_task_needs_no_path_of_the_driver(trained, tmp_path, ray_session):
+    """The real scorer as a Ray task, its driver's inputs (reference statistics, feature-network
+    weights, the run's checkpoints) moved away right after submission: it still scores, the
+    same FID as in this process, because everything reached it through Ray's object store."""
+    import shutil
+
+    from pipeline.data import open_split
+    from pipeline.featurenet import SmallClassifier, classifier_weights, save_classifier
+    from pipeline.fidelity import compute_reference_stats
+    from pipeline.layout import classifier_path, reference_dir
+
+    root, run_dir = trained
+    cfg = tiny_config(**TRAIN, eval_every=12, eval_samples=4)  # one evaluation: step 12
+    driver = tmp_path / "driver"  # the driver's project folder: featurenet/, reference/
+    torch.manual_seed(0)
+    net = SmallClassifier(cfg.data.resolution, 10)  # untrained: a fixed feature map suffices
+    save_classifier(net, driver / classifier_path(cfg.scale))
+    weights = classifier_weights(driver / classifier_path(cfg.scale))
+    images = open_split(root / "data" / cfg.scale, "train")[:8]
+    ref_dir = driver / reference_dir(cfg.scale)
+    stats = compute_reference_stats(images, "train", weights, tmp_path / "c", ref_dir, is_splits=1)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoint_000000012", run / "checkpoint_000000012")
+    ema = read_checkpoint(run / "checkpoint_000000012")["ema"]
+    want = score_checkpoint(
+        cfg, cfg.variant(VARIANT), 12, ema, stats.read_bytes(), weights, weights.path.read_bytes()
+    )
+
+    evaluator = CheckpointEvaluator(cfg, cfg.variant(VARIANT), run, stats, driver)
+    evaluator.poll(newest_too=True)
+    assert list(evaluator.in_flight) == [12]
+    driver.rename(tmp_path / "gone")  # every path the driver named is gone now
+    (run / "checkpoint_000000012").rename(tmp_path / "gone-checkpoint")
+    records = evaluator.finish()
+    assert evaluator.failed == set() and evaluator.evaluated_now == [12]
+    assert [(r["step"], r["n_samples"]) for r in records] == [(12, 4)]
+    assert records[0]["fid"] > 0 and records[0]["fid"] == pytest.approx(want, rel=1e-5)
+    assert (run / "evals" / "best" / "selected.json").is_file()  # the driver's copy, kept
+
+
+def test_checkpoints_in_a_bucket_are_found_and_their_records_kept_there(trained, tmp_path):
+    """A bucket run (s3:// on a moto server): the evaluator finds the complete checkpoints in
+    the bucket's listing (not a half-uploaded one), uploads its records there, and a
+    resubmitted driver (an empty mirror) downloads them and redoes nothing."""
+    import os
+
+    from moto_s3 import make_bucket, moto_server, s3_env
+
+    from pipeline.storage_fs import Store
+
+    _, run_dir = trained
+    with moto_server(tmp_path / "moto.log") as endpoint:
+        old = {k: os.environ.get(k) for k in s3_env(endpoint)}
+        os.environ.update(s3_env(endpoint))
+        try:
+            make_bucket(endpoint, "evals")
+            store, rel = Store.parse("s3://evals/ddpm"), Path("checkpoints") / VARIANT / "run"
+            for step in (4, 8, 12):
+                name = f"checkpoint_{step:09d}"
+                store.put_dir(run_dir / name, rel / name)
+            store.put_file(run_dir / "checkpoint_000000012" / "meta.json",
+                           rel / "checkpoint_000000016" / "meta.json")  # fmt: skip  # no state.pt
+            calls: list[int] = []
+            mirror = tmp_path / "a" / "run"
+            _, evaluator = _evaluator(tmp_path, mirror, calls, bucket=(store, rel))
+            evaluator.poll()
+            assert calls == [4, 8, 12]  # complete ones, at once; 16 is still being uploaded
+            records = evaluator.finish()
+            assert [(r["step"], r["fid"]) for r in records] == [(4, 7.0), (8, 2.5), (12, 3.0)]
+            kept = store.list(rel / "evals")
+            assert {"step-000000004.json", "step-000000012.json", "best/state.pt"} <= set(kept)
+            again: list[int] = []
+            _, resumed = _evaluator(tmp_path, tmp_path / "b" / "run", again, bucket=(store, rel))
+            assert resumed.finish() == records and again == []
+            assert resumed.records.best()["step"] == 8
+            best = read_checkpoint(resumed.records.best_checkpoint())["ema"]
+            want = read_checkpoint(run_dir / "checkpoint_000000008")["ema"]
+            assert all(torch.equal(best[k], want[k]) for k in want)
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

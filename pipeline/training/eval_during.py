@@ -1,17 +1,30 @@
 """Evaluation during training: FID of the EMA weights every ``train.eval_every`` steps, on Ray.
 
-The driver of a training run (pipeline.training.trainer) polls the run's checkpoint folder while
-Ray Train trains. Each new checkpoint at a multiple of ``eval_every`` is copied (Ray Train may
-delete it later: ``keep_checkpoints``) and scored by a Ray task beside the training workers,
-which keep training: ``train.eval_samples`` samples of its EMA weights (Algorithm 2, the
-sample section's seed, batch and variance), FID against the training reference statistics
-(reference/<scale>/train-stats.pt, the reference stage's). Each result is stored
+The driver of a training run (pipeline.training.trainer) watches the run's checkpoints while
+Ray Train trains. Each new checkpoint at a multiple of ``eval_every`` is copied to the driver
+(Ray Train may delete it later: ``keep_checkpoints``) and scored by a Ray task beside the
+training workers, which keep training: ``train.eval_samples`` samples of its EMA weights
+(Algorithm 2, the sample section's seed, batch and variance), FID against the training reference
+statistics (reference/<scale>/train-stats.pt, the reference stage's). Each result is stored
 (pipeline.training.selection: resume-safe, never redone) and logged to the variant's MLflow run
 as ``fid_during_training`` at the checkpoint's step (with ``fid_during_training_samples``).
+
+The scoring task may run on any node of a cluster: it is handed no path. The driver reads the
+checkpoint's EMA weights, the reference statistics file and the Inception (or feature-network)
+weights file, and they travel through Ray's object store (the statistics and the weights file
+put once per run, the EMA weights once per checkpoint); the task writes them into a temporary
+folder of its own node and returns the FID. Where the checkpoints are found: the run folder
+(a local or shared folder, ``checkpoint_<step>/``; the newest one once its files have not
+changed for :data:`SETTLE_S` seconds), or, with a bucket as cluster storage, the bucket's
+listing of the run (``Store.list``; a bucket object appears whole, so a checkpoint whose
+state.pt and meta.json are both listed is complete). With a bucket the records (evals/) are
+also uploaded to the run in the bucket and downloaded by a resubmitted driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -21,31 +34,44 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, Variant
-from pipeline.training.selection import EvalRecords, due_steps
+from pipeline.inception import InceptionWeights
+from pipeline.storage_fs import Store
+from pipeline.training.selection import BEST, EVALS, EvalRecords, due_steps
 
 log = logging.getLogger(__name__)
 
 METRIC = "fid_during_training"
-# (cfg, variant, checkpoint folder, reference stats file, root) -> FID
-Scorer = Callable[[Config, Variant, Path, Path, Path], float]
+# (cfg, variant, step, EMA state_dict, train-stats.pt bytes, weights, weights file bytes) -> FID
+Scorer = Callable[
+    [Config, Variant, int, dict[str, Any], bytes, InceptionWeights, bytes | None], float
+]
 
 
 def score_checkpoint(
-    cfg: Config, variant: Variant, checkpoint: Path, reference: Path, root: Path
+    cfg: Config,
+    variant: Variant,
+    step: int,
+    ema: dict[str, Any],
+    reference: bytes,
+    weights: InceptionWeights,
+    weights_file: bytes | None,
 ) -> float:
-    """FID of ``train.eval_samples`` samples of the checkpoint's EMA weights against
-    ``reference`` (a train-stats.pt). Runs where it is called (a Ray task in training)."""
+    """FID of ``train.eval_samples`` samples of the EMA weights ``ema`` (the checkpoint of
+    ``step``) against ``reference`` (the bytes of a train-stats.pt). Runs where it is called
+    (a Ray task on any node in training): the statistics and ``weights_file`` (the bytes of
+    ``weights.path``) are written into a temporary folder here; nothing is read from a path
+    the driver named."""
     import torch
 
     from pipeline.diffusion import GaussianDiffusion
-    from pipeline.fidelity import compute_fid_is, inception_options
-    from pipeline.inception import resolve_inception_weights
-    from pipeline.layout import WORK
+    from pipeline.fidelity import EXTRACTOR, compute_fid_is, inception_options
     from pipeline.sampling import sample_images
     from pipeline.samplingjob import sampler_var_type
-    from pipeline.training.checkpoint import read_checkpoint
     from pipeline.training.loop import make_diffusion
     from pipeline.unet import build_unet
+
+    if weights.extractor != EXTRACTOR:  # the feature network's: registered on import, here too
+        import pipeline.featurenet  # noqa: F401
 
     s, n = cfg.sample, cfg.train.eval_samples
     use_gpu = s.use_gpu and torch.cuda.is_available()
@@ -53,25 +79,42 @@ def score_checkpoint(
     if device.type == "cpu":
         torch.set_num_threads(s.torch_threads)
     diffusion = make_diffusion(cfg, variant)
-    payload = read_checkpoint(checkpoint)
     net = build_unet(cfg.model, cfg.data.resolution, diffusion.model_output_channels(3))
-    net.load_state_dict(payload["ema"])
+    net.load_state_dict(ema)
     net.to(device).eval()
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
     images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16)
-    weights = resolve_inception_weights(cfg.eval, root / WORK / "fidelity")  # as evaluate's
-    with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as cache:
+    with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
+        stats = Path(tmp) / "train-stats.pt"
+        stats.write_bytes(reference)
+        if weights_file is not None and weights.path is not None:
+            if weights.sha256 and hashlib.sha256(weights_file).hexdigest() != weights.sha256:
+                raise RuntimeError(f"{weights.identity}: weights changed on the way to the task")
+            local = Path(tmp) / "weights" / Path(weights.path).name
+            local.parent.mkdir()
+            local.write_bytes(weights_file)
+            weights = dataclasses.replace(weights, path=local)
         fid = compute_fid_is(
             images,
-            {"train": reference},
+            {"train": stats},
             weights,
-            cache_root=Path(cache),
+            cache_root=Path(tmp) / "cache",
             is_splits=1,
             **inception_options(cfg.eval),
         )
     return float(fid["fid_train"])
+
+
+def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
+    """The Inception (or feature-network) weights the evaluate stage would use, resolved on the
+    driver: the stand-in under ``root/work/fidelity``, the featurenet stage's classifier file."""
+    from pipeline.inception import resolve_inception_weights
+    from pipeline.layout import WORK, classifier_path
+
+    classifier = Path(root) / classifier_path(cfg.scale)
+    return resolve_inception_weights(cfg.eval, Path(root) / WORK / "fidelity", classifier)
 
 
 SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
@@ -97,7 +140,10 @@ class CheckpointEvaluator:
     ``poll()`` submits the due checkpoints and collects finished scores without waiting;
     ``finish()`` waits for the ones in flight and scores any left (the final checkpoint).
     ``scorer`` runs as a Ray task (default :func:`score_checkpoint`); ``run_task=False`` calls
-    it in this process instead (tests).
+    it in this process instead (tests). ``run_dir`` is the driver's run folder (the records);
+    ``bucket`` = (store, the run's path in it) when Ray Train writes the checkpoints to a bucket
+    (``run_dir`` is then the driver's local mirror of the run). ``weights``: the Inception
+    weights (default: :func:`driver_weights`, resolved at the first submission).
     """
 
     def __init__(
@@ -110,14 +156,21 @@ class CheckpointEvaluator:
         mlflow: tuple[str, str] | None = None,
         scorer: Scorer = score_checkpoint,
         run_task: bool = True,
+        bucket: tuple[Store, Path] | None = None,
+        weights: InceptionWeights | None = None,
     ):
         self.cfg, self.variant, self.run_dir = cfg, variant, Path(run_dir)
         self.reference, self.root = Path(reference), Path(root)
         self.records = EvalRecords(run_dir)
         self.mlflow, self.scorer, self.run_task = mlflow, scorer, run_task
+        self.bucket, self.weights = bucket, weights
         self.in_flight: dict[int, tuple[Any, Path, float]] = {}  # step -> (ref, copy, started)
         self.evaluated_now: list[int] = []
         self.failed: set[int] = set()  # not retried by this driver (a restart retries them)
+        self._shared: tuple[Any, InceptionWeights, Any] | None = None  # reference, weights, file
+        if bucket is not None:  # the records of an earlier job of this run
+            store, rel = bucket
+            store.get_dir(rel / EVALS, self.records.folder)
 
     def show(self, update: dict[str, Any]) -> None:
         """Called by the BoardReader on every progress update."""
@@ -126,9 +179,13 @@ class CheckpointEvaluator:
     def poll(self, newest_too: bool = False) -> None:
         """Collect finished scores; submit due checkpoints. The newest one, which Ray Train
         may still be writing, only once its files have not changed for SETTLE_S seconds (or
-        with ``newest_too``)."""
+        with ``newest_too``; in a bucket: once state.pt and meta.json are both there)."""
         self._collect(wait=False)
         done = self.records.done() | set(self.in_flight) | self.failed
+        if self.bucket is not None:
+            for step, rel in self._bucket_due(done):
+                self._submit(step, rel)
+            return
         due = due_steps(self.run_dir, self.cfg.train.eval_every, done)
         newest = max((s for s, _ in due_steps(self.run_dir, 1, set())), default=None)
         for step, folder in due:
@@ -143,18 +200,64 @@ class CheckpointEvaluator:
         self._collect(wait=True)
         return self.records.all()
 
-    def _submit(self, step: int, folder: Path) -> None:
+    def _bucket_due(self, done: set[int]) -> list[tuple[int, Path]]:
+        """(step, path in the store) of the complete checkpoints in the bucket not yet done."""
+        from pipeline.training.checkpoint import META, STATE
+
+        store, rel = self.bucket
+        files: dict[str, set[str]] = {}
+        for name in store.list(rel):
+            folder, _, file = name.partition("/")
+            if folder.startswith("checkpoint_") and "/" not in file:
+                files.setdefault(folder, set()).add(file)
+        due = []
+        for folder, names in sorted(files.items()):
+            try:
+                step = int(folder.removeprefix("checkpoint_"))
+            except ValueError:
+                continue
+            every = self.cfg.train.eval_every
+            if {STATE, META} <= names and step > 0 and step % every == 0 and step not in done:
+                due.append((step, rel / folder))
+        return due
+
+    def _inputs(self) -> tuple[Any, InceptionWeights, Any]:
+        """The reference statistics' bytes, the weights and their file's bytes: read once on
+        the driver, and put in Ray's object store once when the scorer runs as a task."""
+        if self._shared is None:
+            weights = self.weights or driver_weights(self.cfg, self.root)
+            reference = self.reference.read_bytes()
+            data = Path(weights.path).read_bytes() if weights.path is not None else None
+            if self.run_task:
+                import ray
+
+                reference, data = ray.put(reference), ray.put(data)
+            self._shared = (reference, weights, data)
+        return self._shared
+
+    def _submit(self, step: int, source: Path) -> None:
+        """Copy the checkpoint ``source`` (a folder, or its path in the bucket) to the driver
+        and start scoring its EMA weights."""
+        from pipeline.training.checkpoint import META, STATE, read_checkpoint
+
         copy = self.records.folder / f".pending-{step:09d}"
         if copy.exists():
             shutil.rmtree(copy)
         self.records.folder.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copytree(folder, copy)
+            if self.bucket is None:
+                shutil.copytree(source, copy)
+            else:
+                self.bucket[0].get_dir(source, copy)
+            if not (copy / STATE).is_file() or not (copy / META).is_file():
+                raise FileNotFoundError(copy)
+            ema = read_checkpoint(copy)["ema"]
         except FileNotFoundError:  # Ray Train removed it meanwhile (keep_checkpoints)
             shutil.rmtree(copy, ignore_errors=True)
             log.warning("checkpoint of step %d disappeared before its evaluation", step)
             return
-        args = (self.cfg, self.variant, copy, self.reference, self.root)
+        reference, weights, data = self._inputs()
+        args = (self.cfg, self.variant, step, ema, reference, weights, data)
         if self.run_task:
             import ray
 
@@ -191,11 +294,27 @@ class CheckpointEvaluator:
                 "n_samples": self.cfg.train.eval_samples,
                 "seconds": round(time.perf_counter() - started, 3),
             }
+            best = self.records.best()
             self.records.add(record, copy)
+            self._upload(record, best is None or record["fid"] < best["fid"])
             shutil.rmtree(copy, ignore_errors=True)
             del self.in_flight[step]
             self.evaluated_now.append(step)
             self._log(record)
+
+    def _upload(self, record: dict[str, Any], new_best: bool) -> None:
+        """A bucket run: the new record (and best/, first, when it changed) into the bucket, so
+        that a resubmitted driver (a new, empty mirror) redoes nothing."""
+        if self.bucket is None:
+            return
+        store, rel = self.bucket
+        try:
+            if new_best:
+                store.put_dir(self.records.folder / BEST, rel / EVALS / BEST)
+            path = self.records.path(record["step"])
+            store.put_file(path, rel / EVALS / path.name)
+        except Exception as e:  # a storage outage must not stop training; kept locally
+            log.warning("upload of the evaluation of step %d failed: %s", record["step"], e)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.mlflow is None:

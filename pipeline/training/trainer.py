@@ -246,7 +246,8 @@ def make_evaluator(
             f"presets.{cfg.scale}.train.eval_every needs the training reference statistics "
             f"{stats}; run the reference stage first (dvc repro reference)"
         )
-    return CheckpointEvaluator(cfg, variant, run_dir, stats, root)
+    bucket = _bucket_run(cfg, root, run_dir)  # a bucket: the evaluator lists the run there
+    return CheckpointEvaluator(cfg, variant, run_dir, stats, root, bucket=bucket)
 
 
 def _log_selection(uri: str, run_id: str, selection: dict[str, Any]) -> None:
