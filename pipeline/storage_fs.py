@@ -113,7 +113,8 @@ class Store:
         return bool(self.fs.exists(self._path(rel)))
 
     def list(self, rel: str | os.PathLike = "") -> list[str]:
-        """Every file under ``rel``, recursively, as paths relative to ``rel`` (sorted)."""
+        """Every file under ``rel``, recursively, as paths relative to ``rel`` (sorted). In a
+        bucket, the empty "folder" objects that pyarrow (Ray Train) creates are not files."""
         if self.is_local:
             base = self.local_path(rel)
             if not base.is_dir():
@@ -125,7 +126,8 @@ class Store:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
-        return sorted(p[len(base) + 1 :] for p in found if p.startswith(base + "/"))
+        names = (p[len(base) + 1 :] for p in found if p.startswith(base + "/"))
+        return sorted(n for n in names if n and not n.endswith("/"))  # not pyarrow's dir markers
 
     def put_file(self, local: str | os.PathLike, rel: str | os.PathLike) -> None:
         """Copy the local file ``local`` to ``rel`` (readers see the old file or the new one)."""

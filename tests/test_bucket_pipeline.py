@@ -68,3 +68,38 @@ def test_tiny_pipeline_with_s3_storage_and_its_resubmission(tmp_path):
         again = tmp_path / "b" / weights.relative_to(tmp_path / "a")
         assert again.read_bytes() == weights.read_bytes()
         print(f"\ns3 storage: first run {s1:.0f} s, resubmission {s2:.0f} s, {len(keys)} objects")
+
+
+def test_evaluation_during_training_with_s3_storage_selects_a_step(tmp_path):
+    """The tiny preset with ``eval_every: 4`` and ``select: best_fid`` on s3:// storage: the
+    driver finds the checkpoints Ray Train wrote to the bucket, the scorer tasks get their
+    inputs through the object store, and the lowest-FID step is exported; its records are in
+    the bucket (a resubmitted driver redoes none)."""
+    import json
+
+    import yaml
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    repo = copy_repo(tmp_path / "a", variants={VARIANT})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["presets"]["tiny"]["train"].update(eval_every=4, eval_samples=4, select="best_fid")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "commit", "-qam", "eval"], cwd=repo, check=True,
+                   env=env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                           GIT_COMMITTER_EMAIL="t@t"))  # fmt: skip
+    with moto_server(tmp_path / "moto.log") as endpoint:
+        make_bucket(endpoint, BUCKET)
+        run, seconds = repro(repo, endpoint, tracking)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+        selection = json.loads((repo / "models" / VARIANT / "model.json").read_text())["selection"]
+        said = [line for line in (run.stdout + run.stderr).splitlines() if "evaluation" in line]
+        assert selection["select"] == "best_fid" and selection["evaluations"] == 2, (
+            selection,
+            said,
+        )
+        assert selection["selected_step"] in (4, 8) and selection["fid"] > 0, selection
+        keys = list_keys(endpoint, BUCKET, f"ddpm/checkpoints/{VARIANT}/")
+        records = sorted(k.rsplit("/", 1)[1] for k in keys if "/evals/step-" in k)
+        assert records == ["step-000000004.json", "step-000000008.json"], keys
+        assert any(k.endswith("/evals/best/state.pt") for k in keys), keys
+        print(f"\ns3 storage with evaluation during training: {seconds:.0f} s")

@@ -193,8 +193,10 @@ def test_checkpoints_in_a_bucket_are_found_and_their_records_kept_there(trained,
         try:
             make_bucket(endpoint, "evals")
             store, rel = Store.parse("s3://evals/ddpm"), Path("checkpoints") / VARIANT / "run"
+            path, arrow = store.ray_storage(rel)  # Ray Train's filesystem: "folder" objects
             for step in (4, 8, 12):
                 name = f"checkpoint_{step:09d}"
+                arrow.create_dir(f"{path}/{name}")
                 store.put_dir(run_dir / name, rel / name)
             store.put_file(run_dir / "checkpoint_000000012" / "meta.json",
                            rel / "checkpoint_000000016" / "meta.json")  # fmt: skip  # no state.pt

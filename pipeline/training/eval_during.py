@@ -164,6 +164,7 @@ class CheckpointEvaluator:
         self.records = EvalRecords(run_dir)
         self.mlflow, self.scorer, self.run_task = mlflow, scorer, run_task
         self.bucket, self.weights = bucket, weights
+        self._listed = -float("inf")  # when the bucket was last listed (time.monotonic)
         self.in_flight: dict[int, tuple[Any, Path, float]] = {}  # step -> (ref, copy, started)
         self.evaluated_now: list[int] = []
         self.failed: set[int] = set()  # not retried by this driver (a restart retries them)
@@ -183,6 +184,9 @@ class CheckpointEvaluator:
         self._collect(wait=False)
         done = self.records.done() | set(self.in_flight) | self.failed
         if self.bucket is not None:
+            if not newest_too and time.monotonic() - self._listed < SETTLE_S:
+                return  # a bucket listing is a request: at most one per SETTLE_S seconds
+            self._listed = time.monotonic()
             for step, rel in self._bucket_due(done):
                 self._submit(step, rel)
             return
