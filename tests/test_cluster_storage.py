@@ -142,3 +142,20 @@ def test_a_rejected_push_is_one_error_line_naming_the_remote(tmp_path, monkeypat
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     with pytest.raises(UserError, match=f"push of stage train@v to {tmp_path / 'dvc'} failed"):
         durable.push(dvc, Store(str(tmp_path)), "train@v")
+
+
+def test_repro_uses_its_own_environments_dvc_and_python(monkeypatch):
+    """``.venv/bin/python -m stages.repro`` from a shell without the venv on PATH finds the venv's
+    dvc (and dvc.yaml's ``python`` is the venv's) rather than failing with a traceback."""
+    import shutil
+
+    from stages.repro import use_this_environment
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_this_environment()
+    bin_dir = str(Path(sys.executable).parent)
+    assert os.environ["PATH"].split(os.pathsep)[0] == bin_dir
+    assert Path(shutil.which("dvc")).parent == Path(bin_dir)
+    assert Path(shutil.which("python")).parent == Path(bin_dir)
+    use_this_environment()  # idempotent
+    assert os.environ["PATH"].count(bin_dir) == 1
