@@ -116,7 +116,6 @@ def _stop_group(pgid: int, grace_s: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-@entry_point
 def use_this_environment() -> None:
     """Put this interpreter's bin folder first on PATH, for ``dvc`` and the stages' ``python``.
 
@@ -131,6 +130,7 @@ def use_this_environment() -> None:
         raise UserError(f"no dvc next to {sys.executable} or on PATH: run `make install`")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", help="switch params.yaml to this preset first")
