@@ -181,6 +181,9 @@ def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     keys = {"num_workers": 1, "eval_every": 4, "eval_samples": 2, "select": "best_fid"}
+    # keep 3: with 2, checkpoint 4 is pruned when 12 is written, often before the driver polls
+    # (tiny trains 4 steps in ~0.2 s; the newest checkpoint waits SETTLE_S = 2 s)
+    keys["keep_checkpoints"] = 3
     cfg = make_project(tmp_path, **keys)  # stand-in Inception: no featurenet stage needed here
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, inception_weights="stand-in"))
     weights = resolve_inception_weights(cfg.eval, tmp_path / "work" / "fidelity")
