@@ -12,18 +12,20 @@ process (peak memory is per process):
 - ``reference``: what ``stages/reference.py`` does: ``open_split`` of the train split,
   :class:`ImagePrefix` over all of it, ``compute_reference_stats`` (Inception pass with the
   stand-in weights, statistics, IS) on the CPU.
-- ``sample``: the sample stage's merge path with synthetic blocks (random uint8 shards of 64
+- ``sample``: the sample stage's output path with synthetic blocks (random uint8 shards of 64
   images as the block tasks leave them; no network, a 256x256 model is too slow for this CPU):
-  ``merge_to_npz`` (hashed while written), the memory-mapped result, the 8x8 grid, the move into
-  place.
-- ``evaluate``: the evaluate stage's FID/IS path: ``load_npz_array`` of samples.npz (memory
-  map), ``compute_fid_is`` against the reference statistics above (Inception pass, FID, IS). The
-  NLL and figures part of evaluate works on a bounded number of test images (eval keys), not N.
+  ``map_blocks`` (memory-mapped blocks), the 8x8 grid, ``publish_shards`` (hard links into the
+  samples folder, every shard hashed) and the manifest. Also the disk used by the blocks and the
+  samples folder together (hard links counted once: ~1x the samples).
+- ``evaluate``: the evaluate stage's FID/IS path: ``open_samples`` of the samples folder (every
+  shard's sha256 verified, then memory-mapped), ``compute_fid_is`` against the reference
+  statistics above (Inception pass, FID, IS). The NLL and figures part of evaluate works on a
+  bounded number of test images (eval keys), not N.
 
 Each child records VmHWM (peak resident set, including file pages of memory maps, which the
 kernel can drop) and the peak anonymous resident memory (RssAnon, sampled every 20 ms): a whole
 split or sample set materialised in memory shows in the latter. Writes
-``benchmarks/results/memory-stages-<date>.json``.
+``benchmarks/results/memory-stages-<date>[-<tag>].json``.
 """
 
 from __future__ import annotations
@@ -88,8 +90,7 @@ def child(mode: str, work: Path) -> dict:
     from pipeline.figures import save_sample_grid
     from pipeline.imageviews import ImagePrefix
     from pipeline.inception import resolve_inception_weights
-    from pipeline.npzmap import load_npz_array
-    from pipeline.shards import merge_to_npz
+    from pipeline.sampleshards import map_blocks, open_samples, publish_shards
 
     torch.set_num_threads(2)
     cache = work / "fidelity"
@@ -107,21 +108,25 @@ def child(mode: str, work: Path) -> dict:
             count = len(images)
         elif mode == "sample":
             n = int((work / "n").read_text())
-            merged = work / "blocks" / f"merged-{n}.npz"
-            merge_to_npz(work / "blocks", n, BLOCK, merged)
-            images = load_npz_array(merged, "images")
-            save_sample_grid(work / "grid.png", np.array(images[:64]), "benchmark")
+            images = map_blocks(work / "blocks", n, BLOCK)
             (work / "samples").mkdir(exist_ok=True)
-            os.replace(merged, work / "samples" / "samples.npz")
+            save_sample_grid(work / "samples" / "grid.png", images[:64], "benchmark")
+            manifest = publish_shards(work / "blocks", n, BLOCK, work / "samples")
+            (work / "samples" / "manifest.json").write_text(json.dumps(manifest))
             count = len(images)
         elif mode == "evaluate":
-            samples = load_npz_array(work / "samples" / "samples.npz", "images")
+            manifest = json.loads((work / "samples" / "manifest.json").read_text())
+            samples = open_samples(work / "samples", manifest, "rerun")  # hashes verified
             reference = {"train": work / "reference" / "train-stats.pt"}
             images = ImagePrefix(samples, len(samples))  # as pipeline.evaluation does
             compute_fid_is(images, reference, weights, work / "fid", **opts)
             count = len(samples)
         else:
             raise ValueError(mode)
+    extra = {}
+    if mode == "sample":
+        both = du_mb(work / "blocks", work / "samples")
+        extra["disk_mb"] = {"blocks": du_mb(work / "blocks"), "blocks_and_samples": both}
     return {
         "stage": mode,
         "n": count,
@@ -131,6 +136,7 @@ def child(mode: str, work: Path) -> dict:
         "before_mb": {"rss": round(base_hwm / 1024, 1), "anon": round(base_anon / 1024, 1)},
         "anon_growth_mb": round((anon.peak - base_anon) / 1024, 1),  # above imports and weights
         "rss_file_end_mb": round(_status("RssFile") / 1024, 1),
+        **extra,
     }
 
 
@@ -146,14 +152,15 @@ def _env(pythonpath: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(pythonpath), "PATH": path, "DVC_NO_ANALYTICS": "1"}
 
 
-def du_mb(path: Path) -> float:
-    """Disk used by the files under ``path`` (allocated blocks; hard links counted once)."""
+def du_mb(*paths: Path) -> float:
+    """Disk used by the files under ``paths`` (allocated blocks; hard links counted once)."""
     seen, total = set(), 0
-    for p in path.rglob("*") if path.exists() else []:
-        st = p.lstat()
-        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+    for path in paths:
+        for p in path.rglob("*") if path.exists() else []:
+            st = p.lstat()
+            if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
     return round(total / 2**20, 1)
 
 
@@ -236,6 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="N (and 4N) records / samples")
     parser.add_argument("--batch", type=int, default=16, help="Inception batch (below N)")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "WORK"))
     args = parser.parse_args()
     if args.child:
@@ -266,7 +274,9 @@ def main() -> None:
     }
     print(json.dumps(result["flatness_4n_over_n"]))
     day = datetime.date.today().isoformat()
-    path = Path(__file__).parent / "results" / f"memory-stages-{day}.json"
+    result["command"] = " ".join(["python -m benchmarks.memory_stages", *sys.argv[1:]])
+    name = f"memory-stages-{day}" + (f"-{args.tag}" if args.tag else "")
+    path = Path(__file__).parent / "results" / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 

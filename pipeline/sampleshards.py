@@ -89,6 +89,7 @@ def publish_shards(
     blocks = checked_blocks(blocks_dir, n_items, block_size)
     if not blocks:
         raise DataError(f"{blocks_dir}: no sample blocks to publish (n_samples is 0)")
+    dest.mkdir(parents=True, exist_ok=True)
     total, shards, first = hashlib.sha256(), [], None
     for start, stop in blocks:
         source = shard_path(blocks_dir, start, stop)

@@ -204,7 +204,8 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     subprocess.run([*dvc, "remote", "add", "-d", "s", str(storage / "dvc")], cwd=clone, check=True)
     pulled = subprocess.run([*dvc, "pull"], cwd=clone, env=env(), capture_output=True, text=True)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    for out in (f"models/{VARIANT}/ema.pt", f"samples/{VARIANT}", "reports/table2.csv"):
+    # data/ and samples/ are uncached (disk once): `dvc repro` rebuilds them, a pull cannot
+    for out in (f"models/{VARIANT}/ema.pt", "reports/table2.csv"):
         assert (clone / out).exists(), out
     assert len(variant_runs(tracking)) >= 1
 
