@@ -92,6 +92,10 @@ def child(mode: str, work: Path) -> dict:
     from pipeline.inception import resolve_inception_weights
     from pipeline.sampleshards import map_blocks, open_samples, publish_shards
 
+    if os.environ.get("BENCH_DEFAULT_MALLOC"):  # --default-malloc: glibc's dynamic thresholds
+        import pipeline.fidelity
+
+        pipeline.fidelity.bound_heap = lambda: False
     torch.set_num_threads(2)
     cache = work / "fidelity"
     weights = resolve_inception_weights(EvalConfig(inception_weights="stand-in"), cache)
@@ -125,8 +129,12 @@ def child(mode: str, work: Path) -> dict:
             raise ValueError(mode)
     extra = {}
     if mode == "sample":
-        both = du_mb(work / "blocks", work / "samples")
-        extra["disk_mb"] = {"blocks": du_mb(work / "blocks"), "blocks_and_samples": both}
+        shards = du_mb(work / "blocks", work / "samples", pattern="*.npz")  # links once
+        extra["disk_mb"] = {
+            "blocks": du_mb(work / "blocks"),
+            "blocks_and_sample_shards": shards,
+            "samples_folder": du_mb(work / "samples"),  # its shards, and a grid of random pixels
+        }
     return {
         "stage": mode,
         "n": count,
@@ -152,11 +160,11 @@ def _env(pythonpath: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(pythonpath), "PATH": path, "DVC_NO_ANALYTICS": "1"}
 
 
-def du_mb(*paths: Path) -> float:
+def du_mb(*paths: Path, pattern: str = "*") -> float:
     """Disk used by the files under ``paths`` (allocated blocks; hard links counted once)."""
     seen, total = set(), 0
     for path in paths:
-        for p in path.rglob("*") if path.exists() else []:
+        for p in path.rglob(pattern) if path.exists() else []:
             st = p.lstat()
             if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
@@ -176,7 +184,8 @@ def prepare_repo(work: Path, n: int) -> dict:
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     data = {"dataset": "lsun_bedroom", "resolution": 256, "source": str(work / "lmdb")}
     data.update(shard_size=max(n // 4, 1), workers=2)
-    params = {"scale": "bench", "presets": {"bench": {"data": data}}}
+    eval_ = {"nll_images": 0, "fid_against": ["train"]}  # LSUN: no test split
+    params = {"scale": "bench", "presets": {"bench": {"data": data, "eval": eval_}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stage}}))
@@ -244,6 +253,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="N (and 4N) records / samples")
     parser.add_argument("--batch", type=int, default=16, help="Inception batch (below N)")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="without pipeline.heap.bound_heap"
+    )
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "WORK"))
     args = parser.parse_args()
     if args.child:
@@ -251,6 +263,8 @@ def main() -> None:
         print("RESULT " + json.dumps(child(mode, Path(work))), flush=True)
         return
     os.environ["BENCH_INCEPTION_BATCH"] = str(args.batch)
+    if args.default_malloc:
+        os.environ["BENCH_DEFAULT_MALLOC"] = "1"
     rows = []
     for n in (args.n, 4 * args.n):
         with tempfile.TemporaryDirectory() as tmp:
@@ -267,6 +281,7 @@ def main() -> None:
         "image": "256x256x3 uint8 (192 KiB)",
         "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, {os.uname().sysname}",
         "inception": f"stand-in weights, CPU, 2 threads, batch {args.batch}",
+        "malloc": "glibc defaults" if args.default_malloc else "pipeline.heap.bound_heap",
         "load_start": LOAD_START,
         "load_end": [round(x, 2) for x in os.getloadavg()],
         "flatness_4n_over_n": flatness(rows, args.n),
