@@ -26,6 +26,7 @@ from pipeline.atomic import atomic_dir, atomic_path, write_json
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import DataError
 from pipeline.evaluation import Evaluation
+from pipeline.featurenet import CLASSIFIER_SCORES
 from pipeline.figures_eval import save_interpolation, save_rate_distortion, save_reconstructions
 from pipeline.reconstruction import lambdas
 from pipeline.tracking import TAG_STAND_IN, tracking_uri, variant_run
@@ -134,7 +135,7 @@ def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
         out[tables.rd_metric("rmse", int(n))] = row["rmse"]
         if row.get("rmse_per_image") is not None:
             out[tables.rd_metric("rmse_per_image", int(n))] = row["rmse_per_image"]
-    for k in ("nll_prior_bpd", "nll_decoder_bpd", "classifier_confidence"):
+    for k in ("nll_prior_bpd", "nll_decoder_bpd", *CLASSIFIER_SCORES):
         if k in m:
             out[k] = m[k]
     out.update({f"eval_{k}_s": v for k, v in result.timings.items()})

@@ -26,7 +26,7 @@ from pipeline import layout
 from pipeline.config import Config, Variant
 from pipeline.data import open_split, read_manifest
 from pipeline.errors import ConfigError, DataError
-from pipeline.featurenet import classifier_scores
+from pipeline.featurenet import CLASSIFIER_SCORES, classifier_scores
 from pipeline.fidelity import (
     check_images,
     compute_fid_is,
@@ -276,6 +276,6 @@ def metrics_json(
             }
             for r in rows
         }
-    out.update({k: fid[k] for k in ("classifier_confidence",) if k in fid})
+    out.update({k: fid[k] for k in CLASSIFIER_SCORES if k in fid})
     out.update(result.label)
     return {"variant": variant.name, "scale": cfg.scale, **out}

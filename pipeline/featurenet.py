@@ -18,6 +18,7 @@ Inception) never mix.
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ EXTRACTOR = "ddpm-synthetic-classifier"
 FID_LAYER = "penultimate"
 IS_LAYER = "logits"
 FORMAT = "ddpm-repro/feature-net-v1"
+# What classifier_scores adds to a variant's metrics (and its MLflow run).
+CLASSIFIER_SCORES = ("classifier_confidence", "featurenet_test_accuracy")
 NOTE = (
     "a classifier trained on the synthetic set, not Inception: not comparable to published numbers"
 )
@@ -172,10 +175,21 @@ def confidence(net: SmallClassifier, images: np.ndarray, batch_size: int = 512) 
 
 
 def classifier_scores(weights: InceptionWeights, images: np.ndarray) -> dict[str, float]:
-    """{"classifier_confidence"} of ``images`` when ``weights`` is the feature network, else {}."""
+    """Scores of ``images`` when ``weights`` is the feature network, else {}.
+
+    ``classifier_confidence`` (see :func:`confidence`) and, from the featurenet stage's manifest
+    beside the weights, ``featurenet_test_accuracy``: the network's accuracy on the real test
+    split, the yardstick that the confidence on samples is read against.
+    """
     if weights.extractor != EXTRACTOR or weights.path is None:
         return {}
-    return {"classifier_confidence": confidence(load_classifier(weights.path), images)}
+    out = {"classifier_confidence": confidence(load_classifier(weights.path), images)}
+    manifest = Path(weights.path).parent / "manifest.json"
+    if manifest.is_file():
+        accuracy = json.loads(manifest.read_text()).get("test_accuracy")
+        if accuracy is not None:
+            out["featurenet_test_accuracy"] = float(accuracy)
+    return out
 
 
 def save_classifier(net: SmallClassifier, path: Path, meta: dict[str, Any] | None = None) -> str:

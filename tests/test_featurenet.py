@@ -126,6 +126,30 @@ def test_confidence_separates_data_from_noise(net):
     assert scores["classifier_confidence"] == pytest.approx(real)
 
 
+def test_test_accuracy_reaches_the_metrics_and_mlflow(net, tmp_path):
+    """The featurenet stage's manifest beside the weights gives featurenet_test_accuracy, which
+    mlflow_metrics logs next to classifier_confidence."""
+    import dataclasses
+    import json
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.eval_outputs import mlflow_metrics
+    from pipeline.evaluation import Evaluation
+
+    assert "featurenet_test_accuracy" not in featurenet.classifier_scores(net.weights, net.test)
+    path = tmp_path / "classifier.pt"
+    shutil.copy(net.weights.path, path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"test_accuracy": 0.625}))
+    weights = dataclasses.replace(net.weights, path=path)
+    scores = featurenet.classifier_scores(weights, net.test)
+    assert scores["featurenet_test_accuracy"] == 0.625
+    result = Evaluation("v", dict(scores), {})
+    logged = mlflow_metrics(load_config(None, "tiny"), result)
+    assert logged["featurenet_test_accuracy"] == 0.625
+    assert logged["classifier_confidence"] == pytest.approx(scores["classifier_confidence"])
+
+
 def test_featurenet_stage(tmp_path, monkeypatch, capsys):
     import json
 
