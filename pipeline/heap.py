@@ -9,7 +9,9 @@ Measured on the reference path's stand-in Inception pass over 400 256x256 images
 (``benchmarks/README.md``): peak anonymous memory crept from 748 to 1,079 MB over the pass with
 the default, and stayed at 704-726 MB from the first batches on with the threshold fixed at
 128 KiB. :func:`bound_heap` fixes it (which also turns glibc's dynamic raise off) and trims the
-heap above 128 KiB of free space.
+heap above 128 KiB of free space. The price: every mapped buffer comes back as fresh zeroed
+pages, ~15% more CPU time for a CPU Inception pass on the 2-core development machine (noisy;
+``benchmarks/results/heap-creep-2026-11-30.json``); a GPU pass keeps its activations on the GPU.
 """
 
 from __future__ import annotations
