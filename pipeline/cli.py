@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -68,6 +69,10 @@ def entry_point(fn: F) -> F:
         except (KeyboardInterrupt, Terminated) as e:
             print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)
             sys.exit(e.code if isinstance(e, Terminated) else 130)
+        except BrokenPipeError:  # stdout closed by the reader (`... | head`): stop quietly
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)

@@ -2,6 +2,9 @@
 
 ``stages.repro`` uses this when ``cluster.storage`` is set (see :mod:`pipeline.storage`):
 
+Storage is a folder or a bucket (:class:`pipeline.storage_fs.Store`; a bucket's DVC remote needs
+the ``dvc-s3``/``dvc-gs`` plugin, and ``AWS_ENDPOINT_URL`` is given to it as ``endpointurl``).
+
 1. restore: copy ``<storage>/state/<scale>/`` (dvc.lock and the outputs DVC does not cache:
    metrics/, plots/, the pointer files and Inception caches of checkpoints/ and work/) into the
    working directory, then ``dvc pull --allow-missing`` from the storage remote. Every torch
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,11 +33,21 @@ from urllib.parse import urlparse
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import DataError, UserError
-from pipeline.storage import copy_file_atomic, dvc_remote, safe_load, state_dir
+from pipeline.layout import data_dir
+from pipeline.storage import (
+    copy_file_atomic,
+    dvc_remote,
+    node_local_data,
+    safe_load,
+    state_dir,
+    store_data,
+)
+from pipeline.storage_fs import Store
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in every `ray job submit` driver
 REMOTE = "cluster-storage"
 STATE = ("dvc.lock", "metrics", "plots", "checkpoints", "work")  # relative to the project
+DATA_RECORD = "data.txt"  # in the state: where in storage the prepared data (uncached) is
 
 Dvc = Callable[..., None]
 
@@ -81,32 +95,61 @@ def stage_names() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def reproduce_with_storage(storage: Path, scale: str, repro_args: list[str], dvc: Dvc) -> None:
+def reproduce_with_storage(store: Store, scale: str, repro_args: list[str], dvc: Dvc) -> None:
     """Restore, then reproduce stage by stage with a push and a state save after each."""
-    state = state_dir(storage, scale)
-    dvc("remote", "add", "--local", "--force", "--default", REMOTE, str(dvc_remote(storage)))
-    if restore_state(state, Path.cwd()):
-        print(f"restored the state of an earlier run from {state}", flush=True)
+    state = state_dir(store, scale)
+    dvc("remote", "add", "--local", "--force", "--default", REMOTE, dvc_remote(store))
+    for option, value in store.dvc_remote_options().items():
+        dvc("remote", "modify", "--local", REMOTE, option, value)
+    if restore_state(store, state, Path.cwd()):
+        print(f"restored the state of an earlier run from {store.uri(state)}", flush=True)
+        restore_data(store, state, Path.cwd(), scale)
         dvc("pull", "--allow-missing")
     if repro_args:  # targets or options of the user's: one repro, then one push
         dvc("repro", *repro_args)
-        push(dvc, storage, None)
-        save_state(Path.cwd(), state)
+        push(dvc, store, None)
+        save_data(Path.cwd(), store, state, scale)
+        save_state(Path.cwd(), store, state)
         return
     for name in stage_names():
         dvc("repro", "--single-item", name)
-        push(dvc, storage, name)
-        save_state(Path.cwd(), state)
+        push(dvc, store, name)
+        save_data(Path.cwd(), store, state, scale)
+        save_state(Path.cwd(), store, state)
 
 
-def push(dvc: Dvc, storage: Path, stage: str | None) -> None:
+def save_data(project: Path, store: Store, state: Path, scale: str) -> None:
+    """The prepared data (an uncached DVC output, so in no remote) copied into storage once
+    (``data/<scale>-<digest>/``, as the training ranks read it) and recorded in the state."""
+    local = project / data_dir(scale)
+    if (local / "manifest.json").is_file():
+        where = store_data(store, local)
+        if not store.exists(state / DATA_RECORD) or store.read_text(state / DATA_RECORD) != where:
+            store.write_text(state / DATA_RECORD, where)
+
+
+def restore_data(store: Store, state: Path, project: Path, scale: str) -> None:
+    """The recorded prepared data into ``project`` (sha256-checked through the node-local
+    cache), so that DVC finds ``data/<scale>`` as dvc.lock records it and skips prepare."""
+    local = project / data_dir(scale)
+    if local.exists() or not store.exists(state / DATA_RECORD):
+        return
+    source = node_local_data(store.read_text(state / DATA_RECORD).strip())
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.parent / f".{local.name}.restoring"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, local)
+
+
+def push(dvc: Dvc, store: Store, stage: str | None) -> None:
     """``dvc push [stage]`` to the storage remote; a rejected push is one UserError line."""
     try:
         dvc("push", *([stage] if stage else []))
     except SystemExit as e:
         what = f"stage {stage}" if stage else "the outputs"
         raise UserError(
-            f"dvc push of {what} to {dvc_remote(storage)} failed (status {e.code}); the outputs "
+            f"dvc push of {what} to {dvc_remote(store)} failed (status {e.code}); the outputs "
             "are kept in the working directory and DVC's cache: fix the remote and rerun"
         ) from None
 
@@ -130,20 +173,50 @@ def _same(a: Path, b: Path) -> bool:
     return sa.st_size == sb.st_size and sa.st_mtime_ns == sb.st_mtime_ns
 
 
-def save_state(project: Path, state: Path) -> int:
-    """Copy dvc.lock and the uncached outputs into ``state`` (changed files only); bytes copied."""
+_SAVED: dict[str, tuple[int, int]] = {}  # bucket objects this process wrote: (size, mtime)
+
+
+def save_state(project: Path, store: Store, state: Path) -> int:
+    """Copy dvc.lock and the uncached outputs into ``state`` (changed files only); bytes copied.
+
+    A folder store compares size and mtime with the stored copy; a bucket, with what this
+    process uploaded last (a new job uploads the small state once, then only changes).
+    """
     copied = 0
     for rel in _files(project, STATE):
         if rel.name.startswith(".") and rel.name.endswith(".tmp"):
             continue
-        if not _same(project / rel, state / rel):
-            copy_file_atomic(project / rel, state / rel)
-            copied += (project / rel).stat().st_size
+        source = project / rel
+        if store.is_local:
+            if _same(source, store.local_path(state / rel)):
+                continue
+            copy_file_atomic(source, store.local_path(state / rel))
+        else:
+            stat, uri = source.stat(), store.uri(state / rel)
+            if _SAVED.get(uri) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            store.put_file(source, state / rel)
+            _SAVED[uri] = (stat.st_size, stat.st_mtime_ns)
+        copied += source.stat().st_size
     return copied
 
 
-def restore_state(state: Path, project: Path) -> bool:
+def restore_state(store: Store, state: Path, project: Path) -> bool:
     """Copy a saved state into ``project``; torch files only when they load weights-only."""
+    if store.is_local:
+        return _restore_folder(store.local_path(state), project)
+    files = [Path(f) for f in store.list(state) if Path(f).parts[0] in STATE]
+    if Path("dvc.lock") not in files:
+        return False
+    with tempfile.TemporaryDirectory(prefix=".restore-", dir=project) as tmp:
+        for rel in files:
+            store.get_file(state / rel, Path(tmp) / rel)
+        _restore_folder(Path(tmp), project)
+    return True
+
+
+def _restore_folder(state: Path, project: Path) -> bool:
+    """:func:`restore_state` from a local folder ``state``."""
     files = _files(state, STATE) if state.is_dir() else []
     if not any(rel == Path("dvc.lock") for rel in files):
         return False

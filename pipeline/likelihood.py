@@ -38,7 +38,7 @@ from pipeline.diffusion import GaussianDiffusion
 from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
 from pipeline.samplingjob import SamplingJob, make_job
-from pipeline.storage import shared_path
+from pipeline.storage import shared_path, synced
 from pipeline.unet import UNet
 
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
@@ -231,17 +231,18 @@ def compute_nll(
     work = shared_path(cfg, root, layout.work_dir("nll", variant)) / f"{split}-{key}"
     job = NllJob(network, images[:n], split)
     connect = connect or functools.partial(init_ray, cfg.ray)
-    run = run_blocks(
-        nll_block,
-        n,
-        block,
-        work,
-        cfg.eval.num_workers,
-        eval_resources(cfg),
-        desc="images",
-        shared=job,
-        connect=connect,
-        steps_per_item=network.diffusion().num_timesteps,  # terms: progress within blocks
-    )
+    with synced(cfg, root, work, ("block-*.npz",)):  # a bucket: each block uploaded
+        run = run_blocks(
+            nll_block,
+            n,
+            block,
+            work,
+            cfg.eval.num_workers,
+            eval_resources(cfg),
+            desc="images",
+            shared=job,
+            connect=connect,
+            steps_per_item=network.diffusion().num_timesteps,  # terms: progress within blocks
+        )
     terms = merge_blocks(work, n, block)
     return NllResult(split, terms, summarize(terms), run, work)

@@ -8,11 +8,12 @@ each memory-mapped where it lies), and ``manifest.json`` listing them in index o
     "shards": [{"file": "block-00000000-00000064.npz", "start": 0, "stop": 64, "count": 64,
                 "sha256": <of this shard's images>}, ...]
 
-Disk once: :func:`publish_shards` hard-links each block of ``work/sample/<variant>/<key>/`` into
-the output folder (one inode: the bytes exist once, and the blocks stay reusable by later runs).
+No second copy by the stage: :func:`publish_shards` hard-links each block of
+``work/sample/<variant>/<key>/`` into the output folder (one inode: the bytes exist once, and the blocks stay reusable by later runs).
 Only where a link is impossible (blocks in cluster storage on another file system, a file system
 without hard links) is the block copied. Blocks are only ever replaced by a rename, never written
-in place, so a linked shard never changes under a reader.
+in place, so a linked shard never changes under a reader. (DVC, caching ``samples/<variant>``,
+relinks the workspace files as copies afterwards: README, Sampling on Ray.)
 
 The hashes are of the images' C-order bytes, not of the files: a .npz's zip headers hold a
 timestamp, so a recomputed block has other file bytes but the same pixels, and the manifest

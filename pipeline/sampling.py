@@ -45,7 +45,7 @@ from pipeline.noise import ImageNoise
 from pipeline.raycluster import init_ray
 from pipeline.sampleshards import SampleShards, map_blocks, publish_shards
 from pipeline.samplingjob import SamplingJob, make_job, variant_types
-from pipeline.storage import shared_path
+from pipeline.storage import shared_path, synced
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import sha256_file
@@ -268,22 +268,23 @@ def draw_samples(
     key = block_key(job, s.block_size)
     work = shared_path(cfg, root, layout.work_dir("sample", variant.name)) / key
     resources = task_resources(cfg)
-    run = run_blocks(
-        sample_block,
-        s.n_samples,
-        s.block_size,
-        work,
-        s.num_workers,
-        resources,
-        desc="samples",
-        shared=job,
-        connect=functools.partial(init_ray, cfg.ray),
-        steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress within blocks
-    )
+    with synced(cfg, root, work, ("block-*.npz", "progressive-*.npz")):  # a bucket: uploads
+        run = run_blocks(
+            sample_block,
+            s.n_samples,
+            s.block_size,
+            work,
+            s.num_workers,
+            resources,
+            desc="samples",
+            shared=job,
+            connect=functools.partial(init_ray, cfg.ray),
+            steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress in blocks
+        )
+        progressive = _progressive(cfg, job, work, resources)
     for stale in work.glob("merged-*.npz"):  # what older versions merged the blocks into
         stale.unlink(missing_ok=True)
     images = map_blocks(work, s.n_samples, s.block_size)  # checked, memory-mapped
-    progressive = _progressive(cfg, job, work, resources)
     manifest = make_manifest(cfg, variant, info, job, images, key)
     return SampleSet(images, progressive, manifest, run, work)
 
@@ -373,7 +374,7 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
     """The shards, manifest.json, grid.png and progressive.png in ``out_dir``, all or nothing.
 
     The shards are the blocks themselves, hard-linked (copied only across file systems) and
-    hashed into the manifest (pipeline.sampleshards.publish_shards): the samples exist once.
+    hashed into the manifest (pipeline.sampleshards.publish_shards): no merged second copy.
 
     The figures and sampling metrics go to the variant's MLflow run (when model.json names
     one) before the folder is put in place, so a tracking error leaves no partial output.

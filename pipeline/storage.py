@@ -1,8 +1,9 @@
 """Cluster storage: what must outlive a job or be seen by more than one node.
 
 ``cluster.storage`` in params.yaml (DDPM_CLUSTER_STORAGE in the environment wins) names a
-folder every node of the Ray cluster mounts at the same path (NFS, Lustre, EFS, a bucket
-mounted with s3fs/gcsfuse). When it is set::
+folder every node of the Ray cluster mounts at the same path (NFS, Lustre, EFS), or a bucket
+URI that Ray Train and DVC both understand (``s3://bucket/prefix``, ``gs://bucket/prefix``;
+access through :mod:`pipeline.storage_fs`). When it is set::
 
     <storage>/checkpoints/<variant>/<run>/   Ray Train's storage_path (every rank reports there)
     <storage>/data/<scale>-<digest>/         the prepared data the training ranks map
@@ -12,16 +13,26 @@ mounted with s3fs/gcsfuse). When it is set::
 
 Unset, everything stays in the project folder (one node). Sampling, NLL and figure tasks get
 their inputs through Ray's object store either way; only the driver writes block shards.
-A URI (s3://, gs://) is refused with one line for now: mount it and give the mount path.
+
+A folder is used in place. A bucket cannot be memory-mapped or globbed like a folder, so the
+driver writes block shards into a local mirror (``<project>/.cluster-cache/``) and uploads each
+one as it appears (:func:`synced`); a resubmitted driver first downloads the finished ones.
+Training ranks download the prepared data once per node into a node-local cache
+(:func:`node_local_data`, ``DDPM_NODE_CACHE``, default ``<tmp>/ddpm-node-cache``), checked
+against the manifest's sha256 digests, and map it from there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -29,70 +40,150 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.storage_fs import Store
 
 ENV = "DDPM_CLUSTER_STORAGE"
 POINTER = "CLUSTER_STORAGE.txt"  # left in a local DVC out whose content lives in storage
+MIRROR = ".cluster-cache"  # the driver's local copy of bucket folders, under the project
+NODE_CACHE_ENV = "DDPM_NODE_CACHE"
+SYNC_EVERY_S = 2.0  # how often a synced folder's new files are uploaded
 
 
-def storage_root(cfg: Config) -> Path | None:
-    """The cluster storage folder, or None (single node: the project folder holds everything)."""
+def storage_root(cfg: Config) -> Store | None:
+    """The cluster storage (a folder or a bucket), or None (single node: the project folder)."""
     value = os.environ.get(ENV) or cfg.cluster.storage
-    if not value:
-        return None
-    if "://" in value and not value.startswith("file://"):
+    return Store.parse(value) if value else None
+
+
+_checked: set[str] = set()
+
+
+def check_storage(cfg: Config) -> Store | None:
+    """The storage, created if needed and checked writable (once per process); UserError
+    otherwise. A bucket with evaluation during training is a ConfigError (not supported yet)."""
+    store = storage_root(cfg)
+    if store is not None and not store.is_local and cfg.train.eval_every > 0:
         raise ConfigError(
-            f"cluster.storage {value!r}: URIs are not supported yet; mount the bucket on every "
-            "node (s3fs, gcsfuse) and give the mount's path"
+            f"presets.{cfg.scale}.train.eval_every > 0 with bucket storage ({store.url}) is not "
+            "supported yet (the evaluator reads checkpoints from a folder): mount the bucket "
+            "and give the mount path, or set eval_every: 0"
         )
-    path = Path(value.removeprefix("file://"))
-    if not path.is_absolute():
-        raise ConfigError(f"cluster.storage {value!r}: must be an absolute path (every node's)")
-    return path
-
-
-def check_storage(cfg: Config) -> Path | None:
-    """The storage folder, created if needed and checked writable; a UserError otherwise."""
-    root = storage_root(cfg)
-    if root is None:
-        return None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        raise UserError(f"cluster storage {root} is not writable: {e.strerror or e}") from None
-    return root
+    key = f"{store.url} {os.environ.get('AWS_ENDPOINT_URL', '')}" if store else ""
+    if store is not None and key not in _checked:
+        store.check_writable()
+        _checked.add(key)
+    return store
 
 
 def shared_path(cfg: Config, root: Path, relative: Path) -> Path:
     """``relative`` (a layout path) in cluster storage, else in the project folder ``root``.
 
     In storage mode the local ``root/relative`` (a DVC out) is created too, holding a pointer
-    file, so that DVC finds its output.
+    file, so that DVC finds its output. A bucket: the driver's local mirror of ``relative``
+    (keep it in step with :func:`synced`).
     """
-    storage = check_storage(cfg)
-    if storage is None:
+    store = check_storage(cfg)
+    if store is None:
         return (root / relative).resolve()
     local = root / relative
     local.mkdir(parents=True, exist_ok=True)
-    target = storage / relative
-    (local / POINTER).write_text(f"{target}\n")
-    return target
+    (local / POINTER).write_text(f"{store.uri(relative)}\n")
+    if store.is_local:
+        return store.local_path(relative)
+    return (root / MIRROR / relative).resolve()
 
 
-def shared_data(cfg: Config, local: Path) -> Path:
+@contextlib.contextmanager
+def synced(
+    cfg: Config, root: Path, folder: Path, patterns: tuple[str, ...] = ("*",)
+) -> Iterator[None]:
+    """Keep ``folder`` (from :func:`shared_path`, a bucket's mirror) in step with storage.
+
+    Downloads the files storage holds there first (finished blocks of an earlier job), then
+    uploads every new or changed file matching ``patterns`` every :data:`SYNC_EVERY_S` seconds
+    and once more on exit, also when the body fails (what finished is kept). Nothing to do for
+    a folder store or without storage.
+    """
+    store = storage_root(cfg)
+    mirror = (Path(root) / MIRROR).resolve()
+    folder = Path(folder).resolve()
+    if store is None or store.is_local or not folder.is_relative_to(mirror):
+        yield
+        return
+    rel = folder.relative_to(mirror)
+    for name in store.get_dir(rel, folder):
+        _uploaded(folder / name)
+    sent: dict[str, tuple[int, int]] = {}
+    stop, errors = threading.Event(), []
+
+    def upload() -> None:
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            name = str(path.relative_to(folder))
+            if not path.is_file() or path.name.startswith(".") or path.suffix == ".tmp":
+                continue
+            if not any(fnmatch(path.name, p) for p in patterns):
+                continue
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns)
+            if sent.get(name) != key and _UPLOADED.get(str(path)) != key:
+                store.put_file(path, rel / name)
+                sent[name] = key
+
+    def loop() -> None:
+        while not stop.wait(SYNC_EVERY_S):
+            try:
+                upload()
+            except Exception as e:  # reported at exit
+                errors.append(e)
+                return
+
+    thread = threading.Thread(target=loop, name="storage-sync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        upload()
+        if errors:
+            raise UserError(f"upload to {store.uri(rel)} failed: {errors[0]}")
+
+
+_UPLOADED: dict[str, tuple[int, int]] = {}  # local files downloaded from storage: not resent
+
+
+def _uploaded(path: Path) -> None:
+    stat = path.stat()
+    _UPLOADED[str(path)] = (stat.st_size, stat.st_mtime_ns)
+
+
+def shared_data(cfg: Config, local: Path) -> str:
     """The prepared data folder the training ranks read: ``local`` copied into storage once.
 
-    The copy is keyed by the manifest's digest (which lists every file's sha256), written under
-    a temporary name and renamed, so every node sees the whole copy or none. Unset storage:
-    ``local`` itself.
+    The copy is keyed by the manifest's digest (which lists every file's sha256). A folder
+    store: written under a temporary name and renamed, so every node sees the whole copy or
+    none. A bucket: every file put, the manifest last (its presence marks a whole copy); the
+    ranks read it through :func:`node_local_data`. Unset storage: ``local`` itself.
     """
-    storage = check_storage(cfg)
+    store = check_storage(cfg)
     local = local.resolve()
-    if storage is None:
-        return local
-    digest = hashlib.sha256((local / "manifest.json").read_bytes()).hexdigest()[:16]
-    target = storage / "data" / f"{local.name}-{digest}"
+    if store is None:
+        return str(local)
+    return store_data(store, local)
+
+
+def store_data(store: Store, local: Path) -> str:
+    """:func:`shared_data` into ``store``: the URI (or path) of the stored copy."""
+    local = local.resolve()
+    rel = Path("data") / f"{local.name}-{_digest(local / 'manifest.json')}"
+    if not store.is_local:
+        if not store.exists(rel / "manifest.json"):
+            for path in sorted(local.rglob("*")):
+                if path.is_file() and path.name != "manifest.json":
+                    store.put_file(path, rel / path.relative_to(local))
+            store.put_file(local / "manifest.json", rel / "manifest.json")
+        return store.uri(rel)
+    target = store.local_path(rel)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -103,17 +194,76 @@ def shared_data(cfg: Config, local: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             if not target.is_dir():  # another driver's copy won the rename: use it
                 raise
+    return str(target)
+
+
+def _digest(manifest: Path) -> str:
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+
+def node_local_data(data_dir: str) -> Path:
+    """A local folder with the prepared data ``data_dir`` (from :func:`shared_data`).
+
+    A path: itself. A bucket URI: downloaded once per node into the node-local cache (keyed
+    by the manifest's digest, which the folder name carries), every file listed in the
+    manifest checked against its sha256, then renamed into place: ranks on one node share one
+    copy, and a rank never maps a half-written or tampered file.
+    """
+    if "://" not in data_dir:
+        return Path(data_dir)
+    store = Store(data_dir)
+    name = data_dir.rstrip("/").rsplit("/", 1)[1]
+    cache = Path(os.environ.get(NODE_CACHE_ENV) or Path(tempfile.gettempdir()) / "ddpm-node-cache")
+    target = cache / name
+    if (target / "manifest.json").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
+    try:
+        store.get_dir("", tmp)
+        if not name.endswith("-" + _digest(tmp / "manifest.json")):
+            raise DataError(f"{data_dir}: manifest.json does not match the folder's digest")
+        for path, sha in _listed_files(json.loads((tmp / "manifest.json").read_text())):
+            if _sha256(tmp / path) != sha:
+                raise DataError(f"{data_dir}/{path}: sha256 differs from the manifest's")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "manifest.json").is_file():  # else another rank's copy won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def dvc_remote(storage: Path) -> Path:
-    """The DVC remote folder in storage."""
-    return storage / "dvc"
+def _listed_files(manifest: object) -> Iterator[tuple[str, str]]:
+    """Every (path, sha256) pair anywhere in a manifest."""
+    if isinstance(manifest, dict):
+        if isinstance(manifest.get("path"), str) and isinstance(manifest.get("sha256"), str):
+            yield manifest["path"], manifest["sha256"]
+        for value in manifest.values():
+            yield from _listed_files(value)
+    elif isinstance(manifest, list):
+        for value in manifest:
+            yield from _listed_files(value)
 
 
-def state_dir(storage: Path, scale: str) -> Path:
-    """Where dvc.lock and the uncached outputs of a scale are kept between jobs."""
-    return storage / "state" / scale
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc_remote(store: Store) -> str:
+    """The DVC remote's URL in storage."""
+    return store.uri("dvc")
+
+
+def state_dir(store: Store, scale: str) -> Path:
+    """Where dvc.lock and the uncached outputs of a scale are kept between jobs (relative)."""
+    return Path("state") / scale
 
 
 def copy_file_atomic(source: Path, target: Path) -> None:
@@ -151,19 +301,16 @@ def safe_load(path: Path) -> object:
         ) from None
 
 
-def record_placement(run_dir: Path, rank: int) -> None:
+def record_placement(run_dir: str | Path, rank: int) -> None:
     """Note which Ray node (and host, process) this training rank runs on, in ``run_dir/nodes/``.
 
     ``rank-<r>-<node id>.json``: one file per rank and node it ever ran on (restarts included),
-    so that people and tests can see where a run trained.
+    so that people and tests can see where a run trained. ``run_dir``: a path or a bucket URI.
     """
-    import json
     import socket
 
     import ray
 
     node = ray.get_runtime_context().get_node_id()
-    folder = run_dir / "nodes"
-    folder.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "node_id": node, "host": socket.gethostname(), "pid": os.getpid()}
-    (folder / f"rank-{rank}-{node[:12]}.json").write_text(json.dumps(record) + "\n")
+    Store(str(run_dir)).write_text(f"nodes/rank-{rank}-{node[:12]}.json", json.dumps(record) + "\n")

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from pipeline.durable import check_job_tracking, reproduce_with_storage
 from pipeline.errors import UserError
 from pipeline.raycluster import local_head, ray_address
 from pipeline.storage import check_storage
+from pipeline.storage_fs import Store
 
 
 def in_git_repo() -> bool:
@@ -115,6 +117,20 @@ def _stop_group(pgid: int, grace_s: float) -> None:
 
 
 @entry_point
+def use_this_environment() -> None:
+    """Put this interpreter's bin folder first on PATH, for ``dvc`` and the stages' ``python``.
+
+    ``.venv/bin/python -m stages.repro`` from a shell without the venv activated would otherwise
+    find no ``dvc`` (or another one), and dvc.yaml's ``python -m stages.X`` another Python.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    if shutil.which("dvc") is None:
+        raise UserError(f"no dvc next to {sys.executable} or on PATH: run `make install`")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", help="switch params.yaml to this preset first")
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run every stage on one private local Ray head (unless a cluster is configured)",
     )
     args, repro_args = parser.parse_known_args(argv)
+    use_this_environment()
     if args.scale:
         set_scale(Path("params.yaml"), args.scale)
     cfg = load_config(Path("params.yaml"))
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def reproduce(
-    storage: Path | None, scale: str, repro_args: list[str], env: dict[str, str] | None
+    storage: Store | None, scale: str, repro_args: list[str], env: dict[str, str] | None
 ) -> None:
     """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each."""
     if storage is None:

@@ -94,3 +94,32 @@ def test_a_diverged_training_stage_is_one_line_and_exit_2(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"error: {message}\n"
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    """``python -m stages.config | head -1``: the reader closes the pipe; no traceback, 141."""
+    code = textwrap.dedent(
+        """
+        from pipeline.cli import entry_point
+
+        @entry_point
+        def main():
+            for i in range(100_000):
+                print("line", i)
+
+        main()
+        """
+    )
+    program = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert program.stdout.readline() == "line 0\n"
+    program.stdout.close()  # as `head -1` does after its line
+    stderr = program.stderr.read()
+    assert program.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

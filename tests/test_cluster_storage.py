@@ -19,6 +19,7 @@ from pipeline import durable, storage
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.fidelity import load_numpy_dict
+from pipeline.storage_fs import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +55,9 @@ def test_the_storage_setting_and_its_errors(tmp_path, monkeypatch):
     monkeypatch.delenv(storage.ENV, raising=False)
     assert cfg.cluster.storage is None and storage.check_storage(cfg) is None  # the default
     monkeypatch.setenv(storage.ENV, str(tmp_path / "shared"))
-    assert storage.check_storage(cfg) == tmp_path / "shared" and (tmp_path / "shared").is_dir()
-    for bad, match in (("s3://bucket/x", "URIs are not supported"), ("rel/path", "absolute")):
+    store = storage.check_storage(cfg)
+    assert store.local_path() == tmp_path / "shared" and (tmp_path / "shared").is_dir()
+    for bad, match in (("ftp://bucket/x", "unknown scheme"), ("rel/path", "absolute")):
         monkeypatch.setenv(storage.ENV, bad)
         with pytest.raises(ConfigError, match=match):
             storage.check_storage(cfg)
@@ -72,10 +74,11 @@ def test_prepared_data_and_block_folders_move_to_storage(tmp_path, monkeypatch):
     (local / "manifest.json").write_text("{}")
     (local / "train.npy").write_bytes(b"x" * 10)
     monkeypatch.setenv(storage.ENV, str(tmp_path / "shared"))
-    shared = storage.shared_data(cfg, local)
+    shared = Path(storage.shared_data(cfg, local))
+    assert storage.node_local_data(str(shared)) == shared  # a folder store: mapped in place
     assert shared.parent == tmp_path / "shared" / "data" and shared.name.startswith("tiny-")
     assert (shared / "train.npy").read_bytes() == b"x" * 10
-    assert storage.shared_data(cfg, local) == shared  # copied once
+    assert Path(storage.shared_data(cfg, local)) == shared  # copied once
     work = storage.shared_path(cfg, tmp_path / "project", Path("work/sample/v"))
     assert work == tmp_path / "shared" / "work" / "sample" / "v"
     pointer = tmp_path / "project" / "work" / "sample" / "v" / storage.POINTER
@@ -92,16 +95,17 @@ def test_state_round_trip_skips_a_tampered_torch_file(tmp_path):
     torch.save({"x": Payload(tmp_path / "ran")}, project / "work" / "fid" / "v" / "bad.pt")
     (project / "models").mkdir()  # cached outputs go through the DVC remote, not the state
     (project / "models" / "ema.pt").write_bytes(b"w")
-    assert durable.save_state(project, state) > 0
-    assert durable.save_state(project, state) == 0  # unchanged files are not copied again
+    store, rel = Store(str(tmp_path)), Path("state")
+    assert durable.save_state(project, store, rel) > 0
+    assert durable.save_state(project, store, rel) == 0  # unchanged files are not copied again
     assert not (state / "models").exists()
-    assert durable.restore_state(state, again)
+    assert durable.restore_state(store, rel, again)
     assert (again / "dvc.lock").is_file() and (again / "metrics" / "v.json").is_file()
     assert (again / "work" / "fid" / "v" / "good.pt").is_file()
     assert (
         not (again / "work" / "fid" / "v" / "bad.pt").exists() and not (tmp_path / "ran").exists()
     )
-    assert not durable.restore_state(tmp_path / "empty", again)
+    assert not durable.restore_state(store, Path("empty"), again)
 
 
 def test_a_ray_job_without_a_durable_mlflow_store_is_one_error_line(tmp_path, monkeypatch):
@@ -137,4 +141,21 @@ def test_a_rejected_push_is_one_error_line_naming_the_remote(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     with pytest.raises(UserError, match=f"push of stage train@v to {tmp_path / 'dvc'} failed"):
-        durable.push(dvc, tmp_path, "train@v")
+        durable.push(dvc, Store(str(tmp_path)), "train@v")
+
+
+def test_repro_uses_its_own_environments_dvc_and_python(monkeypatch):
+    """``.venv/bin/python -m stages.repro`` from a shell without the venv on PATH finds the venv's
+    dvc (and dvc.yaml's ``python`` is the venv's) rather than failing with a traceback."""
+    import shutil
+
+    from stages.repro import use_this_environment
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_this_environment()
+    bin_dir = str(Path(sys.executable).parent)
+    assert os.environ["PATH"].split(os.pathsep)[0] == bin_dir
+    assert Path(shutil.which("dvc")).parent == Path(bin_dir)
+    assert Path(shutil.which("python")).parent == Path(bin_dir)
+    use_this_environment()  # idempotent
+    assert os.environ["PATH"].count(bin_dir) == 1

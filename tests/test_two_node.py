@@ -7,7 +7,8 @@ worker on each node and blocks on both, which Ray's own task and actor records (
 MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
 b. and c. (slow): a job stopped during training and resubmitted after an edit continues from
 the stored checkpoint with bit-identical final EMA weights, recomputes no finished stage, and a
-fresh clone gets every output with ``dvc pull`` from the storage remote.
+fresh clone gets every output with ``dvc pull`` from the storage remote. (slow) a. with the
+storage in an s3:// bucket (a moto server, tests/moto_s3.py).
 """
 
 from __future__ import annotations
@@ -123,6 +124,37 @@ def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_p
     assert "Running stage" in job.stdout
 
 
+@pytest.mark.slow
+def test_a_job_with_bucket_storage_runs_on_both_nodes(cluster, tracking, tmp_path):
+    """Case a. with ``s3://`` storage (a moto server on 127.0.0.1, which the second node reaches:
+    it shares the network namespace): ranks on both nodes, data, blocks and remote in the bucket.
+    """
+    from moto_s3 import list_keys, make_bucket, moto_server, read_object, s3_env
+    from ray.util.state import list_nodes
+
+    repo = project(tmp_path / "repo")
+    with moto_server(tmp_path / "moto.log") as endpoint:
+        make_bucket(endpoint, "two-node")
+        env_vars = {
+            "MLFLOW_TRACKING_URI": tracking,
+            "DDPM_CLUSTER_STORAGE": "s3://two-node/a",
+            **s3_env(endpoint),
+        }
+        start = time.perf_counter()
+        job = submit(cluster, repo, env_vars)
+        seconds = time.perf_counter() - start
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr
+        keys = list_keys(endpoint, "two-node", "a/")
+        ranks = [k for k in keys if "/nodes/rank-" in k]
+        assert len(ranks) == 2, ranks
+        trained = {json.loads(read_object(endpoint, "two-node", k))["node_id"] for k in ranks}
+    nodes = {n.node_id for n in list_nodes(address=cluster.dashboard_url, limit=10)}
+    assert trained == nodes, (trained, nodes)  # one rank on each node, each read the data
+    top = {k.split("/")[1] for k in keys}
+    assert {"checkpoints", "data", "work", "dvc", "state"} <= top, top
+    print(f"\ntwo-node job a. with s3:// storage: {seconds:.0f} s, {len(keys)} objects")
+
+
 def tables_from_mlflow(tmp_path: Path) -> dict:
     import mlflow
     import pandas as pd
@@ -204,8 +236,7 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     subprocess.run([*dvc, "remote", "add", "-d", "s", str(storage / "dvc")], cwd=clone, check=True)
     pulled = subprocess.run([*dvc, "pull"], cwd=clone, env=env(), capture_output=True, text=True)
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    # data/ and samples/ are uncached (disk once): `dvc repro` rebuilds them, a pull cannot
-    for out in (f"models/{VARIANT}/ema.pt", "reports/table2.csv"):
+    for out in (f"models/{VARIANT}/ema.pt", f"samples/{VARIANT}", "reports/table2.csv"):
         assert (clone / out).exists(), out
     assert len(variant_runs(tracking)) >= 1
 

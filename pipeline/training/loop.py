@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pipeline.config import Config, Variant
 from pipeline.data import TrainBatches, open_split
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.storage import record_placement
+from pipeline.storage import node_local_data, record_placement
 from pipeline.training import faults
 from pipeline.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.training.divergence import IntervalStats
@@ -43,8 +43,8 @@ class TrainJob:
 
     cfg: Config
     variant: Variant
-    data_dir: str  # prepared data folder
-    run_dir: str  # the Ray run's storage folder (test-fault markers)
+    data_dir: str  # prepared data folder, or its bucket URI (pipeline.storage.node_local_data)
+    run_dir: str  # the Ray run's storage folder or bucket URI (placements, test-fault markers)
     run: dict[str, str]  # run identity: {"name", "config_hash"}
     board: Any = None  # progress actor handle (pipeline.training.progress), or None
     fault: faults.Fault | None = None  # test-only
@@ -118,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry point: ``config = {"job": TrainJob}``."""
     logging.getLogger().setLevel(logging.WARNING)  # Ray's per-report INFO lines
     session = RaySession()
-    record_placement(Path(config["job"].run_dir), session.rank)
+    record_placement(config["job"].run_dir, session.rank)
     return run_worker(config["job"], session)
 
 
@@ -179,7 +179,7 @@ class StepInputs:
     def __init__(self, job: TrainJob, session: Session):
         cfg, train = job.cfg, job.cfg.train
         self.batches = TrainBatches(
-            open_split(job.data_dir, "train"),
+            open_split(node_local_data(job.data_dir), "train"),
             train.batch_size,
             session.rank,
             session.world_size,

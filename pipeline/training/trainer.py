@@ -12,7 +12,10 @@ checkpoint.
 
 With ``cluster.storage`` set (:mod:`pipeline.storage`), the run folder (Ray Train's storage_path)
 and the prepared data the ranks map are in cluster storage, so ranks on any node find them and a
-resubmitted job continues from the stored checkpoint.
+resubmitted job continues from the stored checkpoint. A bucket (s3://, gs://): Ray Train writes
+the run there itself (:meth:`pipeline.storage_fs.Store.ray_storage`), the ranks download the
+prepared data into a node-local cache, and the driver keeps its records (identity, MLflow run)
+in a local mirror of the run folder that it uploads (:func:`_pull_records`, :func:`_push_records`).
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from pipeline.data import open_split
 from pipeline.errors import ConfigError
 from pipeline.layout import checkpoint_dir, data_dir, model_dir, reference_dir
 from pipeline.raycluster import init_ray
-from pipeline.storage import shared_data, shared_path
+from pipeline.storage import MIRROR, check_storage, shared_data, shared_path
+from pipeline.storage_fs import Store
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
 from pipeline.training.eval_during import CheckpointEvaluator
 from pipeline.training.export import export_weights
 from pipeline.training.identity import (
+    IDENTITY_RECORD,
+    MLFLOW_RECORD,
     record_mlflow_run,
     recorded_mlflow_run,
     run_identity,
@@ -106,6 +112,7 @@ def make_trainer(job: TrainJob) -> Any:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = job.cfg.train
+    storage_path, filesystem = _ray_storage(job.run_dir)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -116,7 +123,8 @@ def make_trainer(job: TrainJob) -> Any:
         ),
         run_config=RunConfig(
             name=job.run["name"],
-            storage_path=str(Path(job.run_dir).parent),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -152,16 +160,18 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     check_train_config(cfg)
     check_data(cfg, root / data_dir(cfg.scale))
     data = shared_data(cfg, root / data_dir(cfg.scale))  # in cluster storage when set
-    run = run_identity(cfg, variant, data)
+    run = run_identity(cfg, variant, root / data_dir(cfg.scale))
     run_dir = shared_path(cfg, root, checkpoint_dir(variant.name)) / run["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_identity(run_dir, cfg, variant, data)
+    ray_run_dir = _pull_records(cfg, root, run_dir)  # a bucket: its URI, else run_dir
+    write_identity(run_dir, cfg, variant, root / data_dir(cfg.scale))
     evaluator = make_evaluator(cfg, variant, run_dir, root)
     uri, run_id = open_mlflow_run(cfg, variant, run_dir, root)
+    _push_records(cfg, root, run_dir)
     if evaluator is not None:
         evaluator.mlflow = (uri, run_id)
     start = time.perf_counter()
-    job = TrainJob(cfg, variant, str(data), str(run_dir), run, fault=faults.from_environment())
+    job = TrainJob(cfg, variant, data, ray_run_dir, run, fault=faults.from_environment())
     result, starts = fit(job, uri, run_id, [evaluator] if evaluator else [])
     seconds = time.perf_counter() - start
     if result.return_value["status"] == "diverged":
@@ -181,6 +191,47 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     return TrainSummary(
         variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
     )
+
+
+def _ray_storage(run_dir: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) of Ray Train for the run folder ``run_dir``."""
+    if "://" not in run_dir:
+        return str(Path(run_dir).parent), None
+    parent, _ = run_dir.rstrip("/").rsplit("/", 1)
+    return Store(parent).ray_storage("")
+
+
+def _bucket_run(cfg: Config, root: Path, run_dir: Path) -> tuple[Store, Path] | None:
+    """(store, the run folder's path in it) when ``run_dir`` is a bucket run's local mirror."""
+    store = check_storage(cfg)
+    mirror = (root / MIRROR).resolve()
+    if store is None or store.is_local or not run_dir.resolve().is_relative_to(mirror):
+        return None
+    return store, run_dir.resolve().relative_to(mirror)
+
+
+def _pull_records(cfg: Config, root: Path, run_dir: Path) -> str:
+    """A bucket run: download the driver's records of an earlier job (not the checkpoints:
+    Ray Train reads those itself) into the mirror ``run_dir``; returns the run's URI. Else
+    ``run_dir``."""
+    bucket = _bucket_run(cfg, root, run_dir)
+    if bucket is None:
+        return str(run_dir)
+    store, rel = bucket
+    for name in (IDENTITY_RECORD, MLFLOW_RECORD):
+        if store.exists(rel / name):
+            store.get_file(rel / name, run_dir / name)
+    return store.uri(rel)
+
+
+def _push_records(cfg: Config, root: Path, run_dir: Path) -> None:
+    """A bucket run: upload the driver's records from the mirror ``run_dir``."""
+    bucket = _bucket_run(cfg, root, run_dir)
+    if bucket is not None:
+        store, rel = bucket
+        for name in (IDENTITY_RECORD, MLFLOW_RECORD):
+            if (run_dir / name).is_file():
+                store.put_file(run_dir / name, rel / name)
 
 
 def make_evaluator(

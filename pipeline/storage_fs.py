@@ -1,0 +1,275 @@
+"""Access to cluster storage: a folder (NFS, Lustre, EFS) or a bucket URI (s3://, gs://).
+
+:class:`Store` gives the few operations the pipeline needs on both: ``exists``, ``list``,
+``put_file``/``put_dir`` (a local file or folder into storage), ``get_file``/``get_dir``
+(storage to a local file or folder), ``write_text``/``read_text`` (small records) and
+``makedirs``. A folder keeps the fast local behaviour: plain file copies written under a
+temporary name and renamed (readers never see half a file); in a bucket each object put is
+atomic by itself. Every local file written by ``get_*`` is written under a temporary name and
+renamed too, so concurrent readers on one node are safe.
+
+Buckets go through fsspec (s3fs for s3://, gcsfs for gs://; extras ``ddpm-repro[s3]`` and
+``ddpm-repro[gs]``). An S3-compatible store (MinIO, Ceph, a moto server) is reached through
+the standard ``AWS_ENDPOINT_URL`` environment variable; credentials come from the usual
+places (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ~/.aws, instance roles;
+``GOOGLE_APPLICATION_CREDENTIALS`` for gs://). A :class:`Store` holds only its URL, so it can
+be sent to Ray workers; each process builds its own filesystem client on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, UserError
+
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+# scheme -> (the fsspec package it needs, the pip extra that installs it with the DVC plugin)
+SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gs"), "gcs": ("gcsfs", "gs")}
+CONNECT_TIMEOUT_S = 5  # a bucket endpoint that does not answer fails fast, not after minutes
+
+
+@dataclass(frozen=True)
+class Store:
+    """One cluster-storage location: an absolute folder path or ``scheme://bucket[/prefix]``."""
+
+    url: str
+
+    @staticmethod
+    def parse(value: str) -> Store:
+        """The store ``value`` names; ConfigError for a relative path or an unknown scheme, and
+        UserError when the scheme's filesystem package is not installed."""
+        value = value.strip().removeprefix("file://")
+        if "://" in value:
+            scheme, rest = value.split("://", 1)
+            rest = rest.rstrip("/")
+            if scheme not in SCHEMES:
+                known = ", ".join(f"{s}://" for s in SCHEMES)
+                raise ConfigError(
+                    f"cluster.storage {value!r}: unknown scheme {scheme}:// (a path, or {known})"
+                )
+            if not rest or rest.startswith("/"):
+                raise ConfigError(f"cluster.storage {value!r}: no bucket name after {scheme}://")
+            package, extra = SCHEMES[scheme]
+            needed = {package: package, f"dvc_{extra}": f"dvc-{extra}"}
+            missing = [n for m, n in needed.items() if importlib.util.find_spec(m) is None]
+            if missing:
+                raise UserError(
+                    f"cluster.storage {value!r} needs {' and '.join(missing)}, not installed: "
+                    f"pip install 'ddpm-repro[{extra}]'"
+                )
+            return Store(f"{'gs' if scheme == 'gcs' else scheme}://{rest}")
+        value = value.rstrip("/") or "/"
+        if not Path(value).is_absolute():
+            raise ConfigError(f"cluster.storage {value!r}: must be an absolute path (every node's)")
+        return Store(value)
+
+    # -- where things are ----------------------------------------------------------------
+
+    @property
+    def scheme(self) -> str:
+        """``s3``, ``gs`` or ``file``."""
+        return self.url.split("://", 1)[0] if "://" in self.url else "file"
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    def uri(self, rel: str | os.PathLike = "") -> str:
+        """The URL (or absolute path) of ``rel`` in storage."""
+        rel = str(rel).strip("/")
+        return f"{self.url.rstrip('/')}/{rel}" if rel and rel != "." else self.url
+
+    def local_path(self, rel: str | os.PathLike = "") -> Path:
+        """``rel`` as a local path (a folder store only)."""
+        if not self.is_local:
+            raise ValueError(f"{self.url} is a bucket, not a folder")
+        return Path(self.uri(rel))
+
+    def _path(self, rel: str | os.PathLike) -> str:
+        """``rel`` as a path of :attr:`fs` (no scheme)."""
+        uri = self.uri(rel)
+        return uri.split("://", 1)[1] if "://" in uri else uri
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (one client per process and store)."""
+        return _filesystem(self.scheme, self._endpoint() or "")
+
+    # -- operations ------------------------------------------------------------------------
+
+    def exists(self, rel: str | os.PathLike) -> bool:
+        """Whether a file (or, in a folder store, a folder; in a bucket, a prefix) exists."""
+        if self.is_local:
+            return self.local_path(rel).exists()
+        return bool(self.fs.exists(self._path(rel)))
+
+    def list(self, rel: str | os.PathLike = "") -> list[str]:
+        """Every file under ``rel``, recursively, as paths relative to ``rel`` (sorted)."""
+        if self.is_local:
+            base = self.local_path(rel)
+            if not base.is_dir():
+                return []
+            return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+        base = self._path(rel).rstrip("/")
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        return sorted(p[len(base) + 1 :] for p in found if p.startswith(base + "/"))
+
+    def put_file(self, local: str | os.PathLike, rel: str | os.PathLike) -> None:
+        """Copy the local file ``local`` to ``rel`` (readers see the old file or the new one)."""
+        if self.is_local:
+            _copy_atomic(Path(local), self.local_path(rel))
+        else:
+            self.fs.put_file(str(local), self._path(rel))
+
+    def put_dir(self, local: str | os.PathLike, rel: str | os.PathLike) -> int:
+        """Copy every file under the local folder ``local`` to ``rel``; the number of bytes."""
+        total = 0
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                self.put_file(path, Path(rel) / path.relative_to(local))
+                total += path.stat().st_size
+        return total
+
+    def get_file(self, rel: str | os.PathLike, local: str | os.PathLike) -> None:
+        """Copy ``rel`` to the local file ``local`` (temporary sibling, then rename)."""
+        if self.is_local:
+            _copy_atomic(self.local_path(rel), Path(local))
+            return
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self.fs.get_file(self._path(rel), str(tmp))
+            os.replace(tmp, local)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def get_dir(self, rel: str | os.PathLike, local: str | os.PathLike) -> list[str]:
+        """Copy every file under ``rel`` into the local folder ``local``; the files copied."""
+        names = self.list(rel)
+        for name in names:
+            self.get_file(Path(rel) / name, Path(local) / name)
+        return names
+
+    def write_text(self, rel: str | os.PathLike, text: str) -> None:
+        """A small text file (a record) at ``rel``, written atomically."""
+        if self.is_local:
+            target = self.local_path(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(self._path(rel), text.encode())
+
+    def read_text(self, rel: str | os.PathLike) -> str:
+        """The text of ``rel``; FileNotFoundError if absent."""
+        if self.is_local:
+            return self.local_path(rel).read_text()
+        return self.fs.cat_file(self._path(rel)).decode()
+
+    def makedirs(self, rel: str | os.PathLike = "") -> None:
+        """Create the folder ``rel`` (buckets have no folders: nothing to do)."""
+        if self.is_local:
+            self.local_path(rel).mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Write and delete a small file at the root; UserError naming the cause if that fails."""
+        name = f".write-check-{uuid.uuid4().hex[:12]}"
+        try:
+            self.makedirs()
+            self.write_text(name, "ok\n")
+            if self.is_local:
+                self.local_path(name).unlink()
+            else:
+                self.fs.rm_file(self._path(name))
+        except UserError:
+            raise
+        except Exception as e:  # botocore/gcsfs raise many types; all mean "not usable"
+            reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+            where = f" (endpoint {os.environ[ENDPOINT_ENV]})" if self._endpoint() else ""
+            raise UserError(
+                f"cluster storage {self.url}{where} is not writable: "
+                f"{type(e).__name__}: {reason.splitlines()[0][:200]}"
+            ) from None
+
+    def _endpoint(self) -> str | None:
+        return os.environ.get(ENDPOINT_ENV) if self.scheme == "s3" else None
+
+    # -- what Ray Train and DVC need ---------------------------------------------------------
+
+    def ray_storage(self, rel: str | os.PathLike) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig at ``rel``.
+
+        A folder or a bucket without an endpoint override: the URI and None (Ray builds the
+        pyarrow filesystem). An S3-compatible endpoint: pyarrow's S3FileSystem pointed at it,
+        and the path inside it.
+        """
+        endpoint = self._endpoint()
+        if not endpoint:
+            return self.uri(rel), None
+        from pyarrow import fs as pafs
+
+        scheme, _, rest = endpoint.partition("://")
+        s3 = pafs.S3FileSystem(
+            endpoint_override=rest or scheme,
+            scheme=scheme if rest else "https",
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            connect_timeout=CONNECT_TIMEOUT_S,
+        )
+        return self._path(rel), s3
+
+    def dvc_remote_options(self) -> dict[str, str]:
+        """``dvc remote modify`` options the remote needs beyond its URL (the endpoint)."""
+        endpoint = self._endpoint()
+        return {"endpointurl": endpoint} if endpoint else {}
+
+
+@functools.cache
+def _filesystem(scheme: str, endpoint: str) -> Any:
+    """The fsspec filesystem of a scheme, with short timeouts and the endpoint override."""
+    import fsspec
+
+    if scheme == "file":
+        return fsspec.filesystem("file")
+    if scheme == "s3":
+        client: dict[str, Any] = {}
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        config = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": 60,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        }
+        return fsspec.filesystem(
+            "s3", client_kwargs=client, config_kwargs=config, skip_instance_cache=True
+        )
+    return fsspec.filesystem(scheme, timeout=60, skip_instance_cache=True)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copy ``source`` onto ``target`` through a temporary sibling (readers never see half)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

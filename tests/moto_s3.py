@@ -1,0 +1,93 @@
+"""A local S3-compatible server (moto), the stand-in for a bucket: real S3 requests over HTTP.
+
+:func:`moto_server` starts ``moto_server`` as a subprocess on a free 127.0.0.1 port and stops it
+by its pid; :func:`s3_env` is the environment that points boto/s3fs/pyarrow/DVC at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.raycluster import free_ports
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Environment variables that send every S3 client to ``endpoint`` with test credentials."""
+    return {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+
+
+@contextlib.contextmanager
+def moto_server(log: Path, timeout_s: float = 30.0) -> Iterator[str]:
+    """A running moto S3 server; yields its endpoint URL (http://127.0.0.1:PORT)."""
+    (port,) = free_ports(1)
+    server = Path(sys.executable).parent / "moto_server"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **CREDENTIALS},
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    """Create the bucket ``name`` on the server."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, **_credentials()).create_bucket(Bucket=name)
+
+
+def list_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    """Every object key in ``bucket`` under ``prefix``."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, **_credentials())
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def _credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": CREDENTIALS["AWS_DEFAULT_REGION"],
+    }
+
+
+def read_object(endpoint: str, bucket: str, key: str) -> bytes:
+    """The bytes of one object."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, **_credentials())
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
