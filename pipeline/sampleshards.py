@@ -9,7 +9,8 @@ each memory-mapped where it lies), and ``manifest.json`` listing them in index o
                 "sha256": <of this shard's images>}, ...]
 
 No second copy by the stage: :func:`publish_shards` hard-links each block of
-``work/sample/<variant>/<key>/`` into the output folder (one inode: the bytes exist once, and the blocks stay reusable by later runs).
+``work/sample/<variant>/<key>/`` into the output folder (one inode: the bytes exist once, and
+the blocks stay reusable by later runs).
 Only where a link is impossible (blocks in cluster storage on another file system, a file system
 without hard links) is the block copied. Blocks are only ever replaced by a rename, never written
 in place, so a linked shard never changes under a reader. (DVC, caching ``samples/<variant>``,
