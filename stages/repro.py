@@ -131,6 +131,7 @@ def use_this_environment() -> None:
         raise UserError(f"no dvc next to {sys.executable} or on PATH: run `make install`")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", help="switch params.yaml to this preset first")
