@@ -12,18 +12,20 @@ process (peak memory is per process):
 - ``reference``: what ``stages/reference.py`` does: ``open_split`` of the train split,
   :class:`ImagePrefix` over all of it, ``compute_reference_stats`` (Inception pass with the
   stand-in weights, statistics, IS) on the CPU.
-- ``sample``: the sample stage's merge path with synthetic blocks (random uint8 shards of 64
+- ``sample``: the sample stage's output path with synthetic blocks (random uint8 shards of 64
   images as the block tasks leave them; no network, a 256x256 model is too slow for this CPU):
-  ``merge_to_npz`` (hashed while written), the memory-mapped result, the 8x8 grid, the move into
-  place.
-- ``evaluate``: the evaluate stage's FID/IS path: ``load_npz_array`` of samples.npz (memory
-  map), ``compute_fid_is`` against the reference statistics above (Inception pass, FID, IS). The
-  NLL and figures part of evaluate works on a bounded number of test images (eval keys), not N.
+  ``map_blocks`` (memory-mapped blocks), the 8x8 grid, ``publish_shards`` (hard links into the
+  samples folder, every shard hashed) and the manifest. Also the disk used by the blocks and the
+  samples folder together (hard links counted once: ~1x the samples).
+- ``evaluate``: the evaluate stage's FID/IS path: ``open_samples`` of the samples folder (every
+  shard's sha256 verified, then memory-mapped), ``compute_fid_is`` against the reference
+  statistics above (Inception pass, FID, IS). The NLL and figures part of evaluate works on a
+  bounded number of test images (eval keys), not N.
 
 Each child records VmHWM (peak resident set, including file pages of memory maps, which the
 kernel can drop) and the peak anonymous resident memory (RssAnon, sampled every 20 ms): a whole
 split or sample set materialised in memory shows in the latter. Writes
-``benchmarks/results/memory-stages-<date>.json``.
+``benchmarks/results/memory-stages-<date>[-<tag>].json``.
 """
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ def child(mode: str, work: Path) -> dict:
     from pipeline.figures import save_sample_grid
     from pipeline.imageviews import ImagePrefix
     from pipeline.inception import resolve_inception_weights
-    from pipeline.npzmap import load_npz_array
-    from pipeline.shards import merge_to_npz
+    from pipeline.sampleshards import map_blocks, open_samples, publish_shards
 
+    if os.environ.get("BENCH_DEFAULT_MALLOC"):  # --default-malloc: glibc's dynamic thresholds
+        import pipeline.fidelity
+
+        pipeline.fidelity.bound_heap = lambda: False
     torch.set_num_threads(2)
     cache = work / "fidelity"
     weights = resolve_inception_weights(EvalConfig(inception_weights="stand-in"), cache)
@@ -107,21 +112,29 @@ def child(mode: str, work: Path) -> dict:
             count = len(images)
         elif mode == "sample":
             n = int((work / "n").read_text())
-            merged = work / "blocks" / f"merged-{n}.npz"
-            merge_to_npz(work / "blocks", n, BLOCK, merged)
-            images = load_npz_array(merged, "images")
-            save_sample_grid(work / "grid.png", np.array(images[:64]), "benchmark")
+            images = map_blocks(work / "blocks", n, BLOCK)
             (work / "samples").mkdir(exist_ok=True)
-            os.replace(merged, work / "samples" / "samples.npz")
+            save_sample_grid(work / "samples" / "grid.png", images[:64], "benchmark")
+            manifest = publish_shards(work / "blocks", n, BLOCK, work / "samples")
+            (work / "samples" / "manifest.json").write_text(json.dumps(manifest))
             count = len(images)
         elif mode == "evaluate":
-            samples = load_npz_array(work / "samples" / "samples.npz", "images")
+            manifest = json.loads((work / "samples" / "manifest.json").read_text())
+            samples = open_samples(work / "samples", manifest, "rerun")  # hashes verified
             reference = {"train": work / "reference" / "train-stats.pt"}
             images = ImagePrefix(samples, len(samples))  # as pipeline.evaluation does
             compute_fid_is(images, reference, weights, work / "fid", **opts)
             count = len(samples)
         else:
             raise ValueError(mode)
+    extra = {}
+    if mode == "sample":
+        shards = du_mb(work / "blocks", work / "samples", pattern="*.npz")  # links once
+        extra["disk_mb"] = {
+            "blocks": du_mb(work / "blocks"),
+            "blocks_and_sample_shards": shards,
+            "samples_folder": du_mb(work / "samples"),  # its shards, and a grid of random pixels
+        }
     return {
         "stage": mode,
         "n": count,
@@ -131,6 +144,7 @@ def child(mode: str, work: Path) -> dict:
         "before_mb": {"rss": round(base_hwm / 1024, 1), "anon": round(base_anon / 1024, 1)},
         "anon_growth_mb": round((anon.peak - base_anon) / 1024, 1),  # above imports and weights
         "rss_file_end_mb": round(_status("RssFile") / 1024, 1),
+        **extra,
     }
 
 
@@ -146,14 +160,15 @@ def _env(pythonpath: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(pythonpath), "PATH": path, "DVC_NO_ANALYTICS": "1"}
 
 
-def du_mb(path: Path) -> float:
-    """Disk used by the files under ``path`` (allocated blocks; hard links counted once)."""
+def du_mb(*paths: Path, pattern: str = "*") -> float:
+    """Disk used by the files under ``paths`` (allocated blocks; hard links counted once)."""
     seen, total = set(), 0
-    for p in path.rglob("*") if path.exists() else []:
-        st = p.lstat()
-        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+    for path in paths:
+        for p in path.rglob(pattern) if path.exists() else []:
+            st = p.lstat()
+            if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
     return round(total / 2**20, 1)
 
 
@@ -169,7 +184,8 @@ def prepare_repo(work: Path, n: int) -> dict:
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     data = {"dataset": "lsun_bedroom", "resolution": 256, "source": str(work / "lmdb")}
     data.update(shard_size=max(n // 4, 1), workers=2)
-    params = {"scale": "bench", "presets": {"bench": {"data": data}}}
+    eval_ = {"nll_images": 0, "fid_against": ["train"]}  # LSUN: no test split
+    params = {"scale": "bench", "presets": {"bench": {"data": data, "eval": eval_}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stage}}))
@@ -236,6 +252,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="N (and 4N) records / samples")
     parser.add_argument("--batch", type=int, default=16, help="Inception batch (below N)")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="without pipeline.heap.bound_heap"
+    )
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "WORK"))
     args = parser.parse_args()
     if args.child:
@@ -243,6 +263,8 @@ def main() -> None:
         print("RESULT " + json.dumps(child(mode, Path(work))), flush=True)
         return
     os.environ["BENCH_INCEPTION_BATCH"] = str(args.batch)
+    if args.default_malloc:
+        os.environ["BENCH_DEFAULT_MALLOC"] = "1"
     rows = []
     for n in (args.n, 4 * args.n):
         with tempfile.TemporaryDirectory() as tmp:
@@ -259,6 +281,7 @@ def main() -> None:
         "image": "256x256x3 uint8 (192 KiB)",
         "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, {os.uname().sysname}",
         "inception": f"stand-in weights, CPU, 2 threads, batch {args.batch}",
+        "malloc": "glibc defaults" if args.default_malloc else "pipeline.heap.bound_heap",
         "load_start": LOAD_START,
         "load_end": [round(x, 2) for x in os.getloadavg()],
         "flatness_4n_over_n": flatness(rows, args.n),
@@ -266,7 +289,9 @@ def main() -> None:
     }
     print(json.dumps(result["flatness_4n_over_n"]))
     day = datetime.date.today().isoformat()
-    path = Path(__file__).parent / "results" / f"memory-stages-{day}.json"
+    result["command"] = " ".join(["python -m benchmarks.memory_stages", *sys.argv[1:]])
+    name = f"memory-stages-{day}" + (f"-{args.tag}" if args.tag else "")
+    path = Path(__file__).parent / "results" / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 

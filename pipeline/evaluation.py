@@ -1,6 +1,6 @@
 """Evaluating one variant (stage ``evaluate``): FID/IS, the NLL bound, rate-distortion, figures.
 
-- FID against the reference splits and IS of ``samples/<variant>/samples.npz`` through
+- FID against the reference splits and IS of ``samples/<variant>/``'s shards through
   torch-fidelity (pipeline.fidelity), in this process, cached under ``work/fid/<variant>``.
 - The NLL bound on the test set (and optionally a train subset) on Ray (pipeline.likelihood),
   resumable under ``work/nll/<variant>``; from its per-timestep sums the rate-distortion curve
@@ -37,10 +37,10 @@ from pipeline.fidelity import (
 from pipeline.imageviews import ImagePrefix
 from pipeline.inception import resolve_inception_weights
 from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
-from pipeline.npzmap import load_npz_array
 from pipeline.rate_distortion import rate_distortion, table4_rows
 from pipeline.raycluster import init_ray
 from pipeline.reconstruction import FigureSpec, submit_figures
+from pipeline.sampleshards import SampleShards, open_samples
 from pipeline.sampling import ModelInfo, load_model_info
 from pipeline.samplingjob import SamplingJob
 
@@ -83,25 +83,27 @@ def check_eval_config(cfg: Config) -> None:
         raise ConfigError(f"{where}.gpus_per_worker must be positive with use_gpu (got 0)")
 
 
-def load_samples(variant: str, info: ModelInfo, root: Path = Path(".")) -> tuple[np.ndarray, dict]:
-    """samples/<variant>/samples.npz (``images``) and its manifest; DataError when missing/stale."""
+def load_samples(
+    variant: str, info: ModelInfo, root: Path = Path(".")
+) -> tuple[SampleShards, dict]:
+    """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest.
+
+    DataError when the manifest or a shard is missing, unreadable or altered, or when the
+    samples were drawn from other weights.
+    """
     folder = root / layout.samples_dir(variant)
-    path, manifest_path = folder / "samples.npz", folder / "manifest.json"
+    manifest_path = folder / "manifest.json"
     hint = f"run `dvc repro sample@{variant}`"
-    for p in (path, manifest_path):
-        if not p.is_file():
-            raise DataError(f"{p}: not found ({hint})")
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: not found ({hint})")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{manifest_path}: unreadable ({type(e).__name__}); {hint}") from None
     if manifest.get("weights_sha256") not in (None, info.sha256):
-        raise DataError(f"{path}: drawn from other weights than {info.weights} ({hint})")
-    try:
-        images = load_npz_array(path, "images")  # memory-mapped: read in pages, never whole
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: unreadable samples ({type(e).__name__}); {hint}") from None
-    return images, manifest
+        raise DataError(f"{folder}: drawn from other weights than {info.weights} ({hint})")
+    # every shard read once to check its sha256, then mapped: read in pages, never whole
+    return open_samples(folder, manifest, hint), manifest
 
 
 def check_resolution(

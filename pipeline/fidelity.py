@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_path
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import ConfigError, DataError
+from pipeline.heap import bound_heap
 from pipeline.inception import STAND_IN_IS_NOTE, InceptionWeights
 from pipeline.storage import safe_load
 
@@ -332,6 +333,7 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
         return
     from pipeline.taskprogress import BlockProgress  # imports ray: only when a pass runs
 
+    bound_heap()  # resident memory flat over the pass (pipeline/heap.py)
     name = _cache_name(key)
     # a bar on a terminal, else a line every 30 s with rate and ETA (DVC logs)
     bar = BlockProgress(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,8 +19,23 @@ LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header, 30 bytes
 LOCAL_MAGIC = b"PK\x03\x04"
 
 
-def load_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
-    """Array ``name`` of the .npz at ``path``: a read-only memmap when stored uncompressed.
+@dataclass(frozen=True)
+class NpyMember:
+    """Where an uncompressed ``.npz`` member's array lies in the file."""
+
+    offset: int  # bytes from the start of the file to the first array byte
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Length of the array's bytes in the file."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def npy_member(path: str | os.PathLike, name: str) -> NpyMember | None:
+    """Offset, shape and dtype of array ``name`` of the .npz at ``path``; None if compressed.
 
     Raises ValueError for a file that is not a readable .npz, KeyError for a missing array.
     """
@@ -29,8 +45,7 @@ def load_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
     except zipfile.BadZipFile as e:
         raise ValueError(f"not a zip file: {e}") from None
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed, encrypted
-        with np.load(path, allow_pickle=False) as f:
-            return f[name]
+        return None
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         fields = LOCAL_HEADER.unpack(f.read(LOCAL_HEADER.size))
@@ -46,5 +61,27 @@ def load_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
         offset = f.tell()
     if dtype.hasobject:
         raise ValueError(f"{name}: object arrays are not loaded")
-    order = "F" if fortran else "C"
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    return NpyMember(offset, tuple(shape), dtype, bool(fortran))
+
+
+def load_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
+    """Array ``name`` of the .npz at ``path``: a read-only memmap when stored uncompressed.
+
+    Raises ValueError for a file that is not a readable .npz, KeyError for a missing array.
+    """
+    member = npy_member(path, name)
+    if member is None:
+        with np.load(path, allow_pickle=False) as f:
+            return f[name]
+    return map_member(path, member)
+
+
+def map_member(path: str | os.PathLike, member: NpyMember) -> np.ndarray:
+    """The read-only memmap of ``member`` (from :func:`npy_member`) of the file ``path``.
+
+    Raises ValueError when the file is shorter than the header says (a truncated file).
+    """
+    order = "F" if member.fortran else "C"
+    return np.memmap(
+        path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order=order
+    )

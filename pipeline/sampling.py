@@ -6,7 +6,8 @@ SamplingJob` (shared with the NLL and the figures).
 Sample i draws x_T and every step's noise from its own generator seeded by (seed, i), on the
 sampling device (pipeline.noise: no per-step host copy or sync). Samples are computed in fixed
 blocks of indices by pipeline.blocks (resumable, retried, written atomically as uint8 shards
-under ``work/sample/<variant>/<key>/``) and merged into ``samples/<variant>/samples.npz``.
+under ``work/sample/<variant>/<key>/``), which become ``samples/<variant>/``'s shards (hard
+links, never merged: pipeline.sampleshards).
 ``key`` hashes everything that changes a block's bytes (weights, seed, sampler, diffusion
 settings, precision, memory format, block size, device type, torch version, and the batch size
 where the network is not batch-invariant), so blocks are reused across reruns, more samples or
@@ -23,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +42,15 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.figures import save_progressive, save_sample_grid
 from pipeline.gputasks import submit
 from pipeline.noise import ImageNoise
-from pipeline.npzmap import load_npz_array
 from pipeline.raycluster import init_ray
+from pipeline.sampleshards import SampleShards, map_blocks, publish_shards
 from pipeline.samplingjob import SamplingJob, make_job, variant_types
-from pipeline.shards import merge_to_npz
 from pipeline.storage import shared_path, synced
 from pipeline.tracking import tracking_uri, variant_run
 from pipeline.unet import UNet
 from pipeline.weights import sha256_file
 
-FORMAT = "ddpm-repro/samples-v1"
+FORMAT = "ddpm-repro/samples-v2"  # v2: shards + manifest (v1: one samples.npz)
 TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
 TAG_KEY = "ddpm.sample_key"  # MLflow tag: the block key (work/sample/<variant>/<key>)
 
@@ -253,7 +252,7 @@ def task_resources(cfg: Config) -> dict[str, float]:
 class SampleSet:
     """The outcome of :func:`draw_samples`."""
 
-    images: np.ndarray  # uint8 [N, R, R, 3]
+    images: SampleShards  # uint8 [N, R, R, 3], the blocks memory-mapped
     progressive: dict[str, np.ndarray]  # see progressive_frames
     manifest: dict[str, Any]
     run: BlockRun  # blocks computed and reused now, and the time it took
@@ -263,7 +262,7 @@ class SampleSet:
 def draw_samples(
     cfg: Config, variant: Variant, info: ModelInfo, root: Path = Path(".")
 ) -> SampleSet:
-    """Compute (or reuse) every block of the variant's samples on Ray and merge them."""
+    """Compute (or reuse) every block of the variant's samples on Ray; map them (no merge)."""
     job = make_job(cfg, variant, info.weights)
     s = cfg.sample
     key = block_key(job, s.block_size)
@@ -283,10 +282,10 @@ def draw_samples(
             steps_per_item=job.diffusion().num_timesteps,  # reverse steps: progress in blocks
         )
         progressive = _progressive(cfg, job, work, resources)
-    merged = work / f"merged-{s.n_samples}.npz"  # moved into samples/<V>/ by write_outputs
-    sha256 = merge_to_npz(work, s.n_samples, s.block_size, merged)  # one shard in memory
-    images = load_npz_array(merged, "images")  # memory-mapped
-    manifest = make_manifest(cfg, variant, info, job, images, key, sha256)
+    for stale in work.glob("merged-*.npz"):  # what older versions merged the blocks into
+        stale.unlink(missing_ok=True)
+    images = map_blocks(work, s.n_samples, s.block_size)  # checked, memory-mapped
+    manifest = make_manifest(cfg, variant, info, job, images, key)
     return SampleSet(images, progressive, manifest, run, work)
 
 
@@ -325,9 +324,10 @@ def make_manifest(
     key: str,
     sha256: str | None = None,
 ) -> dict[str, Any]:
-    """What samples.npz holds and how it was drawn (deterministic: no timings).
+    """What the sample shards hold and how they were drawn (deterministic: no timings).
 
-    ``sha256``: that of the images' bytes when already known (hashed while merging)."""
+    ``sha256``: that of the images' bytes when already known; None until
+    :func:`write_outputs` hashes the published shards (and adds their list, ``shards``)."""
     manifest = {
         "format": FORMAT,
         "variant": variant.name,
@@ -335,7 +335,7 @@ def make_manifest(
         "count": int(images.shape[0]),
         "shape": list(images.shape),
         "dtype": str(images.dtype),
-        "sha256": sha256 or _array_sha256(images),
+        "sha256": sha256,
         "sampler": job.label(),
         "var_type": job.var_type,  # the sampler's variance (sample.var_type or the variant's)
         "respaced": job.respaced,
@@ -371,7 +371,10 @@ def _array_sha256(array: np.ndarray, chunk: int = 1024) -> str:
 
 
 def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
-    """samples.npz, manifest.json, grid.png and progressive.png in ``out_dir``, all or nothing.
+    """The shards, manifest.json, grid.png and progressive.png in ``out_dir``, all or nothing.
+
+    The shards are the blocks themselves, hard-linked (copied only across file systems) and
+    hashed into the manifest (pipeline.sampleshards.publish_shards): no merged second copy.
 
     The figures and sampling metrics go to the variant's MLflow run (when model.json names
     one) before the folder is put in place, so a tracking error leaves no partial output.
@@ -380,11 +383,9 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
     if "stand_in" in result.manifest:
         title += f" ({STAND_IN_NOTE})"
     with atomic_dir(out_dir) as tmp:
-        merged = getattr(result.images, "filename", None)  # the memory-mapped merge
-        if merged is not None and Path(merged).is_file():
-            os.replace(merged, tmp / "samples.npz")  # moved, not copied: disk once
-        else:
-            save_npz(tmp / "samples.npz", images=result.images)
+        count, block_size = result.manifest["count"], result.manifest["block_size"]
+        published = publish_shards(result.work_dir, count, block_size, tmp)
+        result.manifest = {**result.manifest, **published}  # sha256 filled, shards listed
         write_json(tmp / "manifest.json", result.manifest)
         figures = [tmp / "grid.png"]
         save_sample_grid(figures[0], np.array(result.images[: cfg.sample.grid_size]), title)

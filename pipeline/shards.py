@@ -5,6 +5,10 @@ exactly once, blocks of the given size), then writes array ``name`` of every sha
 order, straight into an uncompressed ``.npz`` member (a .npy header for the whole
 ``[n_items, ...]`` shape, then each shard's bytes) while hashing the bytes. Memory stays one shard
 whatever N is; :func:`pipeline.npzmap.load_npz_array` maps the result back.
+
+The sample stage no longer merges (its output is the shards themselves:
+:mod:`pipeline.sampleshards`); ``benchmarks.memory_merge`` still compares this merge with the
+in-memory one it replaced.
 """
 
 from __future__ import annotations

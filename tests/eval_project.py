@@ -88,14 +88,26 @@ def make_model(
     return folder
 
 
-def write_samples(root: Path, images: np.ndarray, variant: str = VARIANT) -> None:
-    """samples/<variant>/samples.npz and a manifest naming the variant's weights."""
+def write_samples(
+    root: Path, images: np.ndarray, variant: str = VARIANT, block_size: int = 4
+) -> Path:
+    """samples/<variant>/ as the sample stage leaves it: block shards of ``block_size`` images
+    (hard-linked from work/sample/<variant>/test/) and a manifest naming the variant's weights.
+    Returns the folder."""
+    from pipeline.atomic import write_json
+    from pipeline.blocks import block_ranges, shard_path
+    from pipeline.sampleshards import publish_shards
+
+    blocks = root / "work" / "sample" / variant / "test"
+    for start, stop in block_ranges(len(images), block_size):
+        save_npz(shard_path(blocks, start, stop), images=images[start:stop])
     folder = root / "samples" / variant
     folder.mkdir(parents=True, exist_ok=True)
-    save_npz(folder / "samples.npz", images=images)
     weights = sha256_file(root / "models" / variant / "ema.pt")
-    manifest = {"variant": variant, "count": len(images), "weights_sha256": weights}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    manifest = {"variant": variant, "weights_sha256": weights}
+    manifest.update(publish_shards(blocks, len(images), block_size, folder))
+    write_json(folder / "manifest.json", manifest)
+    return folder
 
 
 def link_stand_in(root: Path, weights_path: Path) -> None:

@@ -10,6 +10,7 @@ and both splits run in the slow ``dvc repro`` test. Every test below reads these
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -263,7 +264,46 @@ def test_missing_samples(bare, capsys):
     from stages import evaluate
 
     code, _, err = run_main(evaluate, capsys, "--variant", VARIANT)
-    assert_one_line_error(code, err, f"run `dvc repro sample@{VARIANT}`", "samples.npz")
+    assert_one_line_error(code, err, f"run `dvc repro sample@{VARIANT}`", "manifest.json")
+    assert_nothing_written(bare)
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing", "truncated", "unlisted"])
+def test_damaged_sample_shard_is_one_line(bare, capsys, damage):
+    """Samples stay sharded (no merged file); a shard that differs from the manifest stops
+    evaluate with one line naming it, before any Inception pass."""
+    from pipeline.atomic import save_npz
+    from stages import evaluate
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    folder = write_samples(bare, images)
+    blocks = [f"block-{i:08d}-{i + 4:08d}.npz" for i in range(0, 16, 4)]
+    assert sorted(p.name for p in folder.iterdir()) == [*blocks, "manifest.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(images.tobytes()).hexdigest()
+    assert [s["sha256"] for s in manifest["shards"]] == [
+        hashlib.sha256(images[i : i + 4].tobytes()).hexdigest() for i in range(0, 16, 4)
+    ]
+    shard = folder / blocks[1]
+    needle = {"altered": "sha256 differs", "missing": "missing sample shard"}
+    needle.update(truncated="unreadable sample shard", unlisted="shards hold 12 images")
+    if damage == "altered":  # one pixel, the file rewritten whole (a new inode)
+        changed = images[4:8].copy()
+        changed[2, 3, 1, 0] ^= 1
+        shard.unlink()
+        save_npz(shard, images=changed)
+    elif damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        data = shard.read_bytes()
+        shard.unlink()
+        shard.write_bytes(data[: len(data) // 2])
+    else:  # the manifest lists one shard fewer than it counts
+        manifest["shards"] = manifest["shards"][:3]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_main(evaluate, capsys, "--variant", VARIANT)
+    name = folder.name if damage == "unlisted" else blocks[1]
+    assert_one_line_error(code, err, needle[damage], name, f"sample@{VARIANT}")
     assert_nothing_written(bare)
 
 

@@ -16,6 +16,7 @@ from pipeline.config import config_from_dict
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.noise import ImageNoise, item_generator
 from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.sampleshards import open_samples
 from pipeline.sampling import (
     block_key,
     draw_samples,
@@ -109,7 +110,7 @@ def reference(ray_session, tmp_path_factory):
 def test_one_and_two_workers_give_identical_bytes(reference, tmp_path):
     make_model(tmp_path)
     one = draw(tmp_path, num_workers=1)
-    assert one.images.tobytes() == reference[1].images.tobytes()
+    assert one.images[:].tobytes() == reference[1].images[:].tobytes()
     assert one.manifest["sha256"] == reference[1].manifest["sha256"]
     assert one.images.shape == (12, 8, 8, 3) and one.images.dtype == np.uint8
 
@@ -121,14 +122,14 @@ def test_a_block_whose_worker_is_sigkilled_is_retried_and_gives_identical_bytes(
     monkeypatch.setenv(FAIL_BLOCK_ENV, "kill:4")  # block [4, 8): its worker process dies
     killed = draw(tmp_path)
     assert list((tmp_path / "work").rglob(".failed-once-00000004.kill"))  # the kill did happen
-    assert killed.images.tobytes() == reference[1].images.tobytes()
+    assert killed.images[:].tobytes() == reference[1].images[:].tobytes()
 
 
 def test_batch_sizes_4_and_7_give_identical_bytes(reference, tmp_path):
     """One block of 12 split 7 + 5 against the reference's blocks of 4 split 4."""
     make_model(tmp_path)
     seven = draw(tmp_path, batch_size=7, block_size=12)
-    assert seven.images.tobytes() == reference[1].images.tobytes()
+    assert seven.images[:].tobytes() == reference[1].images[:].tobytes()
 
 
 def test_ray_samples_equal_a_direct_p_sample_loop(reference):
@@ -140,14 +141,14 @@ def test_ray_samples_equal_a_direct_p_sample_loop(reference):
     with torch.inference_mode():
         x = diffusion.p_sample_loop(model, (3, 3, 8, 8), noise_fn=ImageNoise(0, [4, 9, 11]))
     assert to_uint8(x).tobytes() == ref.images[[4, 9, 11]].tobytes()
-    assert len(np.unique(ref.images.reshape(12, -1), axis=0)) == 12  # samples differ
+    assert len(np.unique(ref.images[:].reshape(12, -1), axis=0)) == 12  # samples differ
 
 
 def test_another_seed_or_other_weights_give_other_samples(reference, tmp_path):
     make_model(tmp_path)
     other_seed = draw(tmp_path, seed=1)
     assert other_seed.work_dir.name != reference[1].work_dir.name
-    assert not np.array_equal(other_seed.images, reference[1].images)
+    assert not np.array_equal(other_seed.images[:], reference[1].images[:])
     make_model(tmp_path, seed=1)  # retrained weights: a new key, stale blocks never mixed in
     other_weights = draw(tmp_path)
     assert other_weights.work_dir.name not in (reference[1].work_dir.name, other_seed.work_dir.name)
@@ -168,7 +169,7 @@ def test_rerun_and_more_samples_reuse_finished_blocks(reference, tmp_path):
     assert more.work_dir == first.work_dir
     assert more.run.computed == [(8, 12)]
     assert {b: shard_path(more.work_dir, *b).stat().st_mtime_ns for b in stamps} == stamps
-    assert more.images.tobytes() == reference[1].images.tobytes()
+    assert more.images[:].tobytes() == reference[1].images[:].tobytes()
     assert list_shards(more.work_dir) == [(0, 4), (4, 8), (8, 12)]
 
 
@@ -342,11 +343,17 @@ def test_stage_writes_samples_figures_and_logs_to_mlflow(
     code, err = run_stage(capsys)
     assert code == 0, err
     out = tmp_path / "samples" / VARIANT
-    with np.load(out / "samples.npz") as f:
-        images = f["images"]
-    assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8
     manifest = json.loads((out / "manifest.json").read_text())
+    blocks = ["block-00000000-00000004.npz", "block-00000004-00000008.npz"]
+    assert sorted(p.name for p in out.glob("*.np[yz]")) == blocks  # sharded: no merged file
+    assert [s["file"] for s in manifest["shards"]] == blocks
+    work = next((tmp_path / "work" / "sample" / VARIANT).iterdir())
+    for name in blocks:  # disk once: the output shards are the blocks, hard-linked
+        assert (out / name).stat().st_ino == (work / name).stat().st_ino
+    images = open_samples(out, manifest, "rerun")[:]  # hashes verified
+    assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8
     assert manifest["count"] == 8 and manifest["shape"] == [8, 8, 8, 3]
+    assert manifest["format"] == "ddpm-repro/samples-v2"
     assert manifest["sha256"] == __import__("hashlib").sha256(images.tobytes()).hexdigest()
     assert manifest["mlflow_run_id"] == run_id and "stand_in" in manifest  # synthetic data
     assert manifest["sampler"] == "Algorithm 2, 20 steps"
