@@ -168,3 +168,21 @@ def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
     assert len(metrics) == 6 and all(m["data"]["stand_in"] is True for m in metrics.values())
     again = subprocess.run(["dvc", "status"], cwd=repo, env=env(), capture_output=True, text=True)
     assert "up to date" in again.stdout  # a second repro would do nothing
+    check_samples_on_disk_once(repo, tmp_path)
+
+
+def check_samples_on_disk_once(repo: Path, tmp_path: Path) -> None:
+    """Each sample shard in samples/<V>/ is DVC's cache object itself, not a copy: a hard link
+    of one inode (.dvc/config: cache.type reflink,hardlink,copy). (Its block in work/ is a third
+    link when the content was new to the cache; this run's interruptions make that vary.) Where
+    the filesystem has reflinks DVC uses those instead (shared extents, separate inodes)."""
+    probe = tmp_path / "reflink-probe"
+    probe.write_bytes(b"x")
+    reflink = subprocess.run(["cp", "--reflink=always", probe, f"{probe}.2"], capture_output=True)
+    if reflink.returncode == 0:
+        return
+    shards = sorted((repo / "samples").glob("*/block-*.npz"))
+    assert len(shards) >= 6
+    cache = {p.stat().st_ino for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()}
+    for shard in shards:
+        assert shard.stat().st_ino in cache and shard.stat().st_nlink >= 2, shard
