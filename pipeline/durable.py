@@ -35,14 +35,13 @@ from pipeline.config import Config
 from pipeline.errors import DataError, UserError
 from pipeline.layout import data_dir
 from pipeline.storage import (
-    copy_file_atomic,
     dvc_remote,
     node_local_data,
     safe_load,
     state_dir,
     store_data,
 )
-from pipeline.storage_fs import Store
+from pipeline.storage_fs import Store, copy_file_atomic
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in every `ray job submit` driver
 REMOTE = "cluster-storage"

@@ -260,19 +260,6 @@ def state_dir(store: Store, scale: str) -> Path:
     return Path("state") / scale
 
 
-def copy_file_atomic(source: Path, target: Path) -> None:
-    """Copy ``source`` onto ``target`` through a temporary sibling (readers never see half)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copy2(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 # What a torch file read from storage may hold besides tensors: numpy arrays (torch-fidelity's
 # statistics), nothing that runs code when unpickled.
 NUMPY_GLOBALS = [

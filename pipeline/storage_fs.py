@@ -132,7 +132,7 @@ class Store:
     def put_file(self, local: str | os.PathLike, rel: str | os.PathLike) -> None:
         """Copy the local file ``local`` to ``rel`` (readers see the old file or the new one)."""
         if self.is_local:
-            _copy_atomic(Path(local), self.local_path(rel))
+            copy_file_atomic(Path(local), self.local_path(rel))
         else:
             self.fs.put_file(str(local), self._path(rel))
 
@@ -148,7 +148,7 @@ class Store:
     def get_file(self, rel: str | os.PathLike, local: str | os.PathLike) -> None:
         """Copy ``rel`` to the local file ``local`` (temporary sibling, then rename)."""
         if self.is_local:
-            _copy_atomic(self.local_path(rel), Path(local))
+            copy_file_atomic(self.local_path(rel), Path(local))
             return
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +264,7 @@ def _filesystem(scheme: str, endpoint: str) -> Any:
     return fsspec.filesystem(scheme, timeout=60, skip_instance_cache=True)
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
+def copy_file_atomic(source: Path, target: Path) -> None:
     """Copy ``source`` onto ``target`` through a temporary sibling (readers never see half)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
