@@ -173,8 +173,8 @@ def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
 
 def check_samples_on_disk_once(repo: Path, tmp_path: Path) -> None:
     """Each sample shard in samples/<V>/ is DVC's cache object itself, not a copy: a hard link
-    of one inode (.dvc/config: cache.type reflink,hardlink,copy). (Its block in work/ is a third
-    link when the content was new to the cache; this run's interruptions make that vary.) Where
+    of one inode (.dvc/config: cache.type reflink,hardlink,copy); with DVC's default copy type
+    this fails. (The block in work/ stays a separate file: README, Sampling on Ray, Disk.) Where
     the filesystem has reflinks DVC uses those instead (shared extents, separate inodes)."""
     probe = tmp_path / "reflink-probe"
     probe.write_bytes(b"x")
