@@ -74,6 +74,10 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
     :func:`~pipeline.raycluster.local_head` stops the private Ray head. Outputs are written
     atomically, so the stage that was stopped leaves nothing that looks complete; a rerun
     resumes from the finished stages.
+
+    dvc ignores the signal itself while a stage runs: if the stage had just finished when it
+    came, dvc would go on with the next stage. So the signal is sent again every
+    ``RESEND_S`` until dvc has exited, and after ``GRACE_S`` what is left is SIGKILLed.
     """
     proc = subprocess.Popen(["dvc", *args], env=env, start_new_session=True)
     got: list[int] = []
@@ -86,7 +90,7 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
     saved = {sig: signal.signal(sig, forward) for sig in TERMINATING}
     try:
         try:
-            code = proc.wait()  # the handler runs meanwhile; the wait goes on (PEP 475)
+            code = _wait_resending(proc, got)
         finally:
             if got:  # what dvc started may outlive it by a moment: wait, then make sure
                 _stop_group(proc.pid, GRACE_S)
@@ -101,6 +105,23 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
 
 
 GRACE_S = 20.0  # for the stopped stage to end (its Ray driver disconnects) before SIGKILL
+RESEND_S = 0.5  # the stop signal again, until dvc exits (a stage dvc starts next gets it too)
+
+
+def _wait_resending(proc: subprocess.Popen, got: list[int]) -> int:
+    """``proc.wait()``; once a signal is in ``got``, resend it to the group every RESEND_S."""
+    first: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=RESEND_S)
+        except subprocess.TimeoutExpired:
+            if not got:
+                continue
+            now = time.monotonic()
+            first = now if first is None else first
+            sig = got[0] if now - first < GRACE_S else signal.SIGKILL
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
 
 
 def _stop_group(pgid: int, grace_s: float) -> None:

@@ -159,3 +159,42 @@ def test_repro_uses_its_own_environments_dvc_and_python(monkeypatch):
     assert Path(shutil.which("python")).parent == Path(bin_dir)
     use_this_environment()  # idempotent
     assert os.environ["PATH"].count(bin_dir) == 1
+
+
+def test_a_stop_reaches_the_stage_dvc_starts_after_the_signal(tmp_path, monkeypatch):
+    """dvc ignores Ctrl-C while a stage runs; a stage that ends normally just as the signal
+    comes lets dvc start the next one. ``stages.repro.dvc`` sends the signal again until dvc
+    exits, so that next stage is stopped too (before: it ran to its end)."""
+    import signal
+    import threading
+    import time
+
+    from stages import repro
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "second-stage-finished"
+    # the stage that finishes despite the signal, then the one dvc starts next
+    finishing = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(1)"
+    second = f"import pathlib, time; time.sleep(20); pathlib.Path({str(marker)!r}).touch()"
+    (bin_dir / "dvc").write_text(
+        f"#!{sys.executable}\n"
+        "import signal, subprocess, sys\n"
+        "def stage(code):\n"  # as dvc runs a stage: Ctrl-C ignored by dvc while it runs
+        "    p = subprocess.Popen([sys.executable, '-c', code])\n"
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "    try:\n"
+        "        return p.wait()\n"
+        "    finally:\n"
+        "        signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"stage({finishing!r})\n"
+        f"sys.exit(stage({second!r}))\n"
+    )
+    (bin_dir / "dvc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        repro.dvc("repro")
+    assert stop.value.code == 130
+    assert time.monotonic() - started < 10 and not marker.exists()
