@@ -35,7 +35,7 @@ from pipeline.fidelity import (
     stand_in_label,
 )
 from pipeline.imageviews import ImagePrefix
-from pipeline.inception import resolve_inception_weights
+from pipeline.inception import project_inception_weights
 from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
 from pipeline.rate_distortion import rate_distortion, table4_rows
 from pipeline.raycluster import init_ray
@@ -43,9 +43,6 @@ from pipeline.reconstruction import FigureSpec, submit_figures
 from pipeline.sampleshards import SampleShards, open_samples
 from pipeline.sampling import ModelInfo, load_model_info
 from pipeline.samplingjob import SamplingJob
-
-INCEPTION_CACHE = layout.WORK / "fidelity"  # the reference stage's (the stand-in weights)
-
 
 # ---------------------------------------------------------------------------------------------
 # Checks.
@@ -170,8 +167,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)
     check_resolution(cfg, network, samples, variant.name, root)
-    classifier = root / layout.classifier_path(cfg.scale)
-    weights = resolve_inception_weights(cfg.eval, root / INCEPTION_CACHE, classifier)
+    weights = project_inception_weights(cfg, root)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
     result.run_id = info.meta.get("mlflow_run_id")

@@ -79,7 +79,7 @@ class SmallClassifier(nn.Module):
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [N, R, R, 3] (numpy, HWC) or [N, 3, R, R] (torch) -> float [N, 3, R, R], [-1, 1]."""
     if isinstance(images, np.ndarray):
-        # a copy: read-only memory maps (samples.npz) would make torch warn on every stage
+        # a copy: read-only memory maps (sample shards) would make torch warn on every stage
         images = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2)
     return images.float() * (2.0 / 255.0) - 1.0
 

@@ -54,6 +54,17 @@ class InceptionWeights:
     is_layer: str = "logits_unbiased"  # its feature for IS (softmax taken by torch-fidelity)
 
 
+def project_inception_weights(cfg, root: Path = Path(".")) -> InceptionWeights:
+    """The weights every scoring of the project uses (reference, evaluate, evaluation during
+    training): ``cfg.eval.inception_weights`` resolved with the cache in ``root/work/fidelity``
+    and the featurenet stage's classifier of ``cfg.scale``."""
+    from pipeline import layout
+
+    root = Path(root)
+    classifier = root / layout.classifier_path(cfg.scale)
+    return resolve_inception_weights(cfg.eval, root / layout.FIDELITY_CACHE, classifier)
+
+
 def resolve_inception_weights(
     eval_cfg, cache_root: Path, classifier: Path | None = None
 ) -> InceptionWeights:

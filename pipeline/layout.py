@@ -15,6 +15,7 @@ MODELS = Path("models")
 CHECKPOINTS = Path("checkpoints")
 SAMPLES = Path("samples")
 WORK = Path("work")
+FIDELITY_CACHE = WORK / "fidelity"  # torch-fidelity weights and statistics caches
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 FIGURES = Path("figures")

@@ -34,10 +34,10 @@ from pipeline.fidelity import (
     stand_in_label,
 )
 from pipeline.imageviews import ImagePrefix
-from pipeline.inception import resolve_inception_weights
+from pipeline.inception import project_inception_weights
 from pipeline.weights import sha256_file
 
-CACHE_ROOT = layout.WORK / "fidelity"
+CACHE_ROOT = layout.FIDELITY_CACHE
 
 
 @entry_point
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config()
     data_dir, out_dir = layout.data_dir(cfg.scale), layout.reference_dir(cfg.scale)
     data = read_manifest(data_dir)
-    weights = resolve_inception_weights(cfg.eval, CACHE_ROOT, layout.classifier_path(cfg.scale))
+    weights = project_inception_weights(cfg)
     label = stand_in_label(cfg, weights, synthetic=bool(data.get("synthetic")))
     splits = {}
     with atomic_dir(out_dir) as tmp:

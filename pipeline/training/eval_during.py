@@ -110,11 +110,9 @@ def score_checkpoint(
 def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
     """The Inception (or feature-network) weights the evaluate stage would use, resolved on the
     driver: the stand-in under ``root/work/fidelity``, the featurenet stage's classifier file."""
-    from pipeline.inception import resolve_inception_weights
-    from pipeline.layout import WORK, classifier_path
+    from pipeline.inception import project_inception_weights
 
-    classifier = Path(root) / classifier_path(cfg.scale)
-    return resolve_inception_weights(cfg.eval, Path(root) / WORK / "fidelity", classifier)
+    return project_inception_weights(cfg, root)
 
 
 SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
