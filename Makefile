@@ -36,6 +36,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	ruff check .
 	ruff format --check .
+	lint-imports
 
 format: $(STAMP)
 	ruff check --fix .

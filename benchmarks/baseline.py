@@ -1,6 +1,6 @@
 """The comparison point: diffusers' UNet2DModel + DDPMScheduler in the DDPM configuration.
 
-Same layout as ours (pipeline.unet: ch, ch_mult, 2 blocks per level, single-head attention at
+Same layout as ours (pipeline.model.unet: ch, ch_mult, 2 blocks per level, single-head attention at
 16x16, TF-style downsampling padding, sinusoidal embedding with freq shift 1), so both do the
 same arithmetic; diffusers is a dev dependency only.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 
 
 def diffusers_unet(ours: UNet) -> Any:

@@ -1,14 +1,15 @@
 """Resident memory over one reference Inception pass: glibc's defaults against a fixed threshold.
 
-    python -m benchmarks.heap_creep --n 400                   # pipeline.heap.bound_heap (default)
+    python -m benchmarks.heap_creep --n 400                   # pipeline.evaluation.heap.bound_heap
+    (default)
     python -m benchmarks.heap_creep --n 400 --default-malloc  # glibc's dynamic mmap threshold
 
 N random 256x256 images in 4 memory-mapped .npy shards (an ImageSet, as the reference stage
 reads a prepared split) go through ``compute_reference_stats`` (stand-in Inception on the CPU,
 2 threads, batch 16) while a thread samples RssAnon and VmHWM every 0.5 s. A creep of the
 anonymous memory over the pass, with nothing kept per image, is the allocator (see
-pipeline/heap.py); flat from the first batches on is a fixed cost. Prints the timeline as JSON
-(``--out`` writes it).
+pipeline/evaluation/heap.py); flat from the first batches on is a fixed cost. Prints the timeline as
+JSON (``--out`` writes it).
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ def _status(field: str) -> int:
 def timeline(n: int, work: Path, default_malloc: bool) -> dict:
     import torch
 
-    import pipeline.fidelity
+    import pipeline.evaluation.fidelity
     from pipeline.config import EvalConfig
+    from pipeline.data.imageviews import ImagePrefix
     from pipeline.data.loaders import ImageSet
-    from pipeline.imageviews import ImagePrefix
-    from pipeline.inception import resolve_inception_weights
+    from pipeline.evaluation.feature_weights import resolve_inception_weights
 
     if default_malloc:
-        pipeline.fidelity.bound_heap = lambda: False
+        pipeline.evaluation.fidelity.bound_heap = lambda: False
     rng, arrays = np.random.default_rng(0), []
     for i in range(4):
         path = work / f"s{i}.npy"
@@ -66,7 +67,7 @@ def timeline(n: int, work: Path, default_malloc: bool) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     opts = {"batch_size": 16, "device": "cpu", "threads": 2}
-    pipeline.fidelity.compute_reference_stats(
+    pipeline.evaluation.fidelity.compute_reference_stats(
         images, "train", weights, work / "fid", work / "ref", **opts
     )
     stop.set()
@@ -75,7 +76,7 @@ def timeline(n: int, work: Path, default_malloc: bool) -> dict:
     tenth = max(1, len(anon) // 10)
     return {
         "n": n,
-        "malloc": "glibc defaults" if default_malloc else "pipeline.heap.bound_heap",
+        "malloc": "glibc defaults" if default_malloc else "pipeline.evaluation.heap.bound_heap",
         "peak_anon_mb": max(anon),
         "peak_anon_first_tenth_mb": max(anon[:tenth]),
         "peak_anon_by_tenth_mb": [max(anon[i : i + tenth]) for i in range(0, len(anon), tenth)],

@@ -28,11 +28,11 @@ import numpy as np
 
 
 def child(mode: str, folder: Path, n: int, block: int) -> dict:
-    from pipeline.blocks import merge_blocks
-    from pipeline.fidelity import content_key
-    from pipeline.npzmap import load_npz_array
-    from pipeline.sampling import _array_sha256
-    from pipeline.shards import merge_to_npz
+    from benchmarks.shards import merge_to_npz
+    from pipeline.cluster.blocks import merge_blocks
+    from pipeline.evaluation.fidelity import content_key
+    from pipeline.sampling.draw import _array_sha256
+    from pipeline.sampling.npzmap import load_npz_array
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode == "old":
@@ -70,7 +70,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(mode, Path(folder), int(n), int(block))))
         return
     from pipeline.atomic import save_npz
-    from pipeline.blocks import shard_path
+    from pipeline.cluster.blocks import shard_path
 
     rows = []
     for n in (args.n, 4 * args.n):

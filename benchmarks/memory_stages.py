@@ -86,16 +86,16 @@ def child(mode: str, work: Path) -> dict:
 
     from pipeline.config import EvalConfig
     from pipeline.data import open_split
-    from pipeline.fidelity import compute_fid_is, compute_reference_stats
-    from pipeline.figures import save_sample_grid
-    from pipeline.imageviews import ImagePrefix
-    from pipeline.inception import resolve_inception_weights
-    from pipeline.sampleshards import map_blocks, open_samples, publish_shards
+    from pipeline.data.imageviews import ImagePrefix
+    from pipeline.evaluation.feature_weights import resolve_inception_weights
+    from pipeline.evaluation.fidelity import compute_fid_is, compute_reference_stats
+    from pipeline.sampling.figures import save_sample_grid
+    from pipeline.sampling.shards import map_blocks, open_samples, publish_shards
 
     if os.environ.get("BENCH_DEFAULT_MALLOC"):  # --default-malloc: glibc's dynamic thresholds
-        import pipeline.fidelity
+        import pipeline.evaluation.fidelity
 
-        pipeline.fidelity.bound_heap = lambda: False
+        pipeline.evaluation.fidelity.bound_heap = lambda: False
     torch.set_num_threads(2)
     cache = work / "fidelity"
     weights = resolve_inception_weights(EvalConfig(inception_weights="stand-in"), cache)
@@ -122,7 +122,7 @@ def child(mode: str, work: Path) -> dict:
             manifest = json.loads((work / "samples" / "manifest.json").read_text())
             samples = open_samples(work / "samples", manifest, "rerun")  # hashes verified
             reference = {"train": work / "reference" / "train-stats.pt"}
-            images = ImagePrefix(samples, len(samples))  # as pipeline.evaluation does
+            images = ImagePrefix(samples, len(samples))  # as pipeline.evaluation.evaluate does
             compute_fid_is(images, reference, weights, work / "fid", **opts)
             count = len(samples)
         else:
@@ -223,7 +223,7 @@ print(json.dumps({"peak_rss_mb": round(peak / 1024, 1),
 def synthetic_blocks(folder: Path, n: int) -> None:
     """Random uint8 shards of BLOCK images, as the sample block tasks leave them."""
     from pipeline.atomic import save_npz
-    from pipeline.blocks import shard_path
+    from pipeline.cluster.blocks import shard_path
 
     rng = np.random.default_rng(0)
     for start in range(0, n, BLOCK):
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="Inception batch (below N)")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument(
-        "--default-malloc", action="store_true", help="without pipeline.heap.bound_heap"
+        "--default-malloc", action="store_true", help="without pipeline.evaluation.heap.bound_heap"
     )
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "WORK"))
     args = parser.parse_args()
@@ -281,7 +281,9 @@ def main() -> None:
         "image": "256x256x3 uint8 (192 KiB)",
         "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, {os.uname().sysname}",
         "inception": f"stand-in weights, CPU, 2 threads, batch {args.batch}",
-        "malloc": "glibc defaults" if args.default_malloc else "pipeline.heap.bound_heap",
+        "malloc": "glibc defaults"
+        if args.default_malloc
+        else "pipeline.evaluation.heap.bound_heap",
         "load_start": LOAD_START,
         "load_end": [round(x, 2) for x in os.getloadavg()],
         "flatness_4n_over_n": flatness(rows, args.n),

@@ -7,7 +7,7 @@ For each case (the paper's CIFAR10 network at sampling batches 256 and 1000, the
 network at batch 64, and training batches of 128 and 64 split over 8 ranks) it measures:
 
 - sampling, before: per-image CPU generators, a stack, then ``.to(device)`` (the old
-  ``pipeline.noise.ImageNoise``, inlined here); after: per-image generators on the device.
+  ``pipeline.sampling.noise.ImageNoise``, inlined here); after: per-image generators on the device.
 - training, before: one generator draws the whole global batch's t and eps on the CPU and the
   rank keeps 1/8, then copies it to the device; after: ``diffusion_inputs`` draws only the
   rank's rows, on the device (``pipeline.training.randomness``).
@@ -33,9 +33,9 @@ import torch
 
 from benchmarks.run import machine, timed
 from pipeline.config import ModelConfig
-from pipeline.noise import ImageNoise, item_generator
+from pipeline.model.unet import build_unet
+from pipeline.sampling.noise import ImageNoise, item_generator
 from pipeline.training.randomness import NOISE_STREAM, diffusion_inputs, step_seed
-from pipeline.unet import build_unet
 
 LSUN = ModelConfig(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0)
 CASES = [  # (name, network config, resolution, sampling batch)

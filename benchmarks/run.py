@@ -32,8 +32,8 @@ from benchmarks.baseline import diffusers_scheduler, diffusers_unet
 from benchmarks.table import update_readme
 from pipeline.cli import quiet_environment
 from pipeline.config import ModelConfig
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.unet import UNet, build_unet
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.unet import UNet, build_unet
 
 RESULTS = Path(__file__).parent / "results"
 NETS = {  # name: (model section, resolution)
@@ -128,7 +128,7 @@ def train_diffusers(args) -> dict:
 
 def sample_ours(args) -> dict:
     """The pipeline's sampler (per-image seeded noise, inference mode) for a few steps."""
-    from pipeline.sampling import sample_images
+    from pipeline.sampling.draw import sample_images
 
     model = _prepare(network(args.net, args.device).eval(), args)
     steps = args.steps

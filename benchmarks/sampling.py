@@ -1,6 +1,6 @@
 """Sampling throughput: ``python -m benchmarks.sampling --net smoke --threads 1 2``.
 
-Times Algorithm 2 (pipeline.sampling.sample_images, per-image seeded noise, inference mode) for
+Times Algorithm 2 (pipeline.sampling.draw.sample_images, per-image seeded noise, inference mode) for
 a network with random weights after a warm-up, in this process, and projects the time of a full
 run: ``--samples`` images of ``--timesteps`` steps (default: the paper's 50,000 x 1000). With
 ``--workers N`` it runs the same blocks as N Ray tasks instead (what the sample stage does).
@@ -17,10 +17,10 @@ import torch
 
 from pipeline.cli import quiet_environment
 from pipeline.config import ModelConfig
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.sampling import sample_block, sample_images
-from pipeline.samplingjob import SamplingJob
-from pipeline.unet import UNet, build_unet
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.unet import UNet, build_unet
+from pipeline.sampling.draw import sample_block, sample_images
+from pipeline.sampling.job import SamplingJob
 
 NETS = {
     "smoke": (ModelConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,)), 16),
@@ -47,7 +47,7 @@ def on_ray(model: UNet, workers: int, threads: int, batch: int, steps: int) -> f
     """Network evaluations per second of ``workers`` Ray tasks (one block of ``batch`` each)."""
     import ray
 
-    from pipeline.blocks import run_blocks
+    from pipeline.cluster.blocks import run_blocks
 
     betas = tuple(linear_beta_schedule(steps, 1e-3, 0.2).tolist())
     job = SamplingJob(

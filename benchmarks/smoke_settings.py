@@ -35,16 +35,16 @@ from PIL import Image
 
 from pipeline.data.loaders import to_model_input, to_uint8
 from pipeline.data.synthetic import LABEL_NAMES, synthetic_images, synthetic_labels
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.featurenet import (
+from pipeline.evaluation.featurenet import (
     confidence,
     load_classifier,
     save_classifier,
     to_input,
     train_classifier,
 )
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.unet import UNet
 from pipeline.training.ema import EMA
-from pipeline.unet import UNet
 
 RESULTS = Path(__file__).parent / "results"
 CLASSIFIER = Path("/tmp/ddpm-smoke-settings-classifier-r{res}.pt")

@@ -27,7 +27,7 @@ from pipeline.cli import quiet_environment
 from pipeline.config import config_from_dict
 from pipeline.data import prepare
 from pipeline.layout import data_dir
-from pipeline.training import train_variant
+from pipeline.training.trainer import train_variant
 
 
 def params(scale: str, args: argparse.Namespace) -> dict:

@@ -92,7 +92,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net (pipeline.unet); defaults are the paper's 35.7M-parameter CIFAR10 network."""
+    """The U-Net (pipeline.model.unet); defaults are the paper's 35.7M-parameter CIFAR10 network."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -100,7 +100,7 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     norm_groups: int = 32
-    source: str = "trained"  # trained | checkpoint (published weights, see pipeline.convert)
+    source: str = "trained"  # trained | checkpoint (published weights, see pipeline.model.convert)
     checkpoint: str | None = None  # folder with a diffusers config.json and weights
     checkpoint_variant: str = "eps_fixed_mse"  # the variant the published weights are
 

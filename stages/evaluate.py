@@ -14,7 +14,7 @@ import argparse
 
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
-from pipeline.published import skip_evaluate, skip_reason
+from pipeline.training.published import skip_evaluate, skip_reason
 
 
 @entry_point
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         skip_evaluate(cfg, variant.name, reason)
         print(f"{variant.name}: not run ({reason})")
         return
-    from pipeline.eval_outputs import write_outputs
-    from pipeline.evaluation import check_eval_config, evaluate_variant
+    from pipeline.evaluation.evaluate import check_eval_config, evaluate_variant
+    from pipeline.evaluation.outputs import write_outputs
 
     check_eval_config(cfg)
     result = evaluate_variant(cfg, variant)

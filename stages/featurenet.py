@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import featurenet, layout
+from pipeline import layout
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.data import open_split, read_manifest
 from pipeline.errors import DataError
+from pipeline.evaluation import featurenet
 
 
 @entry_point

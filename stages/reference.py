@@ -26,16 +26,16 @@ from pipeline.atomic import atomic_dir, write_json
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
 from pipeline.data import open_split, read_manifest
-from pipeline.featurenet import classifier_scores
-from pipeline.fidelity import (
+from pipeline.data.imageviews import ImagePrefix
+from pipeline.evaluation.feature_weights import project_inception_weights
+from pipeline.evaluation.featurenet import classifier_scores
+from pipeline.evaluation.fidelity import (
     compute_fid_is,
     compute_reference_stats,
     inception_options,
     stand_in_label,
 )
-from pipeline.imageviews import ImagePrefix
-from pipeline.inception import project_inception_weights
-from pipeline.weights import sha256_file
+from pipeline.model.weights import sha256_file
 
 CACHE_ROOT = layout.FIDELITY_CACHE
 

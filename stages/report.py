@@ -14,11 +14,12 @@ import json
 
 import pandas as pd
 
-from pipeline import layout, tables, tracking
+from pipeline import layout
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.published import is_skipped
+from pipeline.report import tables, tracking
+from pipeline.training.published import is_skipped
 
 
 def variant_run_ids(variants: list[str]) -> dict[str, str]:

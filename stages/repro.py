@@ -9,11 +9,12 @@ config, which is never committed); ``git`` itself is not needed. ``--scale`` rew
 
 As a Ray job, MLflow must not write into the job's temporary working directory: with no
 MLFLOW_TRACKING_URI (and no params ``mlflow.tracking_uri``), or one inside it, the job stops
-before any work with one ``error:`` line. With ``cluster.storage`` set (:mod:`pipeline.durable`),
-the run first restores what earlier jobs stored (dvc.lock, the uncached outputs, ``dvc pull`` from
-the storage remote), then reproduces stage by stage, pushing each finished stage at once: a
-stopped job keeps what it finished and a resubmitted one continues. Without storage, results
-stay in the job's working directory; ``--push`` pushes to a configured DVC remote at the end.
+before any work with one ``error:`` line. With ``cluster.storage`` set
+(:mod:`pipeline.cluster.durable`), the run first restores what earlier jobs stored (dvc.lock, the
+uncached outputs, ``dvc pull`` from the storage remote), then reproduces stage by stage, pushing
+each finished stage at once: a stopped job keeps what it finished and a resubmitted one continues.
+Without storage, results stay in the job's working directory; ``--push`` pushes to a configured DVC
+remote at the end.
 
 ``--local-ray`` (what ``make repro`` uses) starts one private Ray head for the whole run and
 points every stage at it (RAY_ADDRESS), instead of each Ray stage starting its own local cluster:
@@ -35,12 +36,12 @@ import time
 from pathlib import Path
 
 from pipeline.cli import entry_point
+from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
+from pipeline.cluster.raycluster import local_head, ray_address
+from pipeline.cluster.storage import check_storage
+from pipeline.cluster.storage_fs import Store
 from pipeline.config import load_config
-from pipeline.durable import check_job_tracking, reproduce_with_storage
 from pipeline.errors import UserError
-from pipeline.raycluster import local_head, ray_address
-from pipeline.storage import check_storage
-from pipeline.storage_fs import Store
 
 
 def in_git_repo() -> bool:
@@ -71,7 +72,7 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
     SIGTERM, SIGINT (Ctrl-C) and SIGHUP are forwarded to the group (dvc and the stage process
     it runs, with that stage's own children); once dvc has exited this process exits with
     128 + the signal (130 for Ctrl-C, 143 for SIGTERM), and the ``finally`` of
-    :func:`~pipeline.raycluster.local_head` stops the private Ray head. Outputs are written
+    :func:`~pipeline.cluster.raycluster.local_head` stops the private Ray head. Outputs are written
     atomically, so the stage that was stopped leaves nothing that looks complete; a rerun
     resumes from the finished stages.
 

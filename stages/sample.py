@@ -11,7 +11,7 @@ import argparse
 from pipeline import layout
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
-from pipeline.published import skip_reason, skip_sample
+from pipeline.training.published import skip_reason, skip_sample
 
 
 @entry_point
@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> None:
         skip_sample(cfg, variant.name, reason)
         print(f"{variant.name}: not run ({reason})")
         return
-    from pipeline.sampling import check_sample_config, draw_samples, load_model_info, write_outputs
+    from pipeline.sampling.draw import (
+        check_sample_config,
+        draw_samples,
+        load_model_info,
+        write_outputs,
+    )
 
     check_sample_config(cfg)
     info = load_model_info(layout.model_dir(variant.name), variant, cfg.scale)

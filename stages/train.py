@@ -4,7 +4,7 @@ python -m stages.train --variant NAME [--params params.yaml]
 
 Resumes the variant's run from its last checkpoint in checkpoints/<variant>/ when the params are
 unchanged; set RAY_ADDRESS (or ray.address) to train on an existing Ray cluster. With
-``model.source: checkpoint`` it imports published weights instead (pipeline.published).
+``model.source: checkpoint`` it imports published weights instead (pipeline.training.published).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import load_config
-from pipeline.published import import_checkpoint, skip_reason, skip_train
+from pipeline.training.published import import_checkpoint, skip_reason, skip_train
 
 
 @entry_point
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{info['mlflow_run_id']}"
         )
         return
-    from pipeline.training import train_variant  # torch and Ray: only when training
+    from pipeline.training.trainer import train_variant  # torch and Ray: only when training
 
     summary = train_variant(cfg, variant)
     info = summary.model_json

@@ -23,8 +23,8 @@ from pipeline.atomic import save_npz
 from pipeline.config import Config, config_from_dict
 from pipeline.data import prepare
 from pipeline.layout import data_dir
-from pipeline.unet import UNet
-from pipeline.weights import save_weights, sha256_file
+from pipeline.model.unet import UNet
+from pipeline.model.weights import save_weights, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "eps_fixed_mse"
@@ -95,8 +95,8 @@ def write_samples(
     (hard-linked from work/sample/<variant>/test/) and a manifest naming the variant's weights.
     Returns the folder."""
     from pipeline.atomic import write_json
-    from pipeline.blocks import block_ranges, shard_path
-    from pipeline.sampleshards import publish_shards
+    from pipeline.cluster.blocks import block_ranges, shard_path
+    from pipeline.sampling.shards import publish_shards
 
     blocks = root / "work" / "sample" / variant / "test"
     for start, stop in block_ranges(len(images), block_size):

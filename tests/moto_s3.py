@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.raycluster import free_ports
+from pipeline.cluster.raycluster import free_ports
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

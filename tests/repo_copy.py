@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.raycluster import free_port, free_ports  # noqa: F401  (the tests' import point)
+from pipeline.cluster.raycluster import free_port, free_ports  # noqa: F401  (the tests' import point)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.atomic import atomic_dir, atomic_path, write_json
-from pipeline.unet import UNet
-from pipeline.weights import save_weights
+from pipeline.model.unet import UNet
+from pipeline.model.weights import save_weights
 
 
 def test_failed_write_leaves_nothing(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 
-from pipeline.blocks import (
+from pipeline.cluster.blocks import (
     FAIL_BLOCK_ENV,
     block_ranges,
     list_shards,

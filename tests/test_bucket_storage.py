@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import durable, storage
+from pipeline.cluster import durable, storage
+from pipeline.cluster.storage_fs import Store
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, UserError
-from pipeline.storage_fs import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moto_s3 import list_keys, make_bucket, moto_server, s3_env

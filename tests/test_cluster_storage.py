@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import durable, storage
+from pipeline.cluster import durable, storage
+from pipeline.cluster.storage_fs import Store
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError, UserError
-from pipeline.fidelity import load_numpy_dict
-from pipeline.storage_fs import Store
+from pipeline.evaluation.fidelity import load_numpy_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

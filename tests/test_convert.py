@@ -11,8 +11,8 @@ import pytest
 import torch
 from data_formats import ddpm_unet
 
-from pipeline.convert import ConversionError, load_diffusers_unet
-from pipeline.weights import load_weights
+from pipeline.model.convert import ConversionError, load_diffusers_unet
+from pipeline.model.weights import load_weights
 
 CIFAR_LAYOUT = {
     "block_out_channels": (32, 64, 64, 64),
@@ -127,7 +127,7 @@ def test_cli_writes_weights_and_reports_errors_in_one_line(tmp_path):
     ref = ddpm_unet(CIFAR_LAYOUT)
     ref.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "ema.pt"
-    cli = [sys.executable, "-m", "pipeline.convert"]
+    cli = [sys.executable, "-m", "pipeline.model.convert"]
     done = subprocess.run([*cli, str(tmp_path / "ckpt"), str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     ours, meta = load_weights(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.noise import ImageNoise, item_seed
+from pipeline.sampling.noise import ImageNoise, item_seed
 from pipeline.training.randomness import diffusion_inputs, row_seeds, splitmix64, step_seed
 
 MASK = (1 << 64) - 1

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import fidelity
 from pipeline.config import default_params_path, load_config
 from pipeline.errors import ConfigError
-from pipeline.inception import InceptionWeights
+from pipeline.evaluation import fidelity
+from pipeline.evaluation.inception import InceptionWeights
 
 
 def gpu_presets() -> list[str]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.losses import discretized_gaussian_log_likelihood, normal_kl
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.losses import discretized_gaussian_log_likelihood, normal_kl
 
 T = 10
 BETAS = np.linspace(0.01, 0.3, T)  # a short schedule with large steps: every term matters
@@ -18,7 +18,7 @@ SHAPE = (3, 3, 4, 4)
 
 
 def tables(betas: np.ndarray) -> dict[str, np.ndarray]:
-    """The paper's quantities, written out independently of pipeline.diffusion."""
+    """The paper's quantities, written out independently of pipeline.model.diffusion."""
     alphas = 1.0 - betas
     abar = np.array([np.prod(alphas[: i + 1]) for i in range(len(betas))])
     abar_prev = np.concatenate([[1.0], abar[:-1]])

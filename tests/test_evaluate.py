@@ -29,8 +29,8 @@ from eval_project import ROOT, VARIANT, make_model, make_project, write_samples
 from inception_score import inception_score
 from PIL import Image
 
-from pipeline import tables
 from pipeline.config import STAND_IN_NOTE, load_config
+from pipeline.report import tables
 
 FIGURES = {"reconstructions.png", "interpolation.png", "rate_distortion.png"}
 
@@ -48,7 +48,7 @@ def run_main(module, capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def project(ray_session, tmp_path_factory):
-    from pipeline.tracking import start_variant_run
+    from pipeline.report.tracking import start_variant_run
     from stages import evaluate, reference, report, sample
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -176,8 +176,8 @@ def test_work_folders_hold_the_resumable_parts(project):
 
 def test_without_the_bound_the_curve_outputs_are_skipped(project, tmp_path):
     """eval.nll_images: 0 (the LSUN presets): no NLL, no Table 4, a header-only plots file."""
-    from pipeline.eval_outputs import CSV_COLUMNS, write_outputs
-    from pipeline.evaluation import Evaluation, metrics_json
+    from pipeline.evaluation.evaluate import Evaluation, metrics_json
+    from pipeline.evaluation.outputs import CSV_COLUMNS, write_outputs
 
     cfg = project.cfg
     result = Evaluation(VARIANT, {}, {"stand_in": False, "stand_in_reasons": []})

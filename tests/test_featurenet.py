@@ -1,6 +1,6 @@
-"""The feature network (pipeline.featurenet): trained on the synthetic labels, it makes FID and IS
-through torch-fidelity discriminate: real test images score close to the training set, degraded
-ones monotonically worse, IS near the classes' diversity, one repeated image IS ~1.
+"""The feature network (pipeline.evaluation.featurenet): trained on the synthetic labels, it makes
+FID and IS through torch-fidelity discriminate: real test images score close to the training set,
+degraded ones monotonically worse, IS near the classes' diversity, one repeated image IS ~1.
 
 One classifier is trained per module (8x8 images, seconds) and shared.
 """
@@ -16,12 +16,12 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from pipeline import featurenet, fidelity
 from pipeline.data.synthetic import LABEL_NAMES, synthetic_images, synthetic_labels
 from pipeline.errors import DataError
-from pipeline.fidelity import compute_fid_is, compute_reference_stats
-from pipeline.inception import InceptionWeights
-from pipeline.weights import sha256_file
+from pipeline.evaluation import featurenet, fidelity
+from pipeline.evaluation.fidelity import compute_fid_is, compute_reference_stats
+from pipeline.evaluation.inception import InceptionWeights
+from pipeline.model.weights import sha256_file
 
 RES = 8
 N_TRAIN, N_TEST = 1024, 256
@@ -134,8 +134,8 @@ def test_test_accuracy_reaches_the_metrics_and_mlflow(net, tmp_path):
     import shutil
 
     from pipeline.config import load_config
-    from pipeline.eval_outputs import mlflow_metrics
-    from pipeline.evaluation import Evaluation
+    from pipeline.evaluation.evaluate import Evaluation
+    from pipeline.evaluation.outputs import mlflow_metrics
 
     assert "featurenet_test_accuracy" not in featurenet.classifier_scores(net.weights, net.test)
     path = tmp_path / "classifier.pt"

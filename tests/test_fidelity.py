@@ -1,4 +1,5 @@
-"""FID and IS through torch-fidelity (pipeline.fidelity, pipeline.inception) and stage reference.
+"""FID and IS through torch-fidelity (pipeline.evaluation.fidelity, pipeline.evaluation.inception)
+and stage reference.
 
 Real torch-fidelity computations on a few dozen 16x16 images with the stand-in weights; the
 Fréchet distance is re-derived here in float64 from the extractor's features. One Inception
@@ -24,12 +25,13 @@ import yaml
 from inception_score import inception_score
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from pipeline import fidelity, inception
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, DataError
-from pipeline.fidelity import compute_fid_is, compute_reference_stats, stand_in_label
-from pipeline.inception import InceptionWeights, resolve_inception_weights, stand_in_weights
-from pipeline.weights import sha256_file
+from pipeline.evaluation import fidelity, inception
+from pipeline.evaluation.feature_weights import resolve_inception_weights
+from pipeline.evaluation.fidelity import compute_fid_is, compute_reference_stats, stand_in_label
+from pipeline.evaluation.inception import InceptionWeights, stand_in_weights
+from pipeline.model.weights import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16
@@ -52,7 +54,7 @@ def add_noise(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
 
 def inception_features(weights: InceptionWeights, *sets: np.ndarray) -> list[np.ndarray]:
     """2048-d features [N, 2048] float64 of each image set, straight from torch-fidelity's
-    extractor (not through pipeline.fidelity or torch-fidelity's cache)."""
+    extractor (not through pipeline.evaluation.fidelity or torch-fidelity's cache)."""
     extractor = FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights.path)
     )

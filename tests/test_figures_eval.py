@@ -12,11 +12,13 @@ from eval_project import tiny_unet
 from PIL import Image
 
 from pipeline.data import to_model_input, to_uint8
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.figures_eval import save_interpolation, save_rate_distortion, save_reconstructions
-from pipeline.noise import ImageNoise
-from pipeline.rate_distortion import rate_distortion
-from pipeline.reconstruction import (
+from pipeline.evaluation.figures import (
+    save_interpolation,
+    save_rate_distortion,
+    save_reconstructions,
+)
+from pipeline.evaluation.rate_distortion import rate_distortion
+from pipeline.evaluation.reconstruction import (
     FigureSpec,
     figure_arrays,
     interpolations,
@@ -26,7 +28,9 @@ from pipeline.reconstruction import (
     stream_seed,
     submit_figures,
 )
-from pipeline.samplingjob import SamplingJob
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.sampling.job import SamplingJob
+from pipeline.sampling.noise import ImageNoise
 
 BETAS = linear_beta_schedule(20, 5e-3, 0.5)
 

@@ -21,7 +21,7 @@ CHILD = textwrap.dedent(
     import json, os, sys, time
     import numpy as np
     import ray
-    from pipeline.blocks import merge_blocks, run_blocks
+    from pipeline.cluster.blocks import merge_blocks, run_blocks
 
     def record(start, stop, shared):
         seen = os.environ.get("CUDA_VISIBLE_DEVICES", "")

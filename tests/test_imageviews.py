@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import imageviews
 from pipeline.atomic import save_npz
+from pipeline.data import imageviews
+from pipeline.data.imageviews import ImagePrefix, release_pages
 from pipeline.data.loaders import ImageSet
-from pipeline.fidelity import content_key
-from pipeline.imageviews import ImagePrefix, release_pages
-from pipeline.npzmap import load_npz_array
+from pipeline.evaluation.fidelity import content_key
+from pipeline.sampling.npzmap import load_npz_array
 
 
 def mapped_kb() -> int:

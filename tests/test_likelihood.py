@@ -1,4 +1,5 @@
-"""The NLL bound in bits/dim (pipeline.likelihood): units, training lowers it, Ray blocks.
+"""The NLL bound in bits/dim (pipeline.evaluation.likelihood): units, training lowers it, Ray
+blocks.
 
 The bound's units are checked against a scipy evaluation of the decoder term; "training lowers
 the bound" trains the tiny U-Net in this process (a few hundred L_simple steps on two images,
@@ -17,11 +18,11 @@ import scipy.stats
 import torch
 from eval_project import VARIANT, make_model, make_project, tiny_unet
 
-from pipeline.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
+from pipeline.cluster.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
 from pipeline.data import open_split, to_model_input
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.likelihood import compute_nll, eval_network, image_nll, nll_key, summarize
-from pipeline.rate_distortion import rate_distortion
+from pipeline.evaluation.likelihood import compute_nll, eval_network, image_nll, nll_key, summarize
+from pipeline.evaluation.rate_distortion import rate_distortion
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
 
 BETAS = linear_beta_schedule(20, 5e-3, 0.5)  # the tiny preset's schedule
 
@@ -53,7 +54,7 @@ def test_decoder_term_is_nats_over_3hw_ln2():
 
 def train_tiny(diffusion: GaussianDiffusion, images: np.ndarray, steps: int) -> torch.nn.Module:
     """The tiny U-Net as initialised for training, after ``steps`` L_simple steps on images."""
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     torch.manual_seed(0)
     model = UNet(8, 3, 3, 32, (1, 2), 1, (4,), 0.0)

@@ -7,14 +7,14 @@ import hashlib
 import numpy as np
 import pytest
 
+from benchmarks.shards import merge_to_npz
 from pipeline.atomic import save_npz
-from pipeline.blocks import shard_path
+from pipeline.cluster.blocks import shard_path
+from pipeline.data.imageviews import ImagePrefix
 from pipeline.errors import DataError
-from pipeline.fidelity import content_key
-from pipeline.imageviews import ImagePrefix
-from pipeline.npzmap import load_npz_array
-from pipeline.sampling import _array_sha256
-from pipeline.shards import merge_to_npz
+from pipeline.evaluation.fidelity import content_key
+from pipeline.sampling.draw import _array_sha256
+from pipeline.sampling.npzmap import load_npz_array
 
 
 def test_stored_arrays_are_memory_mapped_and_equal(tmp_path):

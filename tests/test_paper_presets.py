@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import config_from_dict, load_config
 from pipeline.errors import ConfigError
-from pipeline.published import skip_reason
+from pipeline.training.published import skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -92,7 +92,7 @@ def test_figures_use_training_images_without_a_test_split(tmp_path):
     from train_project import make_project
 
     from pipeline.data import open_split
-    from pipeline.evaluation import figure_spec
+    from pipeline.evaluation.evaluate import figure_spec
 
     cfg = make_project(tmp_path)
     manifest = tmp_path / "data" / cfg.scale / "manifest.json"

@@ -179,8 +179,8 @@ def test_sampler_variance_follows_the_scale_and_the_checkpoint_must_agree():
     """The LSUN presets sample with beta~_t (sample.var_type fixedsmall, the official LSUN
     sampler), CIFAR10 with the variant's beta_t; a checkpoint's scheduler must agree."""
     from pipeline.errors import ConfigError
-    from pipeline.published import _check_variance
-    from pipeline.samplingjob import sampler_var_type
+    from pipeline.sampling.job import sampler_var_type
+    from pipeline.training.published import _check_variance
 
     lsun = load_config(ROOT / "params.yaml", "published_lsun_church")
     cifar = load_config(ROOT / "params.yaml", "published")

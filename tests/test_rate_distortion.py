@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import GaussianDiffusion, bits_per_dim, linear_beta_schedule
-from pipeline.paper import TABLE4
-from pipeline.rate_distortion import rate_distortion, table4_rows
+from pipeline.evaluation.rate_distortion import rate_distortion, table4_rows
+from pipeline.model.diffusion import GaussianDiffusion, bits_per_dim, linear_beta_schedule
+from pipeline.report.paper import TABLE4
 
 
 def test_rate_is_prior_plus_the_kl_terms_already_sent():
@@ -91,7 +91,7 @@ def test_distortion_both_aggregations_of_the_per_image_rmse():
 
 def test_fig5_axis_is_t_rev_and_table4_counts_one_more():
     """Fig. 5 plots against T - t (0 at x_T); Table 4's rows count T - t + 1 reverse steps."""
-    from pipeline.figures_eval import fig5_axis
+    from pipeline.evaluation.figures import fig5_axis
 
     T = 10
     curve = rate_distortion(np.ones(T), 0.0, np.ones(T), 1)

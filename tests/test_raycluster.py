@@ -1,10 +1,10 @@
-"""pipeline.raycluster's helpers that need no cluster."""
+"""pipeline.cluster.raycluster's helpers that need no cluster."""
 
 from __future__ import annotations
 
 import socket
 
-from pipeline.raycluster import free_ports
+from pipeline.cluster.raycluster import free_ports
 
 
 def test_free_ports_are_distinct_and_bindable():

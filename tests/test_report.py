@@ -12,8 +12,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipeline import tables, tracking
 from pipeline.config import STAND_IN_NOTE, load_config
+from pipeline.report import tables, tracking
 from stages import report
 
 ROOT = Path(__file__).resolve().parents[1]

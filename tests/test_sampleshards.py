@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.atomic import save_npz
-from pipeline.blocks import block_ranges, shard_path
+from pipeline.cluster.blocks import block_ranges, shard_path
 from pipeline.errors import DataError
-from pipeline.sampleshards import SampleShards, open_samples, publish_shards
+from pipeline.sampling.shards import SampleShards, open_samples, publish_shards
 
 
 def blocks(folder, images, block_size):

@@ -11,22 +11,22 @@ import pytest
 import torch
 import yaml
 
-from pipeline.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
+from pipeline.cluster.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
 from pipeline.config import config_from_dict
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.noise import ImageNoise, item_generator
-from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
-from pipeline.sampleshards import open_samples
-from pipeline.sampling import (
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.model.unet import UNet
+from pipeline.model.weights import save_weights, sha256_file
+from pipeline.sampling.draw import (
     block_key,
     draw_samples,
     load_model_info,
     sample_images,
     to_uint8,
 )
-from pipeline.samplingjob import make_job
-from pipeline.unet import UNet
-from pipeline.weights import save_weights, sha256_file
+from pipeline.sampling.job import make_job
+from pipeline.sampling.noise import ImageNoise, item_generator
+from pipeline.sampling.shards import open_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANT = "eps_fixed_mse"
@@ -290,7 +290,7 @@ def test_channels_last_and_bf16_options_run_the_network_so():
 def test_grid_tiles_enlarged_images_in_order(tmp_path):
     from PIL import Image
 
-    from pipeline.figures import save_sample_grid, tile
+    from pipeline.sampling.figures import save_sample_grid, tile
 
     images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     grid = np.asarray(tile(images, nrow=2))  # 16 px images are shown at 32 px, 2 px padding
@@ -334,7 +334,7 @@ def test_stage_writes_samples_figures_and_logs_to_mlflow(
     from PIL import Image
 
     from pipeline.config import load_config
-    from pipeline.tracking import start_variant_run
+    from pipeline.report.tracking import start_variant_run
 
     stage_project(tmp_path, monkeypatch, n_samples=8, block_size=4, batch_size=4)
     cfg = load_config()

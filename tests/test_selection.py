@@ -14,7 +14,7 @@ import pytest
 import torch
 from train_project import VARIANT, make_project, tiny_config
 
-from pipeline.inception import InceptionWeights
+from pipeline.evaluation.inception import InceptionWeights
 from pipeline.training.checkpoint import read_checkpoint
 from pipeline.training.eval_during import CheckpointEvaluator, score_checkpoint
 from pipeline.training.export import export_weights
@@ -103,11 +103,11 @@ def test_real_score_is_the_fid_of_the_ema_samples(trained):
     """score_checkpoint: eval_samples samples of the EMA weights, FID against reference
     statistics (stand-in Inception; 3 + 3 images: Inception on the CPU is the cost)."""
     from pipeline.data import open_split
-    from pipeline.fidelity import compute_fid_is, compute_reference_stats
-    from pipeline.inception import resolve_inception_weights
-    from pipeline.sampling import sample_images
+    from pipeline.evaluation.feature_weights import resolve_inception_weights
+    from pipeline.evaluation.fidelity import compute_fid_is, compute_reference_stats
+    from pipeline.model.unet import build_unet
+    from pipeline.sampling.draw import sample_images
     from pipeline.training.loop import make_diffusion
-    from pipeline.unet import build_unet
 
     root, run_dir = trained
     cfg = tiny_config(**TRAIN, eval_every=4, eval_samples=3)
@@ -145,8 +145,8 @@ def test_the_scorer_task_needs_no_path_of_the_driver(trained, tmp_path, ray_sess
     import shutil
 
     from pipeline.data import open_split
-    from pipeline.featurenet import SmallClassifier, classifier_weights, save_classifier
-    from pipeline.fidelity import compute_reference_stats
+    from pipeline.evaluation.featurenet import SmallClassifier, classifier_weights, save_classifier
+    from pipeline.evaluation.fidelity import compute_reference_stats
     from pipeline.layout import classifier_path, reference_dir
 
     root, run_dir = trained
@@ -186,7 +186,7 @@ def test_checkpoints_in_a_bucket_are_found_and_their_records_kept_there(trained,
 
     from moto_s3 import make_bucket, moto_server, s3_env
 
-    from pipeline.storage_fs import Store
+    from pipeline.cluster.storage_fs import Store
 
     _, run_dir = trained
     with moto_server(tmp_path / "moto.log") as endpoint:

@@ -10,10 +10,10 @@ import ray
 import ray.cloudpickle
 import torch
 
-from pipeline import taskprogress
-from pipeline.gputasks import submit
-from pipeline.noise import ImageNoise
-from pipeline.taskprogress import BlockProgress
+from pipeline.cluster import taskprogress
+from pipeline.cluster.gputasks import submit
+from pipeline.cluster.taskprogress import BlockProgress
+from pipeline.sampling.noise import ImageNoise
 
 # Ray workers cannot import this test module: ship its task functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -66,8 +66,8 @@ def test_advance_outside_a_task_is_a_no_op():
 def test_figure_progress_total_counts_every_noise_draw(monkeypatch):
     from eval_project import tiny_unet
 
-    from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-    from pipeline.reconstruction import FigureSpec, figure_arrays
+    from pipeline.evaluation.reconstruction import FigureSpec, figure_arrays
+    from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
 
     counted = []
     monkeypatch.setattr(taskprogress, "advance", counted.append)

@@ -20,6 +20,7 @@ from train_project import ROOT, VARIANT, make_project, tiny_config, tiny_params
 
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, DataError
+from pipeline.model.weights import load_weights, sha256_file
 from pipeline.training import faults
 from pipeline.training.checkpoint import read_checkpoint
 from pipeline.training.export import export_weights
@@ -27,7 +28,6 @@ from pipeline.training.identity import run_identity
 from pipeline.training.loop import TrainJob, run_worker
 from pipeline.training.session import LocalSession
 from pipeline.training.trainer import check_data, check_train_config
-from pipeline.weights import load_weights, sha256_file
 
 RUN = {"name": "test-run", "config_hash": "0123"}
 

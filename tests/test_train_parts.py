@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.cluster.progress import ProgressDisplay, format_eta
 from pipeline.config import TrainConfig
 from pipeline.training import faults
 from pipeline.training.checkpoint import (
@@ -22,7 +23,6 @@ from pipeline.training.checkpoint import (
 )
 from pipeline.training.ema import EMA
 from pipeline.training.optim import clip_gradients, make_optimizer
-from pipeline.training.progress import ProgressDisplay, format_eta
 from pipeline.training.randomness import diffusion_inputs, step_seed
 
 

@@ -19,12 +19,13 @@ import ray
 import torch
 from train_project import VARIANT, make_project
 
+from pipeline.cluster.raycluster import init_ray
 from pipeline.config import RayConfig
-from pipeline.raycluster import init_ray
-from pipeline.training import TrainingDivergedError, faults, train_variant
+from pipeline.model.weights import load_weights
+from pipeline.training import faults
+from pipeline.training.divergence import TrainingDivergedError
 from pipeline.training.loop import make_state
-from pipeline.training.trainer import HEALTH_CHECK_ENV, HEALTH_CHECK_S
-from pipeline.weights import load_weights
+from pipeline.training.trainer import HEALTH_CHECK_ENV, HEALTH_CHECK_S, train_variant
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -175,8 +176,8 @@ def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch
     """eval_every 4 on Ray beside one training worker: FIDs of steps 4, 8, 12 logged as
     fid_during_training, stored per step, and select best_fid exports the lowest one."""
     from pipeline.data import open_split
-    from pipeline.fidelity import compute_reference_stats
-    from pipeline.inception import resolve_inception_weights
+    from pipeline.evaluation.feature_weights import resolve_inception_weights
+    from pipeline.evaluation.fidelity import compute_reference_stats
     from pipeline.training.selection import EvalRecords
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -19,8 +19,8 @@ import torch
 import yaml
 from train_project import ROOT, VARIANT, tiny_params
 
+from pipeline.model.weights import load_weights
 from pipeline.training import faults
-from pipeline.weights import load_weights
 
 pytestmark = pytest.mark.slow
 

@@ -78,7 +78,9 @@ def placements(cluster: TwoNodes, storage: Path) -> dict[str, set[str]]:
 
     url = cluster.dashboard_url
     nodes = list_nodes(address=url, limit=10)
-    tasks = list_tasks(address=url, limit=9999)  # blocks run through pipeline.gputasks' _call
+    tasks = list_tasks(
+        address=url, limit=9999
+    )  # blocks run through pipeline.cluster.gputasks' _call
     block_fns = ("_run_block", "_call", "_call_on_gpu")
     blocks = [t for t in tasks if t.func_or_class_name.split(".")[-1] in block_fns]
     return {

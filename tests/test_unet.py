@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.unet import UNet, build_unet, count_parameters, timestep_embedding
+from pipeline.model.unet import UNet, build_unet, count_parameters, timestep_embedding
 
 
 def small(**kw):

@@ -2,7 +2,7 @@
 
 Ray's own fate sharing stops the GCS server and raylet of a ``ray.init`` cluster with its driver,
 but not what runs outside the driver's process group (the test's stand-in: a child in a session
-of its own). pipeline.watchdog stops every recorded descendant by pid.
+of its own). pipeline.cluster.watchdog stops every recorded descendant by pid.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from repo_copy import ROOT, env
 DRIVER = """
 import subprocess, time
 from pipeline.config import RayConfig
-from pipeline.raycluster import init_ray
+from pipeline.cluster.raycluster import init_ray
 init_ray(RayConfig(num_cpus=1, log_to_driver=False))
 subprocess.Popen(["sleep", "600"], start_new_session=True)
 time.sleep(2)  # the watchdog looks every 0.5 s
@@ -60,13 +60,13 @@ def test_sigkill_of_a_stage_process_group_stops_its_local_ray_cluster():
     try:
         assert driver.stdout.readline().strip() == "ready"
         tree = {p: command(p) for p in psutil.Process(driver.pid).children(recursive=True)}
-        ray_procs = [p for p, cmd in tree.items() if "pipeline.watchdog" not in cmd]
+        ray_procs = [p for p, cmd in tree.items() if "pipeline.cluster.watchdog" not in cmd]
         names = " ".join(tree.values())
         assert "gcs_server" in names and "raylet" in names  # a real local cluster
         assert "sleep 600" in names
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(10)
-        watchdogs = [p for p, cmd in tree.items() if "pipeline.watchdog" in cmd]
+        watchdogs = [p for p, cmd in tree.items() if "pipeline.cluster.watchdog" in cmd]
         assert len(watchdogs) == 1
         deadline = time.monotonic() + 20
         while alive(ray_procs + watchdogs) and time.monotonic() < deadline:

@@ -1,10 +1,10 @@
 """A two-node Ray cluster on this machine whose nodes share one folder only (test helper).
 
-The head is ``ray start --head`` on 127.0.0.1 (:func:`pipeline.raycluster.local_head`, 1 CPU).
-The second node runs ``ray start --address ... --block`` (1 CPU) inside its own mount namespace
-(``unshare --mount --propagation private --fork``, needs root) with private tmpfs mounts over
-/tmp, /dev/shm and the project checkout: it cannot see the head's files, its session folder, the
-job's working directory or the test's temp folders. Only the Python environment (bind-mounted
+The head is ``ray start --head`` on 127.0.0.1 (:func:`pipeline.cluster.raycluster.local_head`, 1
+CPU). The second node runs ``ray start --address ... --block`` (1 CPU) inside its own mount
+namespace (``unshare --mount --propagation private --fork``, needs root) with private tmpfs mounts
+over /tmp, /dev/shm and the project checkout: it cannot see the head's files, its session folder,
+the job's working directory or the test's temp folders. Only the Python environment (bind-mounted
 back onto its path when it lives inside the checkout, as ``.venv`` does in CI) and one "cluster
 storage" folder outside /tmp and the checkout (standing in for NFS) are visible to both.
 
@@ -32,7 +32,7 @@ import psutil
 import pytest
 from repo_copy import BIN, ROOT, env, free_port, free_ports
 
-from pipeline.raycluster import local_head, wait_for_url
+from pipeline.cluster.raycluster import local_head, wait_for_url
 
 STORAGE_PARENT = Path("/var/tmp")  # outside /tmp and the checkout: visible to both nodes
 

@@ -1,5 +1,9 @@
 """Training a DDPM with Ray Train: the paper's recipe, data-parallel, fault tolerant, resumable.
 
+Imports evaluation (scoring checkpoints), sampling, cluster, report, model, data and the base
+modules; nothing imports training but the stages. No module is imported here: importing
+``pipeline.training.published`` must not start torch and Ray.
+
 - :mod:`~pipeline.training.trainer`: the driver, :func:`train_variant` (TorchTrainer, run
   identity and resume, MLflow run, progress, final export).
 - :mod:`~pipeline.training.loop`: the per-worker loop and one :func:`train_step`.
@@ -11,13 +15,10 @@
 - :mod:`~pipeline.training.identity`: run names, storage, the MLflow run record.
 - :mod:`~pipeline.training.export`: models/<variant>/ (ema.pt, model.pt, model.json).
 - :mod:`~pipeline.training.monitor` (rank 0's interval metrics) ->
-  :mod:`~pipeline.training.progress` (driver: display) and :mod:`~pipeline.training.curves`
+  :mod:`~pipeline.cluster.progress` (driver: display) and :mod:`~pipeline.training.curves`
   (driver: MLflow).
+- :mod:`~pipeline.training.published`: published weights in place of training
+  (``model.source: checkpoint``).
 - :mod:`~pipeline.training.session` (Ray Train worker or this process),
   :mod:`~pipeline.training.faults` (test-only hook).
 """
-
-from pipeline.training.divergence import TrainingDivergedError
-from pipeline.training.trainer import TrainSummary, train_variant
-
-__all__ = ["TrainSummary", "TrainingDivergedError", "train_variant"]

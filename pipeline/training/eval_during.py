@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, Variant
-from pipeline.inception import InceptionWeights
-from pipeline.storage_fs import Store
+from pipeline.evaluation.inception import InceptionWeights
 from pipeline.training.selection import BEST, EVALS, EvalRecords, due_steps
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,15 @@ def score_checkpoint(
     the driver named."""
     import torch
 
-    from pipeline.diffusion import GaussianDiffusion
-    from pipeline.fidelity import EXTRACTOR, compute_fid_is, inception_options
-    from pipeline.sampling import sample_images
-    from pipeline.samplingjob import sampler_var_type
+    from pipeline.evaluation.fidelity import EXTRACTOR, compute_fid_is, inception_options
+    from pipeline.model.diffusion import GaussianDiffusion
+    from pipeline.model.unet import build_unet
+    from pipeline.sampling.draw import sample_images
+    from pipeline.sampling.job import sampler_var_type
     from pipeline.training.loop import make_diffusion
-    from pipeline.unet import build_unet
 
     if weights.extractor != EXTRACTOR:  # the feature network's: registered on import, here too
-        import pipeline.featurenet  # noqa: F401
+        import pipeline.evaluation.featurenet  # noqa: F401
 
     s, n = cfg.sample, cfg.train.eval_samples
     use_gpu = s.use_gpu and torch.cuda.is_available()
@@ -110,7 +110,7 @@ def score_checkpoint(
 def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
     """The Inception (or feature-network) weights the evaluate stage would use, resolved on the
     driver: the stand-in under ``root/work/fidelity``, the featurenet stage's classifier file."""
-    from pipeline.inception import project_inception_weights
+    from pipeline.evaluation.feature_weights import project_inception_weights
 
     return project_inception_weights(cfg, root)
 
@@ -133,7 +133,7 @@ def _settled(folder: Path) -> bool:
 
 
 class CheckpointEvaluator:
-    """A progress sink (pipeline.training.progress) that scores due checkpoints on Ray.
+    """A progress sink (pipeline.cluster.progress) that scores due checkpoints on Ray.
 
     ``poll()`` submits the due checkpoints and collects finished scores without waiting;
     ``finish()`` waits for the ones in flight and scores any left (the final checkpoint).

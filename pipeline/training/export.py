@@ -3,7 +3,7 @@
 ::
 
     models/<variant>/
-      ema.pt      the EMA weights (what sampling and evaluation load, pipeline.weights)
+      ema.pt      the EMA weights (what sampling and evaluation load, pipeline.model.weights)
       model.pt    the raw weights at the same step
       model.json  variant, types, scale, steps, resolution, mlflow_run_id, ema_sha256, ...
 
@@ -19,10 +19,10 @@ from typing import Any
 
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import Config, Variant
+from pipeline.model.unet import build_unet
+from pipeline.model.weights import save_weights, sha256_file
 from pipeline.training.checkpoint import read_checkpoint
 from pipeline.training.loop import make_diffusion
-from pipeline.unet import build_unet
-from pipeline.weights import save_weights, sha256_file
 
 
 def export_weights(

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.cluster.storage import node_local_data, record_placement
 from pipeline.config import Config, Variant
 from pipeline.data import TrainBatches, open_split
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.storage import node_local_data, record_placement
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.unet import build_unet
 from pipeline.training import faults
 from pipeline.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.training.divergence import IntervalStats
@@ -34,7 +35,6 @@ from pipeline.training.optim import clip_gradients, make_optimizer
 from pipeline.training.randomness import diffusion_inputs, seed_dropout
 from pipeline.training.replicas import ReplicaClipping, loss_scale
 from pipeline.training.session import RaySession, Session, checkpoint_name
-from pipeline.unet import build_unet
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,12 @@ class TrainJob:
 
     cfg: Config
     variant: Variant
-    data_dir: str  # prepared data folder, or its bucket URI (pipeline.storage.node_local_data)
+    data_dir: (
+        str  # prepared data folder, or its bucket URI (pipeline.cluster.storage.node_local_data)
+    )
     run_dir: str  # the Ray run's storage folder or bucket URI (placements, test-fault markers)
     run: dict[str, str]  # run identity: {"name", "config_hash"}
-    board: Any = None  # progress actor handle (pipeline.training.progress), or None
+    board: Any = None  # progress actor handle (pipeline.cluster.progress), or None
     fault: faults.Fault | None = None  # test-only
 
 

@@ -3,7 +3,7 @@
 Per interval: ``loss`` (mean over the interval and the global batch), ``lr``, ``grad_norm``
 (mean, before clipping), ``steps_per_s`` and ``images_per_s`` (wall clock, global batch), at
 step = optimiser steps done. They go to the driver's progress board (a Ray actor, see
-:mod:`pipeline.training.progress`), which shows them and logs them to the variant's MLflow run:
+:mod:`pipeline.cluster.progress`), which shows them and logs them to the variant's MLflow run:
 the workers never need to reach the tracking store (a SQLite file on the driver's machine, by
 default).
 """

@@ -10,12 +10,13 @@ writes the final weights to ``models/<variant>/``. A diverged run raises
 :class:`~pipeline.training.divergence.TrainingDivergedError` naming the step and the last good
 checkpoint.
 
-With ``cluster.storage`` set (:mod:`pipeline.storage`), the run folder (Ray Train's storage_path)
-and the prepared data the ranks map are in cluster storage, so ranks on any node find them and a
-resubmitted job continues from the stored checkpoint. A bucket (s3://, gs://): Ray Train writes
-the run there itself (:meth:`pipeline.storage_fs.Store.ray_storage`), the ranks download the
-prepared data into a node-local cache, and the driver keeps its records (identity, MLflow run)
-in a local mirror of the run folder that it uploads (:func:`_pull_records`, :func:`_push_records`).
+With ``cluster.storage`` set (:mod:`pipeline.cluster.storage`), the run folder (Ray Train's
+storage_path) and the prepared data the ranks map are in cluster storage, so ranks on any node find
+them and a resubmitted job continues from the stored checkpoint. A bucket (s3://, gs://): Ray Train
+writes the run there itself (:meth:`pipeline.cluster.storage_fs.Store.ray_storage`), the ranks
+download the prepared data into a node-local cache, and the driver keeps its records (identity,
+MLflow run) in a local mirror of the run folder that it uploads (:func:`_pull_records`,
+:func:`_push_records`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import tracking
+from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
+from pipeline.cluster.raycluster import init_ray
+from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
+from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, Variant
 from pipeline.data import open_split
 from pipeline.errors import ConfigError
 from pipeline.layout import checkpoint_dir, data_dir, model_dir, reference_dir
-from pipeline.raycluster import init_ray
-from pipeline.storage import MIRROR, check_storage, shared_data, shared_path
-from pipeline.storage_fs import Store
+from pipeline.report import tracking
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
@@ -49,7 +51,6 @@ from pipeline.training.identity import (
     write_identity,
 )
 from pipeline.training.loop import TrainJob, train_loop_per_worker
-from pipeline.training.progress import BoardReader, ProgressBoard, ProgressDisplay
 from pipeline.training.selection import TAG_SELECTION, select_checkpoint, selection_note
 
 # Each ray.train.report waits about this long for the controller (Ray's default is 2 s).

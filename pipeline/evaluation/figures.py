@@ -1,8 +1,8 @@
 """The evaluate stage's PNG figures: reconstructions (Fig. 7), interpolation (Fig. 8) and the
 rate-distortion curves (Fig. 5).
 
-Image strips reuse pipeline.figures (torchvision grids, Pillow captions); the curves are drawn
-with matplotlib's Agg backend (no display needed). Every figure is written atomically.
+Image strips reuse pipeline.sampling.figures (torchvision grids, Pillow captions); the curves are
+drawn with matplotlib's Agg backend (no display needed). Every figure is written atomically.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.figures import captioned, save_png, tile
+from pipeline.sampling.figures import captioned, save_png, tile
 
 
 def save_reconstructions(
@@ -77,7 +77,7 @@ def fig5_axis(curve: dict[str, np.ndarray]) -> np.ndarray:
 def save_rate_distortion(path: str | os.PathLike, curve: dict[str, np.ndarray], title: str) -> None:
     """Fig. 5: distortion and rate against reverse steps, and distortion against rate.
 
-    ``curve`` is pipeline.rate_distortion.rate_distortion's output (arrays indexed by t).
+    ``curve`` is pipeline.evaluation.rate_distortion.rate_distortion's output (arrays indexed by t).
     """
     import matplotlib
 

@@ -1,13 +1,13 @@
 """Merging block shards into one ``.npz`` on disk, one shard in memory at a time.
 
-:func:`merge_to_npz` checks coverage as :func:`pipeline.blocks.merge_blocks` does (every index
-exactly once, blocks of the given size), then writes array ``name`` of every shard, in index
+:func:`merge_to_npz` checks coverage as :func:`pipeline.cluster.blocks.merge_blocks` does (every
+index exactly once, blocks of the given size), then writes array ``name`` of every shard, in index
 order, straight into an uncompressed ``.npz`` member (a .npy header for the whole
 ``[n_items, ...]`` shape, then each shard's bytes) while hashing the bytes. Memory stays one shard
-whatever N is; :func:`pipeline.npzmap.load_npz_array` maps the result back.
+whatever N is; :func:`pipeline.sampling.npzmap.load_npz_array` maps the result back.
 
 The sample stage no longer merges (its output is the shards themselves:
-:mod:`pipeline.sampleshards`); ``benchmarks.memory_merge`` still compares this merge with the
+:mod:`pipeline.sampling.shards`); ``benchmarks.memory_merge`` still compares this merge with the
 in-memory one it replaced.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.blocks import checked_blocks, read_shard, shard_path
+from pipeline.cluster.blocks import checked_blocks, read_shard, shard_path
 from pipeline.errors import DataError
 
 

@@ -4,7 +4,8 @@
   rate_distortion.png (Fig. 5); titled with the scale and, where it applies, the stand-in note.
 - ``plots/<variant>/rate_distortion.csv``: one row per 1-based t (DVC plots).
 - ``metrics/<variant>.json`` (DVC metrics).
-- MLflow: the metrics the report reads (pipeline.tables names), the Table-4 values, timings, the
+- MLflow: the metrics the report reads (pipeline.report.tables names), the Table-4 values, timings,
+  the
   curve as metric history (step = reverse steps), the ``stand_in`` tags and every file above.
 
 :func:`write_outputs` writes all of them or none: the folders are built in temporary siblings,
@@ -21,15 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout, tables
+from pipeline import layout
 from pipeline.atomic import atomic_dir, atomic_path, write_json
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import DataError
-from pipeline.evaluation import Evaluation
-from pipeline.featurenet import CLASSIFIER_SCORES
-from pipeline.figures_eval import save_interpolation, save_rate_distortion, save_reconstructions
-from pipeline.reconstruction import lambdas
-from pipeline.tracking import TAG_STAND_IN, tracking_uri, variant_run
+from pipeline.evaluation.evaluate import Evaluation
+from pipeline.evaluation.featurenet import CLASSIFIER_SCORES
+from pipeline.evaluation.figures import (
+    save_interpolation,
+    save_rate_distortion,
+    save_reconstructions,
+)
+from pipeline.evaluation.reconstruction import lambdas
+from pipeline.report import tables
+from pipeline.report.tracking import TAG_STAND_IN, tracking_uri, variant_run
 
 CSV_COLUMNS = (
     "t",
@@ -127,7 +133,7 @@ def write_outputs(cfg: Config, result: Evaluation, root: Path = Path(".")) -> No
 
 
 def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
-    """The run's metrics: pipeline.tables names, Table 4 values and the timings."""
+    """The run's metrics: pipeline.report.tables names, Table 4 values and the timings."""
     m = result.metrics
     out = {k: float(m[k]) for k in tables.METRICS if m.get(k) is not None}
     for n, row in m.get("table4", {}).items():

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import ray
 
+from pipeline.cluster.watchdog import watch
 from pipeline.config import RayConfig
 from pipeline.errors import UserError
-from pipeline.watchdog import watch
 
 
 def ray_address(cfg: RayConfig) -> str | None:

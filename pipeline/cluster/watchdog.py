@@ -4,8 +4,8 @@ A stage that starts a local Ray cluster (``ray.init(address="local")``), and ``s
 --local-ray`` with its private head, own processes that do not die with them: SIGKILL (or an
 out-of-memory kill) skips every ``finally`` and ``atexit``, and the GCS server, raylet,
 dashboard and workers stay alive, holding memory. :func:`watch` starts ``python -m
-pipeline.watchdog PID`` in a session of its own (a signal to the driver's process group does not
-reach it). It records the driver's descendants (pid and start time) every ``POLL_S`` seconds;
+pipeline.cluster.watchdog PID`` in a session of its own (a signal to the driver's process group does
+not reach it). It records the driver's descendants (pid and start time) every ``POLL_S`` seconds;
 once the driver has exited, however it ended, it SIGKILLs those that are still alive and their
 own descendants, by pid, and exits. After a clean exit the tree is already gone and it only
 exits. It never touches a process it did not see under the driver (other users' clusters).
@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 POLL_S = 0.5
-PROJECT = str(Path(__file__).resolve().parents[1])  # the watchdog runs this checkout's code
+PROJECT = str(Path(__file__).resolve().parents[2])  # the watchdog runs this checkout's code
 
 
 _watching: dict[int, subprocess.Popen] = {}
@@ -36,7 +36,7 @@ def watch(pid: int | None = None) -> subprocess.Popen:
         return _watching[pid]
     path = os.environ.get("PYTHONPATH")
     _watching[pid] = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.watchdog", str(pid)],
+        [sys.executable, "-m", "pipeline.cluster.watchdog", str(pid)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -81,7 +81,7 @@ def stop_tree(seen: dict[tuple[int, float], psutil.Process]) -> int:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m pipeline.watchdog PID``: wait for PID to end, then stop what it left."""
+    """``python -m pipeline.cluster.watchdog PID``: wait for PID to end, then stop what it left."""
     try:
         driver = psutil.Process(int(argv[0]))
     except (psutil.Error, ValueError, IndexError):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.losses import (
+from pipeline.model.losses import (
     BITS_PER_NAT,
     discretized_gaussian_log_likelihood,
     mean_flat,

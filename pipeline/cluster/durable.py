@@ -1,14 +1,15 @@
 """Durable, incremental runs on a cluster: each finished stage reaches cluster storage at once.
 
-``stages.repro`` uses this when ``cluster.storage`` is set (see :mod:`pipeline.storage`):
+``stages.repro`` uses this when ``cluster.storage`` is set (see :mod:`pipeline.cluster.storage`):
 
-Storage is a folder or a bucket (:class:`pipeline.storage_fs.Store`; a bucket's DVC remote needs
-the ``dvc-s3``/``dvc-gs`` plugin, and ``AWS_ENDPOINT_URL`` is given to it as ``endpointurl``).
+Storage is a folder or a bucket (:class:`pipeline.cluster.storage_fs.Store`; a bucket's DVC remote
+needs the ``dvc-s3``/``dvc-gs`` plugin, and ``AWS_ENDPOINT_URL`` is given to it as ``endpointurl``).
 
 1. restore: copy ``<storage>/state/<scale>/`` (dvc.lock and the outputs DVC does not cache:
    metrics/, plots/, the pointer files and Inception caches of checkpoints/ and work/) into the
    working directory, then ``dvc pull --allow-missing`` from the storage remote. Every torch
-   file restored is first loaded with ``weights_only=True`` (:func:`pipeline.storage.safe_load`);
+   file restored is first loaded with ``weights_only=True``
+   (:func:`pipeline.cluster.storage.safe_load`);
    one that is refused is not restored (its stage then simply reruns).
 2. reproduce stage by stage (``dvc repro --single-item``, in dvc.yaml's order), and after each
    stage ``dvc push`` its outputs to the remote and save the state: a job stopped or failed
@@ -30,18 +31,18 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline import tracking
-from pipeline.config import Config
-from pipeline.errors import DataError, UserError
-from pipeline.layout import data_dir
-from pipeline.storage import (
+from pipeline.cluster.storage import (
     dvc_remote,
     node_local_data,
     safe_load,
     state_dir,
     store_data,
 )
-from pipeline.storage_fs import Store, copy_file_atomic
+from pipeline.cluster.storage_fs import Store, copy_file_atomic
+from pipeline.config import Config
+from pipeline.errors import DataError, UserError
+from pipeline.layout import data_dir
+from pipeline.report import tracking
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in every `ray job submit` driver
 REMOTE = "cluster-storage"

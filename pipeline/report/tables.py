@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import paper
 from pipeline.atomic import write_text
 from pipeline.config import STAND_IN_NOTE
-from pipeline.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
+from pipeline.report import paper
+from pipeline.report.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
 
 TAG_SELECTION = "ddpm.selection"  # = pipeline.training.selection.TAG_SELECTION (no torch here)
 

@@ -13,8 +13,8 @@ with the same reverse noise for every λ, so that only λ changes along a row (p
 the two sources.
 
 Timesteps here are the paper's, 1-based (t = T is pure noise); the diffusion's are 0-indexed.
-All noise comes from per-row generators (pipeline.noise) under streams derived from the eval
-seed, so the figures are deterministic and independent of batching. The network runs in one Ray
+All noise comes from per-row generators (pipeline.sampling.noise) under streams derived from the
+eval seed, so the figures are deterministic and independent of batching. The network runs in one Ray
 task with the eval resources (the paper's network on a CPU driver would take half an hour), and
 the result is cached by content next to the NLL blocks.
 """
@@ -33,16 +33,16 @@ import torch
 from torch import Tensor
 
 from pipeline.atomic import save_npz
+from pipeline.cluster.gputasks import submit
+from pipeline.cluster.taskprogress import BlockProgress
 from pipeline.config import config_hash
 from pipeline.data import to_model_input, to_uint8
-from pipeline.diffusion import GaussianDiffusion, NoiseFn
-from pipeline.fidelity import content_key
-from pipeline.gputasks import submit
-from pipeline.likelihood import setup_worker
-from pipeline.noise import ImageNoise, item_seed
-from pipeline.samplingjob import SamplingJob
-from pipeline.taskprogress import BlockProgress
-from pipeline.unet import UNet
+from pipeline.evaluation.fidelity import content_key
+from pipeline.evaluation.likelihood import setup_worker
+from pipeline.model.diffusion import GaussianDiffusion, NoiseFn
+from pipeline.model.unet import UNet
+from pipeline.sampling.job import SamplingJob
+from pipeline.sampling.noise import ImageNoise, item_seed
 
 
 def stream_seed(seed: int, purpose: str, t: int = 0) -> int:

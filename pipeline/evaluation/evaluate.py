@@ -1,15 +1,18 @@
 """Evaluating one variant (stage ``evaluate``): FID/IS, the NLL bound, rate-distortion, figures.
 
 - FID against the reference splits and IS of ``samples/<variant>/``'s shards through
-  torch-fidelity (pipeline.fidelity), in this process, cached under ``work/fid/<variant>``.
-- The NLL bound on the test set (and optionally a train subset) on Ray (pipeline.likelihood),
+  torch-fidelity (pipeline.evaluation.fidelity), in this process, cached under
+  ``work/fid/<variant>``.
+- The NLL bound on the test set (and optionally a train subset) on Ray
+  (pipeline.evaluation.likelihood),
   resumable under ``work/nll/<variant>``; from its per-timestep sums the rate-distortion curve
-  (pipeline.rate_distortion, Fig. 5, Table 4). ``eval.nll_images: 0`` skips both.
-- Fig. 7 and Fig. 8 in one Ray task (pipeline.reconstruction), cached beside the NLL blocks.
+  (pipeline.evaluation.rate_distortion, Fig. 5, Table 4). ``eval.nll_images: 0`` skips both.
+- Fig. 7 and Fig. 8 in one Ray task (pipeline.evaluation.reconstruction), cached beside the NLL
+  blocks.
 
 Ray starts once, and only when a block or a figure must be computed. Every input is checked
 first, so a missing or short sample set, a resolution mismatch or a wrong checksum is a one-line
-DataError before any long computation. pipeline.eval_outputs writes and logs the result.
+DataError before any long computation. pipeline.evaluation.outputs writes and logs the result.
 """
 
 from __future__ import annotations
@@ -23,26 +26,26 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout
+from pipeline.cluster.raycluster import init_ray
 from pipeline.config import Config, Variant
 from pipeline.data import open_split, read_manifest
+from pipeline.data.imageviews import ImagePrefix
 from pipeline.errors import ConfigError, DataError
-from pipeline.featurenet import CLASSIFIER_SCORES, classifier_scores
-from pipeline.fidelity import (
+from pipeline.evaluation.feature_weights import project_inception_weights
+from pipeline.evaluation.featurenet import CLASSIFIER_SCORES, classifier_scores
+from pipeline.evaluation.fidelity import (
     check_images,
     compute_fid_is,
     inception_options,
     reference_files,
     stand_in_label,
 )
-from pipeline.imageviews import ImagePrefix
-from pipeline.inception import project_inception_weights
-from pipeline.likelihood import NllResult, compute_nll, eval_network, eval_resources
-from pipeline.rate_distortion import rate_distortion, table4_rows
-from pipeline.raycluster import init_ray
-from pipeline.reconstruction import FigureSpec, submit_figures
-from pipeline.sampleshards import SampleShards, open_samples
-from pipeline.sampling import ModelInfo, load_model_info
-from pipeline.samplingjob import SamplingJob
+from pipeline.evaluation.likelihood import NllResult, compute_nll, eval_network, eval_resources
+from pipeline.evaluation.rate_distortion import rate_distortion, table4_rows
+from pipeline.evaluation.reconstruction import FigureSpec, submit_figures
+from pipeline.sampling.draw import ModelInfo, load_model_info
+from pipeline.sampling.job import SamplingJob
+from pipeline.sampling.shards import SampleShards, open_samples
 
 # ---------------------------------------------------------------------------------------------
 # Checks.

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from pipeline import taskprogress
+from pipeline.cluster import taskprogress
 
 
 @ray.remote
@@ -56,7 +56,8 @@ def submit(
         fn: a module-level function (Ray pickles it by reference).
         args: its arguments (ObjectRefs among them are resolved by Ray as usual).
         resources: per-task Ray resources, e.g. ``{"num_cpus": 1, "num_gpus": 1}``.
-        progress: ``(board, key)`` to report the task's image-steps to (pipeline.taskprogress).
+        progress: ``(board, key)`` to report the task's image-steps to
+        (pipeline.cluster.taskprogress).
         options: further task options (``max_retries``, ``retry_exceptions``, ...).
     """
     remote = _call_on_gpu if uses_gpu(resources) else _call

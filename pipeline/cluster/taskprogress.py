@@ -1,16 +1,17 @@
 """Progress of long Ray tasks (sample and NLL blocks), fed to the driver while they run.
 
-Inside a task, :func:`advance` counts image-steps: every :class:`pipeline.noise.ImageNoise` call
-(one per image and reverse step, or per image and timestep of the bound) advances it by the
+Inside a task, :func:`advance` counts image-steps: every :class:`pipeline.sampling.noise.ImageNoise`
+call (one per image and reverse step, or per image and timestep of the bound) advances it by the
 rows it draws, so the samplers and the bound need no extra code. A task run through
-:func:`pipeline.gputasks.submit` with a ``progress`` handle pushes its running count to a
-zero-CPU :class:`~pipeline.training.progress.ProgressBoard` actor (training's mailbox) at most
+:func:`pipeline.cluster.gputasks.submit` with a ``progress`` handle pushes its running count to a
+zero-CPU :class:`~pipeline.cluster.progress.ProgressBoard` actor (training's mailbox) at most
 every ``PUSH_EVERY_S`` seconds (and once at the end).
 
 On the driver, :class:`BlockProgress` adds the finished blocks and the partial counts of the
 blocks in flight: a tqdm bar with rate and ETA on a terminal, else one line every
 ``LINE_EVERY_S`` seconds (DVC logs, CI, ``ray job logs``). Work done in the driver's own
-process (the Inception passes of pipeline.fidelity) counts through :meth:`BlockProgress.advance`.
+process (the Inception passes of pipeline.evaluation.fidelity) counts through
+:meth:`BlockProgress.advance`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, TextIO
 import ray
 from tqdm import tqdm
 
-from pipeline.training.progress import ProgressBoard
+from pipeline.cluster.progress import ProgressBoard
 
 PUSH_EVERY_S = 2.0
 LINE_EVERY_S = 30.0
@@ -78,7 +79,7 @@ def reporting(progress: tuple[Any, Any] | None) -> Iterator[None]:
 
 
 class BlockProgress:
-    """The driver's view of :func:`pipeline.blocks.run_blocks`: items done, in flight, ETA.
+    """The driver's view of :func:`pipeline.cluster.blocks.run_blocks`: items done, in flight, ETA.
 
     Args:
         total: items of the run; done: items already finished (reused blocks).
@@ -151,7 +152,7 @@ class BlockProgress:
             self.write_line(now)
 
     def write_line(self, now: float) -> None:
-        from pipeline.training.progress import format_eta  # the driver only
+        from pipeline.cluster.progress import format_eta  # the driver only
 
         self.last_line = time.monotonic()
         elapsed = self.last_line - self.started

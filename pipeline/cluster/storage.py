@@ -3,7 +3,7 @@
 ``cluster.storage`` in params.yaml (DDPM_CLUSTER_STORAGE in the environment wins) names a
 folder every node of the Ray cluster mounts at the same path (NFS, Lustre, EFS), or a bucket
 URI that Ray Train and DVC both understand (``s3://bucket/prefix``, ``gs://bucket/prefix``;
-access through :mod:`pipeline.storage_fs`). When it is set::
+access through :mod:`pipeline.cluster.storage_fs`). When it is set::
 
     <storage>/checkpoints/<variant>/<run>/   Ray Train's storage_path (every rank reports there)
     <storage>/data/<scale>-<digest>/         the prepared data the training ranks map
@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config
 from pipeline.errors import DataError, UserError
-from pipeline.storage_fs import Store
 
 ENV = "DDPM_CLUSTER_STORAGE"
 POINTER = "CLUSTER_STORAGE.txt"  # left in a local DVC out whose content lives in storage

@@ -5,9 +5,9 @@ device, seeded with a 64-bit integer mixed from ``(seed, i)`` by numpy's ``SeedS
 Algorithm 2 asks a batch's noise source for x_T, then once per step with t > 0; :class:`ImageNoise`
 answers each call by filling row b of one device tensor with the next draw of item indices[b]'s
 generator. An image's noise therefore does not depend on the batch it is in, on the batch size,
-the block size or the number of workers: together with a batch-invariant network (pipeline.unet
-on the CPU in float32) a sample's bytes depend only on (seed, i), and a resumed run (whole
-blocks recomputed) repeats an uninterrupted one.
+the block size or the number of workers: together with a batch-invariant network
+(pipeline.model.unet on the CPU in float32) a sample's bytes depend only on (seed, i), and a resumed
+run (whole blocks recomputed) repeats an uninterrupted one.
 
 Draws are made on the device itself: no host-to-device copy and no host synchronisation per step
 (B small kernels launched asynchronously, next to the network's hundreds). The bits depend on
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import taskprogress
+from pipeline.cluster import taskprogress
 
 
 def item_seed(seed: int, index: int) -> int:

@@ -40,9 +40,9 @@ import ray
 from tqdm import tqdm
 
 from pipeline.atomic import save_npz
+from pipeline.cluster.gputasks import submit
+from pipeline.cluster.taskprogress import BlockProgress
 from pipeline.errors import ConfigError, DataError
-from pipeline.gputasks import submit
-from pipeline.taskprogress import BlockProgress
 
 FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
 SHARD_RE = re.compile(r"^block-(\d{8})-(\d{8})\.npz$")
@@ -192,7 +192,7 @@ def run_blocks(
         max_retries: Ray retries of a failed task (exceptions included).
         connect: called once before the first task when there is work to do (e.g. to start
             Ray only then: a rerun with every shard present needs no cluster).
-        steps_per_item: image-steps a task reports per item through pipeline.taskprogress
+        steps_per_item: image-steps a task reports per item through pipeline.cluster.taskprogress
             (reverse steps or timesteps; 0: progress only as blocks finish).
 
     Raises:
@@ -243,7 +243,8 @@ def _launch(
     progress: BlockProgress,
     block: Range,
 ) -> Any:
-    """Submit the task of one block (one GPU task per worker: pipeline.gputasks); its ObjectRef."""
+    """Submit the task of one block (one GPU task per worker: pipeline.cluster.gputasks); its
+    ObjectRef."""
     marker = _fail_marker(out_dir, block[0])
     return submit(
         _run_block,

@@ -1,13 +1,13 @@
 """Drawing N samples with Algorithm 2 from a variant's EMA weights, fanned out over Ray.
 
-What each task gets, the network and sampler settings, is a :class:`pipeline.samplingjob.
+What each task gets, the network and sampler settings, is a :class:`pipeline.sampling.job.
 SamplingJob` (shared with the NLL and the figures).
 
 Sample i draws x_T and every step's noise from its own generator seeded by (seed, i), on the
-sampling device (pipeline.noise: no per-step host copy or sync). Samples are computed in fixed
-blocks of indices by pipeline.blocks (resumable, retried, written atomically as uint8 shards
-under ``work/sample/<variant>/<key>/``), which become ``samples/<variant>/``'s shards (hard
-links, never merged: pipeline.sampleshards).
+sampling device (pipeline.sampling.noise: no per-step host copy or sync). Samples are computed in
+fixed blocks of indices by pipeline.cluster.blocks (resumable, retried, written atomically as uint8
+shards under ``work/sample/<variant>/<key>/``), which become ``samples/<variant>/``'s shards (hard
+links, never merged: pipeline.sampling.shards).
 ``key`` hashes everything that changes a block's bytes (weights, seed, sampler, diffusion
 settings, precision, memory format, block size, device type, torch version, and the batch size
 where the network is not batch-invariant), so blocks are reused across reruns, more samples or
@@ -34,21 +34,21 @@ import torch
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
-from pipeline.blocks import BlockRun, run_blocks
+from pipeline.cluster.blocks import BlockRun, run_blocks
+from pipeline.cluster.gputasks import submit
+from pipeline.cluster.raycluster import init_ray
+from pipeline.cluster.storage import shared_path, synced
 from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
 from pipeline.data import to_uint8
-from pipeline.diffusion import GaussianDiffusion
 from pipeline.errors import ConfigError, DataError
-from pipeline.figures import save_progressive, save_sample_grid
-from pipeline.gputasks import submit
-from pipeline.noise import ImageNoise
-from pipeline.raycluster import init_ray
-from pipeline.sampleshards import SampleShards, map_blocks, publish_shards
-from pipeline.samplingjob import SamplingJob, make_job, variant_types
-from pipeline.storage import shared_path, synced
-from pipeline.tracking import tracking_uri, variant_run
-from pipeline.unet import UNet
-from pipeline.weights import sha256_file
+from pipeline.model.diffusion import GaussianDiffusion
+from pipeline.model.unet import UNet
+from pipeline.model.weights import sha256_file
+from pipeline.report.tracking import tracking_uri, variant_run
+from pipeline.sampling.figures import save_progressive, save_sample_grid
+from pipeline.sampling.job import SamplingJob, make_job, variant_types
+from pipeline.sampling.noise import ImageNoise
+from pipeline.sampling.shards import SampleShards, map_blocks, publish_shards
 
 FORMAT = "ddpm-repro/samples-v2"  # v2: shards + manifest (v1: one samples.npz)
 TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
@@ -374,7 +374,7 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
     """The shards, manifest.json, grid.png and progressive.png in ``out_dir``, all or nothing.
 
     The shards are the blocks themselves, hard-linked (copied only across file systems) and
-    hashed into the manifest (pipeline.sampleshards.publish_shards): no merged second copy.
+    hashed into the manifest (pipeline.sampling.shards.publish_shards): no merged second copy.
 
     The figures and sampling metrics go to the variant's MLflow run (when model.json names
     one) before the folder is put in place, so a tracking error leaves no partial output.

@@ -2,11 +2,11 @@
 
 Test image i (or train image i) runs ``GaussianDiffusion.calc_bpd_loop`` (all T terms, the
 predicted x_0 clipped as in the official code) with the q(x_t | x_0) noise drawn from its own
-generator (pipeline.noise, base seed ``eval.seed``), so its terms do not depend on the batch, the
-block or the worker that computed it. Blocks of images are computed by pipeline.blocks
-(resumable, retried, written atomically under ``work/nll/<variant>/<key>/``); a block keeps
-every image's terms, so the aggregate is exact: sums over images divided by the count, never a
-mean of block means.
+generator (pipeline.sampling.noise, base seed ``eval.seed``), so its terms do not depend on the
+batch, the block or the worker that computed it. Blocks of images are computed by
+pipeline.cluster.blocks (resumable, retried, written atomically under
+``work/nll/<variant>/<key>/``); a block keeps every image's terms, so the aggregate is exact: sums
+over images divided by the count, never a mean of block means.
 
 The images travel inside the job through Ray's object store (the paper's 10,000 test images are
 31 MB, next to the 143 MB of weights that travel anyway), so workers need no shared filesystem,
@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from pipeline import layout
-from pipeline.blocks import BlockRun, merge_blocks, run_blocks
+from pipeline.cluster.blocks import BlockRun, merge_blocks, run_blocks
+from pipeline.cluster.raycluster import init_ray
+from pipeline.cluster.storage import shared_path, synced
 from pipeline.config import Config, Variant, config_hash
 from pipeline.data import open_split, read_manifest, to_model_input
-from pipeline.diffusion import GaussianDiffusion
-from pipeline.noise import ImageNoise
-from pipeline.raycluster import init_ray
-from pipeline.samplingjob import SamplingJob, make_job
-from pipeline.storage import shared_path, synced
-from pipeline.unet import UNet
+from pipeline.model.diffusion import GaussianDiffusion
+from pipeline.model.unet import UNet
+from pipeline.sampling.job import SamplingJob, make_job
+from pipeline.sampling.noise import ImageNoise
 
 TERMS = ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")
 """calc_bpd_loop's per-image outputs kept in every block (float64)."""
@@ -221,7 +221,7 @@ def compute_nll(
 
     ``network`` comes from :func:`eval_network`; ``weights_digest`` is its weights_digest()
     (computed once by the caller: it reads every weight). ``connect`` starts Ray when a block
-    must be computed (default: pipeline.raycluster.init_ray).
+    must be computed (default: pipeline.cluster.raycluster.init_ray).
     """
     data_dir = root / layout.data_dir(cfg.scale)
     images = open_split(data_dir, split)

@@ -1,4 +1,4 @@
-"""Import diffusers-format DDPM checkpoints into the paper's U-Net (pipeline.unet.UNet).
+"""Import diffusers-format DDPM checkpoints into the paper's U-Net (pipeline.model.unet.UNet).
 
 The official TensorFlow CIFAR10 and LSUN checkpoints are published converted to diffusers'
 ``UNet2DModel`` layout (a folder with ``config.json`` and ``diffusion_pytorch_model.safetensors``
@@ -6,7 +6,7 @@ or ``.bin``; a whole pipeline folder with a ``unet/`` subfolder works too). This
 that the config describes the DDPM architecture and maps every tensor to our names, failing with
 the exact missing, unexpected or mis-shaped keys otherwise. diffusers itself is not needed.
 
-CLI: ``ddpm-convert SRC_DIR OUT.pt`` (or ``python -m pipeline.convert``).
+CLI: ``ddpm-convert SRC_DIR OUT.pt`` (or ``python -m pipeline.model.convert``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import Tensor
 
 from pipeline.cli import entry_point
 from pipeline.errors import UserError
-from pipeline.unet import GROUPNORM_EPS, UNet
-from pipeline.weights import save_weights, sha256_file
+from pipeline.model.unet import GROUPNORM_EPS, UNet
+from pipeline.model.weights import save_weights, sha256_file
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # What the DDPM architecture requires of a UNet2DModel config (missing keys take these values).

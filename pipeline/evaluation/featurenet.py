@@ -33,8 +33,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
-from pipeline.inception import InceptionWeights
-from pipeline.weights import sha256_file
+from pipeline.evaluation.inception import InceptionWeights
+from pipeline.model.weights import sha256_file
 
 EXTRACTOR = "ddpm-synthetic-classifier"
 FID_LAYER = "penultimate"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.diffusion import GaussianDiffusion, Model
+from pipeline.model.diffusion import GaussianDiffusion, Model
 
 NOT_THE_PAPER = "respaced, not the paper's sampler"
 

@@ -34,14 +34,14 @@ from torch_fidelity.defaults import DEFAULTS as TORCH_FIDELITY_DEFAULTS
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
+from pipeline.cluster.storage import safe_load
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import ConfigError, DataError
-from pipeline.heap import bound_heap
-from pipeline.inception import STAND_IN_IS_NOTE, InceptionWeights
-from pipeline.storage import safe_load
+from pipeline.evaluation.heap import bound_heap
+from pipeline.evaluation.inception import STAND_IN_IS_NOTE, InceptionWeights
 
 if TYPE_CHECKING:
-    from pipeline.taskprogress import BlockProgress
+    from pipeline.cluster.taskprogress import BlockProgress
 
 EXTRACTOR = "inception-v3-compat"  # the Inception weights' extractor; others: InceptionWeights
 FID_LAYER = "2048"  # torch-fidelity's default FID feature for this extractor
@@ -331,9 +331,9 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
     )
     if fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file():
         return
-    from pipeline.taskprogress import BlockProgress  # imports ray: only when a pass runs
+    from pipeline.cluster.taskprogress import BlockProgress  # imports ray: only when a pass runs
 
-    bound_heap()  # resident memory flat over the pass (pipeline/heap.py)
+    bound_heap()  # resident memory flat over the pass (pipeline/evaluation/heap.py)
     name = _cache_name(key)
     # a bar on a terminal, else a line every 30 s with rate and ETA (DVC logs)
     bar = BlockProgress(

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.blocks import checked_blocks, shard_path
+from pipeline.cluster.blocks import checked_blocks, shard_path
 from pipeline.data.loaders import ImageSet
 from pipeline.errors import DataError
-from pipeline.npzmap import NpyMember, map_member, npy_member
+from pipeline.sampling.npzmap import NpyMember, map_member, npy_member
 
 NAME = "images"  # the array of every shard
 HASH_CHUNK_BYTES = 16 << 20
@@ -83,7 +83,8 @@ def publish_shards(
 
     Returns the manifest's entries: ``count``, ``shape``, ``dtype``, ``sha256`` (of all images in
     index order) and ``shards`` (see the module docstring). Raises DataError as
-    :func:`pipeline.blocks.merge_blocks` does (missing, duplicated or foreign blocks), and for a
+    :func:`pipeline.cluster.blocks.merge_blocks` does (missing, duplicated or foreign blocks), and
+    for a
     block whose ``images`` is unreadable, compressed, of other rows than its range, or differs
     in dtype or item shape from the first block's.
     """

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config, Variant
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.errors import ConfigError, DataError
-from pipeline.respace import RespacedDiffusion, sampler_label, space_timesteps
-from pipeline.unet import UNet
-from pipeline.weights import load_weights
+from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.respace import RespacedDiffusion, sampler_label, space_timesteps
+from pipeline.model.unet import UNet
+from pipeline.model.weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class SamplingJob:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether an image's output is independent of its batch (measured; see pipeline.unet)."""
+        """Whether an image's output is independent of its batch (measured; see
+        pipeline.model.unet)."""
         return self.device_type == "cpu" and not self.bf16 and not self.channels_last
 
     def weights_digest(self) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import DataError
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 
 FORMAT = "ddpm-repro/unet-v1"
 

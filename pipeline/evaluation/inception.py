@@ -7,7 +7,8 @@
 - a path: a local copy of that file for machines without internet, checked against
   ``eval.inception_sha256`` (required).
 - ``classifier`` (synthetic data only): not Inception but the small classifier that the
-  ``featurenet`` stage trains on the synthetic training split (``pipeline.featurenet``): its
+  ``featurenet`` stage trains on the synthetic training split (``pipeline.evaluation.featurenet``):
+  its
   penultimate activations for FID, its logits for IS, through torch-fidelity as a registered
   feature extractor. Informative on these images, but not comparable to published numbers.
 - ``stand-in``: the same architecture with seeded He-normal weights, built locally and cached.
@@ -21,10 +22,10 @@ that keys the statistics cache, so statistics of different weights never mix.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import ConfigError, DataError
-from pipeline.weights import sha256_file
+from pipeline.model.weights import sha256_file
 
 OFFICIAL_FILE = "weights-inception-2015-12-05-6726825d.pth"
 OFFICIAL_URL = tf_inception.URL_INCEPTION_V3
@@ -52,40 +53,6 @@ class InceptionWeights:
     extractor: str = "inception-v3-compat"  # torch-fidelity's registered feature extractor
     fid_layer: str = "2048"  # its feature for FID (and KID)
     is_layer: str = "logits_unbiased"  # its feature for IS (softmax taken by torch-fidelity)
-
-
-def project_inception_weights(cfg, root: Path = Path(".")) -> InceptionWeights:
-    """The weights every scoring of the project uses (reference, evaluate, evaluation during
-    training): ``cfg.eval.inception_weights`` resolved with the cache in ``root/work/fidelity``
-    and the featurenet stage's classifier of ``cfg.scale``."""
-    from pipeline import layout
-
-    root = Path(root)
-    classifier = root / layout.classifier_path(cfg.scale)
-    return resolve_inception_weights(cfg.eval, root / layout.FIDELITY_CACHE, classifier)
-
-
-def resolve_inception_weights(
-    eval_cfg, cache_root: Path, classifier: Path | None = None
-) -> InceptionWeights:
-    """The weights named by ``eval_cfg.inception_weights`` (an EvalConfig), ready to load.
-
-    ``cache_root`` holds the stand-in (``weights/``); real weights live where torch.hub keeps
-    them or where the user put them; ``classifier`` is the featurenet stage's file (used only
-    when the choice is ``classifier``).
-    """
-    choice = eval_cfg.inception_weights
-    if choice == "classifier":
-        from pipeline.featurenet import classifier_weights  # registers the extractor
-
-        if classifier is None:
-            raise ConfigError("eval.inception_weights: classifier needs the featurenet stage")
-        return classifier_weights(Path(classifier))
-    if choice == "stand-in":
-        return stand_in_weights(Path(cache_root) / "weights")
-    if choice == "default":
-        return official_weights()
-    return local_weights(Path(choice), eval_cfg.inception_sha256)
 
 
 def official_weights() -> InceptionWeights:
@@ -157,15 +124,23 @@ def stand_in_state_dict(seed: int = STAND_IN_SEED) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
 
 
+class _InceptionArchitecture(tf_inception.FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 that accepts a partial state_dict (the stand-in loads none)."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
 def _bare_inception() -> nn.Module:
-    """The feature extractor's architecture without loading weights (global RNG untouched)."""
-    cls = tf_inception.FeatureExtractorInceptionV3
-    with (
-        torch.random.fork_rng(devices=[]),
-        mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None),
-    ):
-        return cls("inception-v3-compat", ["2048"])
+    """The feature extractor's architecture with its initial weights (global RNG untouched):
+    torch-fidelity's own constructor, given an empty state_dict in place of a weights file."""
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.random.fork_rng(devices=[]):
+        return _InceptionArchitecture(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=empty
+        )
 
 
 def _download_official(path: Path) -> None:

@@ -1,7 +1,7 @@
 """Published weights in place of training: ``model.source: checkpoint``.
 
 A scale whose model section says ``source: checkpoint`` evaluates a converted published
-checkpoint (diffusers format, pipeline.convert) instead of training: the train stage of the
+checkpoint (diffusers format, pipeline.model.convert) instead of training: the train stage of the
 variant named by ``model.checkpoint_variant`` (the paper's released CIFAR10 and LSUN models are
 L_simple, ``eps_fixed_mse``) imports the weights into models/<variant>/ and opens an MLflow run
 tagged "published weights" with the checkpoint's sha256; sampling, evaluation and the report
@@ -16,10 +16,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline import layout, tracking
+from pipeline import layout
 from pipeline.atomic import atomic_dir, write_json, write_text
 from pipeline.config import Config, Variant
 from pipeline.errors import ConfigError
+from pipeline.report import tracking
 
 PUBLISHED = "published weights"
 SKIPPED_KEY = "skipped"
@@ -82,7 +83,7 @@ def skip_sample(cfg: Config, variant: str, reason: str) -> None:
 
 def skip_evaluate(cfg: Config, variant: str, reason: str) -> None:
     """The evaluate stage's outputs for a variant that is not run (DVC needs every one)."""
-    from pipeline.eval_outputs import CSV_COLUMNS
+    from pipeline.evaluation.outputs import CSV_COLUMNS
 
     with atomic_dir(layout.figures_dir(variant)) as tmp:
         write_text(tmp / SKIPPED_FILE, reason + "\n")
@@ -127,7 +128,7 @@ def _check_variance(
 ) -> None:
     """The checkpoint's sampler variance (scheduler ``variance_type``) must be the one we sample
     with (``sample.var_type``, else the variant's): one line naming both otherwise."""
-    from pipeline.samplingjob import sampler_var_type
+    from pipeline.sampling.job import sampler_var_type
 
     if scheduler is None:
         return
@@ -143,9 +144,9 @@ def _check_variance(
 
 def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
     """Convert ``cfg.model.checkpoint`` into models/<variant>/; returns its model.json."""
-    from pipeline.convert import SCHEDULER_DEFAULTS, load_diffusers_unet, scheduler_info
-    from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-    from pipeline.weights import save_weights, sha256_file
+    from pipeline.model.convert import SCHEDULER_DEFAULTS, load_diffusers_unet, scheduler_info
+    from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+    from pipeline.model.weights import save_weights, sha256_file
 
     source = cfg.model.checkpoint
     where = f"presets.{cfg.scale}.model.checkpoint"
