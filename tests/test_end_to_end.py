@@ -187,7 +187,7 @@ def stopped_before_all(repo: Path, outputs) -> bool:
 def check_samples_on_disk_once(repo: Path, tmp_path: Path) -> None:
     """Each sample shard in samples/<V>/ is DVC's cache object itself, not a copy: a hard link
     of one inode (.dvc/config: cache.type reflink,hardlink,copy); with DVC's default copy type
-    this fails. (The block in work/ stays a separate file: README, Sampling on Ray, Disk.) Where
+    this fails. (The block in work/ stays a separate file: docs/sampling.md, Disk.) Where
     the filesystem has reflinks DVC uses those instead (shared extents, separate inodes)."""
     probe = tmp_path / "reflink-probe"
     probe.write_bytes(b"x")

@@ -2,7 +2,8 @@
 
 Sources (``presets.<scale>.data.dataset``): ``cifar10`` (the official python archive),
 ``lsun_*`` (the LSUN project's LMDBs) and ``synthetic`` (procedural images for offline runs).
-The on-disk format is described in :mod:`pipeline.data.manifest`.
+The on-disk format is described in :mod:`pipeline.data.manifest`; :mod:`pipeline.data.imageviews`
+reads a lazy prefix of an image set. Imports only the base modules: no Ray, MLflow or DVC.
 """
 
 from pipeline.data.loaders import (

@@ -14,7 +14,7 @@ the blocks stay reusable by later runs).
 Only where a link is impossible (blocks in cluster storage on another file system, a file system
 without hard links) is the block copied. Blocks are only ever replaced by a rename, never written
 in place, so a linked shard never changes under a reader. (DVC, caching ``samples/<variant>``,
-relinks the workspace files as copies afterwards: README, Sampling on Ray.)
+relinks the workspace files as copies afterwards: docs/sampling.md.)
 
 The hashes are of the images' C-order bytes, not of the files: a .npz's zip headers hold a
 timestamp, so a recomputed block has other file bytes but the same pixels, and the manifest
