@@ -47,7 +47,8 @@ def test_every_wing_says_what_it_holds_and_may_import() -> None:
     for init in (ROOT / "pipeline").glob("*/__init__.py"):
         doc = init.read_text().lstrip()
         assert doc.startswith('"""'), f"{init}: no docstring"
-        assert "import" in doc.split('"""')[1].lower(), f"{init}: docstring does not say what it imports"
+        said = doc.split('"""')[1].lower()
+        assert "import" in said, f"{init}: docstring does not say what it imports"
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -110,9 +111,8 @@ def test_every_relative_link_resolves(md: Path) -> None:
             continue  # http(s), mailto: not checked offline
         path, _, anchor = link.partition("#")
         target = (md.parent / path).resolve() if path else md
-        if not target.exists():
-            broken.append(link)
-        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+        missing_anchor = anchor and target.suffix == ".md" and anchor not in _anchors(target)
+        if not target.exists() or missing_anchor:
             broken.append(link)
     assert broken == [], f"{md.relative_to(ROOT)}: links that do not resolve: {broken}"
 
