@@ -111,8 +111,9 @@ def test_every_relative_link_resolves(md: Path) -> None:
             continue  # http(s), mailto: not checked offline
         path, _, anchor = link.partition("#")
         target = (md.parent / path).resolve() if path else md
-        missing_anchor = anchor and target.suffix == ".md" and anchor not in _anchors(target)
-        if not target.exists() or missing_anchor:
+        if not target.exists() or (
+            anchor and target.suffix == ".md" and anchor not in _anchors(target)
+        ):
             broken.append(link)
     assert broken == [], f"{md.relative_to(ROOT)}: links that do not resolve: {broken}"
 
