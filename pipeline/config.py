@@ -184,6 +184,7 @@ class EvalConfig:
     fid_against: tuple[str, ...] = ("train", "test")  # reference splits
     ref_images: int | None = None  # reference images per split; None: the whole split
     is_splits: int = 10
+    fid_bootstrap: int = 100  # resamples of the sample features for FID's standard error (0: off)
     classifier_epochs: int = 12  # inception_weights: classifier (stage featurenet): its training
     batch_size: int = 64  # Inception batch size
     inception_device: str = "auto"  # auto (cuda when visible) | cpu | cuda

@@ -3,7 +3,9 @@
 ``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (its id is in
 models/<variant>/model.json) with mlflow.search_runs and writes, by dataset, Table 3 (LSUN
 256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10) otherwise, as
-reports/table<N>.{md,csv}, then logs them to a parent MLflow run for the whole reproduction.
+reports/table<N>.{md,csv}, each of the paper's numbers with a verdict (pipeline.report.verdict)
+listed in reports/verdict.md, then logs them to a parent MLflow run for the whole reproduction
+(the verdicts as its ``ddpm.verdict.*`` tags).
 A number is only ever set beside the paper's number for the same dataset.
 """
 
@@ -15,10 +17,11 @@ import json
 import pandas as pd
 
 from pipeline import layout
+from pipeline.atomic import write_text
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.report import tables, tracking
+from pipeline.report import tables, tracking, verdict
 from pipeline.training.published import is_skipped
 
 
@@ -110,8 +113,13 @@ def main(argv: list[str] | None = None) -> None:
         path = layout.REPORTS / stem
         tables.write_table(table, path, f"{title} ({cfg.scale} scale)")
         files += [path.with_suffix(".md"), path.with_suffix(".csv")]
-    parent = tracking.log_reproduction(cfg, run_ids, files)
+    entries = verdict.collect(built)
+    path = layout.REPORTS / "verdict.md"
+    write_text(path, verdict.to_markdown(entries, f"Verdict ({cfg.scale} scale)"))
+    files.append(path)
+    parent = tracking.log_reproduction(cfg, run_ids, files, verdict.tags(entries))
     print((layout.REPORTS / f"{next(iter(built))}.md").read_text())
+    print(f"verdict: {verdict.summary(entries)} (reports/verdict.md)")
     print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
 
 

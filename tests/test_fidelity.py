@@ -95,7 +95,7 @@ def run(weights, tmp_path_factory) -> types.SimpleNamespace:
     root = tmp_path_factory.mktemp("fidelity")
     x, y = blobs(16, seed=1), blobs(16, seed=2)
     ref = compute_reference_stats(x, "train", weights, root, root / "reference", threads=2)
-    fid_y = compute_fid_is(y, {"train": ref}, weights, root, is_splits=2, threads=2)
+    fid_y = compute_fid_is(y, {"train": ref}, weights, root, is_splits=2, threads=2, bootstrap=8)
     fx, fy = inception_features(weights, x, y)
     return types.SimpleNamespace(
         root=root, x=x, y=y, ref=ref, fid_y=fid_y, fx=fx, fy=fy, weights=weights
@@ -115,6 +115,39 @@ def test_fid_matches_independent_frechet_distance(run, weights):
 def test_fid_of_a_set_with_itself_is_zero(run, weights):
     result = compute_fid_is(run.x, {"train": run.ref}, weights, run.root, is_splits=2, threads=2)
     assert abs(result["fid_train"]) < 1e-3 * run.fid_y["fid_train"]
+
+
+def test_fid_bootstrap_resamples_the_features_of_the_pass(run, weights):
+    """The standard error is the bootstrap of torch-fidelity's own features of the pass (here
+    recomputed by the independent extractor), cached beside them; the features are dropped."""
+    from pipeline.evaluation.bootstrap import fid_bootstrap
+
+    ref = fidelity.load_reference({"train": run.ref})["train"]
+    expected = fid_bootstrap(run.fy, ref["mu"].numpy(), ref["sigma"].numpy(), 8, 0)
+    assert run.fid_y["fid_train_se"] == pytest.approx(expected["se"], rel=1e-3)
+    assert run.fid_y["fid_train_se"] > 0 and expected["fid"] == pytest.approx(
+        run.fid_y["fid_train"], rel=1e-3
+    )
+    cache = fidelity.cache_dir(run.root, weights)
+    assert len(list(cache.glob("*-fid-bootstrap-*-b8-s0.json"))) == 1
+    assert not list(cache.glob("*-features-2048.pt"))
+
+
+@pytest.mark.slow
+def test_fid_bootstrap_of_an_older_cache_makes_one_more_pass(run, weights, tmp_path):
+    """A cache whose features were dropped before the bootstrap existed (no bootstrap file):
+    one Inception pass recomputes them; the rerun reads the cached result (~1 min here)."""
+    import shutil
+
+    root = tmp_path / "fid"
+    shutil.copytree(run.root, root)
+    for old in root.glob("*/*-fid-bootstrap-*.json"):
+        old.unlink()
+    args = ({"train": run.ref}, weights, root)
+    out = compute_fid_is(run.y, *args, is_splits=2, threads=2, bootstrap=8)
+    assert out["fid_train_se"] == pytest.approx(run.fid_y["fid_train_se"], rel=1e-6)
+    again = compute_fid_is(run.y, *args, is_splits=2, threads=2, bootstrap=8)
+    assert again["fid_train_se"] == out["fid_train_se"]
 
 
 def test_result_and_reference_file_contents(run, weights):

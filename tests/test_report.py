@@ -49,7 +49,8 @@ def project(tmp_path, monkeypatch):
 def test_tables_put_paper_ours_and_difference_side_by_side(project):
     report.main(["--scale", "tiny"])
     names = {p.name for p in (project / "reports").iterdir()}  # CIFAR10-like: no Table 3
-    assert names == {f"table{n}.{x}" for n in (1, 2, 4) for x in ("md", "csv")}
+    tables_ = {f"table{n}.{x}" for n in (1, 2, 4) for x in ("md", "csv")}
+    assert names == tables_ | {"verdict.md"}
     t2 = pd.read_csv(project / "reports" / "table2.csv").set_index("variant")
     row = t2.loc["eps_fixed_mse"]
     assert row["FID paper"] == 3.17 and row["FID ours"] == 30.5
@@ -80,7 +81,8 @@ def test_tables_put_paper_ours_and_difference_side_by_side(project):
 def test_lsun_report_is_table3_with_no_cifar10_number(project):
     """An LSUN scale's FID sits beside the paper's FID of that LSUN dataset, nothing else."""
     report.main(["--scale", "paper_lsun_church"])
-    assert sorted(p.name for p in (project / "reports").iterdir()) == ["table3.csv", "table3.md"]
+    found = sorted(p.name for p in (project / "reports").iterdir())
+    assert found == ["table3.csv", "table3.md", "verdict.md"]
     t3 = pd.read_csv(project / "reports" / "table3.csv").set_index("variant")
     row = t3.loc["eps_fixed_mse"]
     assert row["FID paper"] == 7.89 and row["FID ours"] == 30.5
@@ -140,3 +142,39 @@ def test_real_data_row_and_classifier_confidence(project):
     row = t1[t1["model"] == tables.REAL_DATA].iloc[0]
     assert row["FID train ours"] == 2.5 and row["IS ours"] == 6.0 and pd.isna(row["FID test ours"])
     assert "real data" in (project / "reports" / "table2.md").read_text()
+
+
+def test_errors_and_verdicts_in_tables_verdict_md_and_parent_tags(project):
+    """eps_fixed_mse made comparable (stand_in false) with errors: FID 3.2 +- 0.05 reproduces
+    3.17, IS 9.0 +- 0.1 misses 9.46 +- 0.11, NLL 3.9 +- 0.5 is too noisy; the other variants
+    stay stand-in (n/a). The cells show value +- error (n)."""
+    run_id = json.loads((project / "models" / "eps_fixed_mse" / "model.json").read_text())
+    run_id = run_id["mlflow_run_id"]
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "stand_in", "false")
+    logged = {"fid_train": 3.2, "fid_train_se": 0.05, "n_samples": 50000, "is_mean": 9.0}
+    logged |= {"is_std": 0.1, "is_splits": 10, "nll_bpd": 3.9, "nll_bpd_se": 0.5}
+    logged |= {"nll_images": 10000, "fid_test": 5.0, "fid_test_se": 0.06}
+    for key, value in logged.items():
+        client.log_metric(run_id, key, value)
+    report.main(["--scale", "tiny"])
+    t1 = pd.read_csv(project / "reports" / "table1.csv").set_index("variant")
+    row = t1.loc["eps_fixed_mse"]
+    assert row["FID train verdict"] == "reproduced" and row["FID train ours err"] == 0.05
+    assert row["IS verdict"] == "not reproduced" and row["IS paper err"] == 0.11
+    assert row["NLL test bpd verdict"] == "inconclusive"
+    assert row["FID test verdict"] == "reproduced"  # 5.0 < 5.24: better
+    assert row["NLL train bpd verdict"] == "inconclusive"  # no value of ours
+    assert t1.loc["eps_fixed_kl", "FID train verdict"] == "n/a (stand-in)"
+    md = (project / "reports" / "table1.md").read_text()
+    assert "3.200 ± 0.050 (50000)" in md and "9.460 ± 0.110" in md
+    assert "FID train ours err" not in md  # merged into the cell
+    text = (project / "reports" / "verdict.md").read_text()
+    assert "| table1 | eps_fixed_mse | IS | not reproduced |" in text
+    assert "| table2 | eps_fixed_kl | FID | n/a (stand-in) |" in text
+    parent = mlflow.search_runs(
+        experiment_names=["ddpm-repro"], filter_string="tags.`ddpm.role` = 'reproduction'"
+    ).iloc[0]
+    assert parent["tags.ddpm.verdict.table1.eps_fixed_mse.FID_train"] == "reproduced"
+    assert parent["tags.ddpm.verdict.table2.eps_fixed_mse.IS"] == "not reproduced"
+    assert "reproduced 3" in parent["tags.ddpm.verdict"]

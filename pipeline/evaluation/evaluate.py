@@ -182,6 +182,8 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
         cache_root=root / layout.work_dir("fid", variant.name),
         is_splits=cfg.eval.is_splits,
         expected=cfg.sample.n_samples,
+        bootstrap=cfg.eval.fid_bootstrap,
+        bootstrap_seed=cfg.eval.seed,
         **inception_options(cfg.eval),
     )
     fid.update(classifier_scores(weights, samples))
@@ -256,9 +258,17 @@ def metrics_json(
         "is_mean": fid["is_mean"],
         "is_std": fid["is_std"],
         "n_samples": fid["n_samples"],
+        # uncertainty (docs/report-and-mlflow.md): FID's bootstrap standard error, the NLL's
+        # standard error over images; IS's is its split std with is_splits splits
+        "fid_train_se": fid.get("fid_train_se"),
+        "fid_test_se": fid.get("fid_test_se"),
+        "fid_bootstrap": cfg.eval.fid_bootstrap,
+        "is_splits": cfg.eval.is_splits,
         "sampler": samples.get("sampler"),
         "nll_bpd": test.summary["nll_bpd"] if test else None,
+        "nll_bpd_se": standard_error(test.terms["total_bpd"]) if test else None,
         "nll_train_bpd": train.summary["nll_bpd"] if train else None,
+        "nll_train_bpd_se": standard_error(train.terms["total_bpd"]) if train else None,
         "nll_images": test.summary["count"] if test else 0,
         "nll_train_images": train.summary["count"] if train else 0,
     }
@@ -278,3 +288,9 @@ def metrics_json(
     out.update({k: fid[k] for k in CLASSIFIER_SCORES if k in fid})
     out.update(result.label)
     return {"variant": variant.name, "scale": cfg.scale, **out}
+
+
+def standard_error(values: np.ndarray) -> float | None:
+    """The standard error of the mean of per-image ``values`` [n]: std (ddof 1) / sqrt(n)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) >= 2 else None

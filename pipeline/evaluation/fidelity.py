@@ -37,6 +37,7 @@ from pipeline.atomic import atomic_path
 from pipeline.cluster.storage import safe_load
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation.bootstrap import bootstrap_errors, bootstrap_missing
 from pipeline.evaluation.heap import bound_heap
 from pipeline.evaluation.inception import STAND_IN_IS_NOTE, InceptionWeights
 
@@ -145,12 +146,16 @@ def compute_fid_is(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """FID of ``samples`` [N, R, R, 3] uint8 against each reference split, and their IS.
 
     ``reference`` is a reference folder (all splits in its manifest.json) or {split: stats
     file}. Returns {"fid_train", "fid_test" (None for a split not given), "is_mean", "is_std",
-    "n_samples"}. At least max(2, is_splits, expected) samples are required.
+    "n_samples"}, and with ``bootstrap`` > 1 "fid_<split>_se", the FID's standard error over
+    that many resamples of the sample features (pipeline.evaluation.bootstrap, seeded).
+    At least max(2, is_splits, expected) samples are required.
     """
     minimum = max(2, is_splits, expected or 0)
     count, resolution = check_images(samples, "samples", minimum, hint="rerun `dvc repro sample`")
@@ -161,11 +166,15 @@ def compute_fid_is(
     cache = cache_dir(cache_root, weights, device)
     key = content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
+    features = _features_file(cache, key, weights.fid_layer, weights)
+    if bootstrap_missing(cache, key, refs, bootstrap, bootstrap_seed) and not features.is_file():
+        _stat_file(cache, key, weights).unlink(missing_ok=True)  # features dropped: a new pass
     _extract(samples, key, weights, cache, **opts)
     result: dict[str, Any] = {"fid_train": None, "fid_test": None}
     for split, stats in refs.items():
         ref_key = _install_reference(stats, cache, weights)
         result[f"fid_{split}"] = _fid(key, ref_key, weights, cache, **opts)
+    result.update(bootstrap_errors(cache, key, refs, features, bootstrap, bootstrap_seed, device))
     _drop_fid_features(cache, key, weights)
     result.update(_inception_score(key, weights, cache, is_splits, **opts))
     result["n_samples"] = count

@@ -18,11 +18,25 @@ from pipeline.atomic import write_text
 from pipeline.config import STAND_IN_NOTE
 from pipeline.report import paper
 from pipeline.report.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
+from pipeline.report.verdict import direction, judge
 
 TAG_SELECTION = "ddpm.selection"  # = pipeline.training.selection.TAG_SELECTION (no torch here)
 
 # Metric names every variant run carries (evaluate stage): MLflow metrics and metrics JSON keys.
-METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd", "nll_train_bpd")
+METRICS = (
+    *("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd", "nll_train_bpd"),
+    # their errors and counts (docs/report-and-mlflow.md, "Reading the verdict")
+    *("fid_train_se", "fid_test_se", "fid_bootstrap", "n_samples", "is_splits"),
+    *("nll_bpd_se", "nll_images", "nll_train_bpd_se", "nll_train_images"),
+)
+# metric -> (its error, the count the error is over): "value ± error (n)" in the tables
+ERRORS = {
+    "fid_train": ("fid_train_se", "n_samples"),
+    "fid_test": ("fid_test_se", "n_samples"),
+    "is_mean": ("is_std", "is_splits"),  # IS's error: the std over its splits, as the paper's
+    "nll_bpd": ("nll_bpd_se", "nll_images"),
+    "nll_train_bpd": ("nll_train_bpd_se", "nll_train_images"),
+}
 UNSTABLE = "not reported in the paper (training unstable)"
 PUBLISHED = "published weights"
 
@@ -78,8 +92,42 @@ def _diff(ours: float | None, theirs: float | None) -> float | None:
     return None if ours is None or theirs is None else ours - theirs
 
 
-def _triple(name: str, theirs: float | None, ours: float | None) -> dict[str, float | None]:
-    return {f"{name} paper": theirs, f"{name} ours": ours, f"{name} diff": _diff(ours, theirs)}
+def _is_stand_in(runs: pd.DataFrame, variant: str) -> bool:
+    column = f"tags.{TAG_STAND_IN}"
+    if variant not in runs.index or column not in runs.columns:
+        return False
+    return str(runs.at[variant, column]).lower() == "true"
+
+
+def _figure(
+    name: str,
+    runs: pd.DataFrame,
+    variant: str,
+    metric: str,
+    theirs: float | None,
+    theirs_err: float | None = None,
+) -> dict[str, object]:
+    """One figure's columns: paper (and its error, where the paper states one), ours, our error
+    and its count, the difference and the verdict (pipeline.report.verdict)."""
+    ours = _value(runs, variant, metric)
+    err_metric, n_metric = ERRORS.get(metric, (None, None))
+    err = _value(runs, variant, err_metric) if err_metric else None
+    n = _value(runs, variant, n_metric) if n_metric else None
+    found = judge(
+        ours,
+        err,
+        theirs,
+        theirs_err,
+        lower_is_better=direction(name),
+        stand_in=_is_stand_in(runs, variant),
+    )
+    out: dict[str, object] = {f"{name} paper": theirs}
+    if theirs_err is not None:
+        out[f"{name} paper err"] = theirs_err
+    out.update({f"{name} ours": ours, f"{name} ours err": err, f"{name} ours n": n})
+    out[f"{name} diff"] = _diff(ours, theirs)
+    out[f"{name} verdict"] = found.outcome if found else None
+    return out
 
 
 def table1(runs: pd.DataFrame) -> pd.DataFrame:
@@ -91,12 +139,11 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
             {
                 "model": row.model,
                 "variant": v,
-                **_triple("IS", row.is_mean, _value(runs, v, "is_mean")),
-                "IS std ours": _value(runs, v, "is_std"),
-                **_triple("FID train", row.fid_train, _value(runs, v, "fid_train")),
-                **_triple("FID test", row.fid_test, _value(runs, v, "fid_test")),
-                **_triple("NLL test bpd", row.nll_test, _value(runs, v, "nll_bpd")),
-                **_triple("NLL train bpd", row.nll_train, _value(runs, v, "nll_train_bpd")),
+                **_figure("IS", runs, v, "is_mean", row.is_mean, row.is_std),
+                **_figure("FID train", runs, v, "fid_train", row.fid_train),
+                **_figure("FID test", runs, v, "fid_test", row.fid_test),
+                **_figure("NLL test bpd", runs, v, "nll_bpd", row.nll_test),
+                **_figure("NLL train bpd", runs, v, "nll_train_bpd", row.nll_train),
                 "note": _note(runs, v),
             }
         )
@@ -113,10 +160,8 @@ def table2(runs: pd.DataFrame) -> pd.DataFrame:
                 "mean": row.mean,
                 "objective": row.objective,
                 "variant": v,
-                **_triple("IS", row.is_mean, _value(runs, v, "is_mean")),
-                "IS std paper": row.is_std,
-                "IS std ours": _value(runs, v, "is_std"),
-                **_triple("FID", row.fid, _value(runs, v, "fid_train")),
+                **_figure("IS", runs, v, "is_mean", row.is_mean, row.is_std),
+                **_figure("FID", runs, v, "fid_train", row.fid),
                 "note": _note(runs, v, paper_empty=row.fid is None),
             }
         )
@@ -143,8 +188,8 @@ def table4(runs: pd.DataFrame, num_timesteps: int, steps: tuple[int, ...]) -> pd
         rows.append(
             {
                 "steps": n,
-                **_triple("rate bpd", theirs[0], _value(runs, v, rd_metric("rate_bpd", n))),
-                **_triple("RMSE", theirs[1], _value(runs, v, rd_metric("rmse_per_image", n))),
+                **_figure("rate bpd", runs, v, rd_metric("rate_bpd", n), theirs[0]),
+                **_figure("RMSE", runs, v, rd_metric("rmse_per_image", n), theirs[1]),
                 "RMSE (RMS) ours": _value(runs, v, rd_metric("rmse", n)),
                 "note": note,
             }
@@ -173,13 +218,12 @@ def table3(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             {
                 "dataset": dataset,
                 "variant": v,
-                **_triple("FID", theirs, _value(runs, v, "fid_train")),
+                **_figure("FID", runs, v, "fid_train", theirs),
                 "note": note,
             }
         )
-    return pd.DataFrame(
-        rows, columns=["dataset", "variant", "FID paper", "FID ours", "FID diff", "note"]
-    )
+    figure = [f"FID {c}" for c in ("paper", "ours", "ours err", "ours n", "diff", "verdict")]
+    return pd.DataFrame(rows, columns=["dataset", "variant", *figure, "note"])
 
 
 def _cell(value: object) -> str:
@@ -190,18 +234,39 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")  # a literal pipe would split the cell
 
 
+def _merged(row: pd.Series, column: str) -> str:
+    """``<X> ours`` / ``<X> paper`` with its error and count: ``value ± error (n)``."""
+    text = _cell(row[column])
+    err, n = row.get(f"{column} err"), row.get(f"{column} n")
+    if text != "—" and _cell(err) != "—":
+        text += f" ± {_cell(err)}"
+    if text != "—" and _cell(n) != "—":
+        text += f" ({int(n)})"
+    return text
+
+
 def to_markdown(table: pd.DataFrame, title: str) -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency), with notes below it."""
-    columns = [c for c in table.columns if c != "note"]
+    """A GitHub-flavoured Markdown table (no extra dependency), with notes below it.
+
+    ``<X> ours`` and ``<X> paper`` cells show ``value ± error (n)`` from their ``err`` and ``n``
+    columns (kept apart in the CSV)."""
+    merged = {f"{c} err" for c in table.columns} | {f"{c} n" for c in table.columns}
+    columns = [c for c in table.columns if c != "note" and c not in merged]
     lines = [f"## {title}", "", "| " + " | ".join(columns) + " | note |"]
     lines.append("|" + " --- |" * (len(columns) + 1))
     for _, row in table.iterrows():
-        cells = [_cell(row[c]) for c in columns] + [_cell(row.get("note") or "")]
+        cells = [_merged(row, c) for c in columns] + [_cell(row.get("note") or "")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "diff = ours - paper; — = no value.", ""]
+    lines += ["", "diff = ours - paper; — = no value; value ± error (n): " + ERROR_NOTE, ""]
     if table["note"].str.contains(STAND_IN_NOTE, regex=False).any():
         lines.append(f"**Rows noted stand-in are {STAND_IN_NOTE.removeprefix('stand-in, ')}.**")
     return "\n".join(lines) + "\n"
+
+
+ERROR_NOTE = (
+    "FID: bootstrap standard error over the n samples' features; IS: std over n splits; "
+    "NLL: standard error over n images; verdict: docs/report-and-mlflow.md, Reading the verdict."
+)
 
 
 def write_table(table: pd.DataFrame, stem: Path, title: str) -> None:
@@ -243,7 +308,7 @@ def with_real_data(
     row.update({"variant": f"{real['images']} split", "note": real_data_note(real)})
     if "objective" in row:
         row["objective"] = "—"
-    row.update({"IS ours": real.get("is_mean"), "IS std ours": real.get("is_std")})
+    row.update({"IS ours": real.get("is_mean"), "IS ours err": real.get("is_std")})
     row["FID train ours" if name == "table1" else "FID ours"] = real.get("fid_train")
     if "classifier confidence" in row:
         row["classifier confidence"] = real.get("classifier_confidence")

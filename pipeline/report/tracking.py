@@ -121,10 +121,16 @@ def _param(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def log_reproduction(cfg: Config, run_ids: dict[str, str], files: list[Path]) -> str:
+def log_reproduction(
+    cfg: Config,
+    run_ids: dict[str, str],
+    files: list[Path],
+    extra_tags: dict[str, str] | None = None,
+) -> str:
     """A parent run for the whole reproduction: the tables as artifacts, the variants nested.
 
     Each variant run gets the ``mlflow.parentRunId`` tag, so the UI shows them under it.
+    ``extra_tags`` (the verdicts, pipeline.report.verdict.tags) are set on the parent run.
     Returns the parent run's id.
     """
     import mlflow
@@ -136,6 +142,7 @@ def log_reproduction(cfg: Config, run_ids: dict[str, str], files: list[Path]) ->
         tags["mlflow.source.git.commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    tags.update(extra_tags or {})
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{cfg.scale}/reproduction", tags=tags
     ) as parent:
