@@ -93,7 +93,10 @@ def test_metrics_json(project):
     expected = inception_score(logits, project.cfg.eval.is_splits)
     assert (m["is_mean"], m["is_std"]) == pytest.approx(expected, rel=1e-9)
     assert (m["n_samples"], m["nll_images"], m["nll_train_images"]) == (16, 8, 0)
-    assert m["nll_train_bpd"] is None
+    assert m["nll_train_bpd"] is None and m["nll_train_bpd_se"] is None
+    # the errors: FID's bootstrap over the 16 samples' features, the NLL's over the 8 images
+    assert m["fid_train_se"] > 0 and m["fid_bootstrap"] == project.cfg.eval.fid_bootstrap
+    assert 0 < m["nll_bpd_se"] < m["nll_bpd"] and m["is_splits"] == project.cfg.eval.is_splits
     assert m["stand_in"] is True and m["stand_in_note"] == STAND_IN_NOTE
     assert set(m["stand_in_reasons"]) == {"synthetic data", "stand-in Inception weights"}
     assert set(m["table4"]) == {"20", "10"}

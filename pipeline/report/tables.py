@@ -60,6 +60,18 @@ def read_runs(experiment: str, run_ids: dict[str, str]) -> pd.DataFrame:
     return runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant")
 
 
+def read_runs_by_parent(experiment_id: str, parent_id: str) -> pd.DataFrame:
+    """The variant runs nested under reproduction run ``parent_id``, indexed by variant."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    if runs.empty or f"tags.{TAG_VARIANT}" not in runs.columns:
+        return pd.DataFrame(index=pd.Index([], name="variant"))
+    return runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant")
+
+
 def _value(runs: pd.DataFrame, variant: str, metric: str) -> float | None:
     column = f"metrics.{metric}"
     if variant not in runs.index or column not in runs.columns:

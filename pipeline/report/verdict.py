@@ -71,11 +71,17 @@ def judge(
     if err > MAX_RELATIVE_ERROR * abs(paper):
         limit = f"{MAX_RELATIVE_ERROR:.0%} of the paper's value"
         return Verdict(INCONCLUSIVE, f"{numbers}: error wider than {limit}")
-    if abs(diff) <= K_ERRORS * err:
+    if agree(diff, err):
         return Verdict(REPRODUCED, f"{numbers}: |diff| {_fmt(abs(diff))} <= {K_ERRORS:g} errors")
     if lower_is_better is not None and (diff < 0) == lower_is_better:
         return Verdict(REPRODUCED, f"{numbers}: ours better by {_fmt(abs(diff))}")
     return Verdict(NOT_REPRODUCED, f"{numbers}: |diff| {_fmt(abs(diff))} > {K_ERRORS:g} errors")
+
+
+def agree(diff: float, err: float) -> bool:
+    """Whether a difference lies within K_ERRORS combined errors ``err`` (boundary included):
+    the band of :func:`judge` and of the comparison of two reproductions."""
+    return abs(diff) <= K_ERRORS * err
 
 
 def direction(figure: str) -> bool | None:
