@@ -107,6 +107,7 @@ def test_real_score_is_the_fid_of_the_ema_samples(trained):
     from pipeline.evaluation.fidelity import compute_fid_is, compute_reference_stats
     from pipeline.model.unet import build_unet
     from pipeline.sampling.draw import sample_images
+    from pipeline.sampling.noise import SELECTION_STREAM, stream_seed
     from pipeline.training.loop import make_diffusion
 
     root, run_dir = trained
@@ -124,9 +125,43 @@ def test_real_score_is_the_fid_of_the_ema_samples(trained):
     diffusion = make_diffusion(cfg, variant)
     net = build_unet(cfg.model, cfg.data.resolution, diffusion.model_output_channels(3))
     net.load_state_dict(read_checkpoint(checkpoint)["ema"])
-    images = sample_images(net.eval(), diffusion, range(3), cfg.sample.seed, 8)
+    seed = stream_seed(cfg.sample.seed, SELECTION_STREAM)  # not the final samples' stream
+    images = sample_images(net.eval(), diffusion, range(3), seed, 8)
     want = compute_fid_is(images, {"train": ref}, weights, root / "c2", is_splits=1)
     assert fid > 0 and fid == pytest.approx(want["fid_train"], rel=1e-6)
+
+
+def test_a_selection_sample_never_equals_a_final_sample(trained, monkeypatch):
+    """score_checkpoint draws its eval_samples from another seed stream than the sample stage:
+    every selection image's noise (x_T and each step's) differs from every final image's, so
+    the final FID is never measured on the samples that chose the checkpoint."""
+    import numpy as np
+
+    from pipeline.evaluation import fidelity
+    from pipeline.sampling import draw
+    from pipeline.sampling.noise import ImageNoise
+
+    _root, run_dir = trained
+    cfg = tiny_config(**TRAIN, eval_every=4, eval_samples=4)
+    drawn: list[tuple[int, list[int]]] = []
+    monkeypatch.setattr(
+        draw,
+        "sample_images",
+        lambda net, diffusion, indices, seed, *a: (
+            drawn.append((seed, list(indices))) or np.zeros((len(indices), 8, 8, 3), np.uint8)
+        ),
+    )
+    monkeypatch.setattr(fidelity, "compute_fid_is", lambda *a, **k: {"fid_train": 1.0})
+    ema = read_checkpoint(run_dir / "checkpoint_000000004")["ema"]
+    weights = InceptionWeights(None, "test", stand_in=True)
+    assert score_checkpoint(cfg, cfg.variant(VARIANT), 4, ema, b"", weights, None) == 1.0
+    [(seed, indices)] = drawn
+    assert indices == list(range(cfg.train.eval_samples))
+    shape = (1, 3, 8, 8)
+    final = [ImageNoise(cfg.sample.seed, [j])(shape) for j in range(cfg.sample.n_samples)]
+    for i in indices:
+        x_t = ImageNoise(seed, [i])(shape)
+        assert not any(torch.equal(x_t, other) for other in final), i
 
 
 def test_records_are_files_and_the_best_copy_survives_ray_pruning(trained, tmp_path):

@@ -36,6 +36,20 @@ def item_seed(seed: int, index: int) -> int:
     return int(words[0]) | (int(words[1]) << 32)
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """The base seed of stream ``stream`` (>= 1) of base seed ``seed``: numpy's SeedSequence
+    child ``spawn_key=(stream,)``, an independent stream by construction. Stream 0 is ``seed``
+    itself (the final sample set); SELECTION_STREAM draws the samples that choose the
+    checkpoint during training, so no selection sample is a final sample."""
+    if stream == 0:
+        return seed
+    words = np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) | (int(words[1]) << 32)) >> 1  # 63 bits: a valid torch seed
+
+
+SELECTION_STREAM = 1  # train.select: best_fid's samples (pipeline.training.eval_during)
+
+
 def item_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A fresh generator on ``device`` for item ``index`` (its stream starts at the beginning)."""
     return torch.Generator(device=device).manual_seed(item_seed(seed, index))

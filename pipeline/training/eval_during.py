@@ -4,10 +4,12 @@ The driver of a training run (pipeline.training.trainer) watches the run's check
 Ray Train trains. Each new checkpoint at a multiple of ``eval_every`` is copied to the driver
 (Ray Train may delete it later: ``keep_checkpoints``) and scored by a Ray task beside the
 training workers, which keep training: ``train.eval_samples`` samples of its EMA weights
-(Algorithm 2, the sample section's seed, batch and variance), FID against the training reference
-statistics (reference/<scale>/train-stats.pt, the reference stage's). Each result is stored
-(pipeline.training.selection: resume-safe, never redone) and logged to the variant's MLflow run
-as ``fid_during_training`` at the checkpoint's step (with ``fid_during_training_samples``).
+(Algorithm 2, the sample section's batch and variance; noise from a separate seed stream of the
+sample seed, pipeline.sampling.noise.stream_seed, so no selection sample is a final sample),
+FID against the training reference statistics (reference/<scale>/train-stats.pt, the
+reference stage's). Each result is stored (pipeline.training.selection: resume-safe, never
+redone) and logged to the variant's MLflow run as ``fid_during_training`` at the checkpoint's
+step (with ``fid_during_training_samples``).
 
 The scoring task may run on any node of a cluster: it is handed no path. The driver reads the
 checkpoint's EMA weights, the reference statistics file and the Inception (or feature-network)
@@ -68,6 +70,7 @@ def score_checkpoint(
     from pipeline.model.unet import build_unet
     from pipeline.sampling.draw import sample_images
     from pipeline.sampling.job import sampler_var_type
+    from pipeline.sampling.noise import SELECTION_STREAM, stream_seed
     from pipeline.training.loop import make_diffusion
 
     if weights.extractor != EXTRACTOR:  # the feature network's: registered on import, here too
@@ -85,7 +88,8 @@ def score_checkpoint(
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
-    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16)
+    seed = stream_seed(s.seed, SELECTION_STREAM)  # never the final samples' noise
+    images = sample_images(net, sampler, range(n), seed, s.batch_size, s.bf16)
     with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
         stats = Path(tmp) / "train-stats.pt"
         stats.write_bytes(reference)
