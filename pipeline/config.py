@@ -85,9 +85,11 @@ class DataConfig:
     n_train: int = 50_000  # synthetic: training images
     n_test: int = 10_000  # synthetic: test images
     seed: int = 0  # synthetic: generator seed
-    # training loader: random horizontal flips. The paper (App. B): every dataset except LSUN
-    # Bedroom; the official run_lsun.py flipped bedroom and not cat. We follow the paper's text.
-    random_flip: bool = True
+    # training loader: random horizontal flips; None: as ``flip_source`` says (FLIPS_OFF). The
+    # two sources disagree on LSUN: the paper (App. B) flips every dataset but Bedroom, the
+    # official run_lsun.py flipped Bedroom and not Cat (docs/differences.md: the default).
+    random_flip: bool | None = None
+    flip_source: str = "official"  # official | paper
 
 
 @dataclass(frozen=True)
@@ -334,9 +336,21 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(sorted(missing))}")
         variants[vname] = Variant(name=vname, **vraw)
+    data = sections["data"]
+    _check_choice(f"presets.{scale}.data.flip_source", data.flip_source, tuple(FLIPS_OFF))
+    if data.random_flip is None:
+        flips = data.dataset not in FLIPS_OFF[data.flip_source]
+        sections["data"] = dataclasses.replace(data, random_flip=flips)
     cfg = Config(scale=scale, variants=variants, **sections)
     validate(cfg)
     return cfg
+
+
+# data.flip_source -> the datasets trained without random flips
+FLIPS_OFF = {
+    "official": ("lsun_cat",),  # run_lsun.py: randflip=1 by default, `--randflip 0` for cat
+    "paper": ("lsun_bedroom",),  # App. B: "random horizontal flips ... except LSUN Bedroom"
+}
 
 
 def validate(cfg: Config) -> None:

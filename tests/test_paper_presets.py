@@ -34,16 +34,31 @@ def test_lsun_fid_protocol_is_stylegan2s_fid50k_on_every_record(scale):
     assert cfg.sample.var_type == "fixedsmall"
 
 
-def test_flips_follow_the_papers_text():
-    """App. B: flips for every dataset except LSUN Bedroom (not the official script's choice)."""
+def test_flips_follow_the_official_script_by_default_or_the_papers_text():
+    """data.flip_source: official (run_lsun.py: Cat unflipped) by default; paper (App. B:
+    Bedroom unflipped) on request; random_flip set explicitly wins over both."""
     flips = {s: load_config(PARAMS, s).data.random_flip for s in (*LSUN, "paper")}
     assert flips == {
         "paper_lsun_church": True,
-        "paper_lsun_bedroom": False,
-        "paper_lsun_cat": True,
+        "paper_lsun_bedroom": True,
+        "paper_lsun_cat": False,
         "paper": True,
     }
-    assert load_config(PARAMS, "published_lsun_cat").data.random_flip
+    assert not load_config(PARAMS, "published_lsun_cat").data.random_flip
+    raw = yaml.safe_load(PARAMS.read_text())
+    for scale in LSUN:
+        raw["presets"][scale]["data"]["flip_source"] = "paper"
+    by_paper = {s: config_from_dict(raw, s).data.random_flip for s in LSUN}
+    assert by_paper == {
+        "paper_lsun_church": True,
+        "paper_lsun_bedroom": False,
+        "paper_lsun_cat": True,
+    }
+    raw["presets"]["paper_lsun_cat"]["data"]["random_flip"] = False
+    assert not config_from_dict(raw, "paper_lsun_cat").data.random_flip
+    raw["presets"]["paper_lsun_cat"]["data"]["flip_source"] = "text"
+    with pytest.raises(ConfigError, match="flip_source: 'text' is not one of official, paper"):
+        config_from_dict(raw, "paper_lsun_cat")
 
 
 def test_paper_preset_fills_every_table1_cell_and_selects_the_best_fid():
