@@ -101,6 +101,7 @@ def test_parent_run_holds_the_tables_and_nests_the_variants(project):
     parent_id = parent["run_id"].iloc[0]
     variants = runs[runs["tags.ddpm.variant"].notna()]
     assert len(variants) == 6 and set(variants["tags.mlflow.parentRunId"]) == {parent_id}
+    assert set(variants["tags.ddpm.seed"]) == {"0"}  # train.seed
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "tables")}
     assert "tables/table2.md" in names and "tables/table4.csv" in names
 

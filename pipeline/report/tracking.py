@@ -22,6 +22,7 @@ TAG_SCALE = "ddpm.scale"
 TAG_VARIANT = "ddpm.variant"
 TAG_STAND_IN = "stand_in"
 TAG_SOURCE = "ddpm.source"  # trained | published weights
+TAG_SEED = "ddpm.seed"
 
 
 def tracking_uri(cfg: Config, root: Path | None = None) -> str:
@@ -70,6 +71,7 @@ def run_tags(cfg: Config, variant: Variant) -> dict[str, str]:
         "ddpm.var_type": variant.var_type,
         "ddpm.loss_type": variant.loss_type,
         "ddpm.dataset": cfg.data.dataset,
+        TAG_SEED: str(cfg.train.seed),  # the training seed (seeds: docs/report-and-mlflow.md)
         TAG_STAND_IN: _stand_in(cfg),
         TAG_SOURCE: "published weights" if cfg.model.source == "checkpoint" else "trained",
     }
