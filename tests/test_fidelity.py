@@ -129,8 +129,9 @@ def test_fid_bootstrap_resamples_the_features_of_the_pass(run, weights):
         run.fid_y["fid_train"], rel=1e-3
     )
     cache = fidelity.cache_dir(run.root, weights)
-    assert len(list(cache.glob("*-fid-bootstrap-*-b8-s0.json"))) == 1
-    assert not list(cache.glob("*-features-2048.pt"))
+    name = f"x{fidelity.content_key(run.y)[:32]}"
+    assert len(list(cache.glob(f"{name}-fid-bootstrap-*-b8-s0.json"))) == 1
+    assert not list(cache.glob(f"{name}-*-features-2048.pt"))
 
 
 @pytest.mark.slow
