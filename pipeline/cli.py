@@ -39,6 +39,30 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+_STAGE_LABEL: str | None = None  # "<stage> <variant>" of the running stage (entry_point)
+
+
+def stage_label() -> str | None:
+    """What the running stage works on, e.g. ``evaluate eps_fixed_mse`` (the prefix of every
+    progress line), or None outside a stage's ``main``."""
+    return _STAGE_LABEL
+
+
+def _label(fn: Callable[..., object], argv: object) -> str | None:
+    """``<stage> [<variant>]`` of a stage's main (module stages.<stage>, ``--variant V``)."""
+    module = getattr(fn, "__module__", "") or ""
+    if not module.startswith("stages."):
+        return None
+    args = list(argv) if isinstance(argv, list | tuple) else sys.argv[1:]
+    parts = [module.removeprefix("stages.")]
+    for i, arg in enumerate(args):
+        if arg == "--variant" and i + 1 < len(args):
+            parts.append(str(args[i + 1]))
+        elif str(arg).startswith("--variant="):
+            parts.append(str(arg).partition("=")[2])
+    return " ".join(parts)
+
+
 class Terminated(SystemExit):
     """SIGTERM or SIGHUP, raised in the main thread so that ``finally`` blocks run."""
 
@@ -57,7 +81,9 @@ def entry_point(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _STAGE_LABEL
         quiet_environment()
+        outer, _STAGE_LABEL = _STAGE_LABEL, _label(fn, args[0] if args else kwargs.get("argv"))
         saved = {}
         if threading.current_thread() is threading.main_thread():
             saved = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -74,6 +100,7 @@ def entry_point(fn: F) -> F:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
         finally:
+            _STAGE_LABEL = outer
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
 
