@@ -56,6 +56,21 @@ def test_image_grid_is_the_images_tiled_and_enlarged():
     assert (grid[:pad] == 255).all() and (grid[-(side + pad) :, -(side + pad) :] == 255).all()
 
 
+def test_large_images_are_compacted_small_ones_kept():
+    small = _png((10, 20, 30))
+    assert html.compact(small) == small  # byte for byte: the figure as on disk
+    rng = np.random.default_rng(1)  # noise: incompressible, like a grid of LSUN photos
+    noise = rng.integers(0, 256, size=(2066, 2066, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noise).save(out, format="PNG")
+    big = out.getvalue()
+    assert len(big) > 10 * html.MAX_BYTES
+    smaller = html.compact(big)
+    assert len(smaller) < len(big) / 10 and smaller[:2] == b"\xff\xd8"  # JPEG
+    assert Image.open(io.BytesIO(smaller)).size == (html.MAX_SIDE, html.MAX_SIDE)
+    assert html.data_uri(smaller).startswith("data:image/jpeg;base64,")
+
+
 def _page(real_png: bytes | None = None) -> html.Page:
     fig = html.Figure("v: samples", _png((200, 0, 0)), "caption <b>", stand_in=True)
     variant = html.VariantPart("v", "eps prediction", fig, [html.Figure("v: Fig. 7", None)])

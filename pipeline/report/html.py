@@ -23,6 +23,8 @@ from pipeline.config import STAND_IN_NOTE
 
 MIN_SIDE = 32  # smallest displayed image side in pixels (as pipeline.sampling.figures)
 PAD = 2  # white pixels between tiles
+MAX_SIDE = 1200  # larger embedded images are scaled down to this many pixels (compact)
+MAX_BYTES = 400_000  # embedded images above this size are compacted
 
 
 @dataclasses.dataclass
@@ -63,9 +65,30 @@ class Page:
 # Images
 
 
-def data_uri(png: bytes) -> str:
-    """``png`` as a ``data:image/png;base64,...`` URI."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(image: bytes) -> str:
+    """``image`` (PNG, or JPEG from :func:`compact`) as a ``data:image/...;base64,`` URI."""
+    kind = "jpeg" if image[:2] == b"\xff\xd8" else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(image).decode("ascii")
+
+
+def compact(png: bytes, max_side: int = MAX_SIDE, max_bytes: int = MAX_BYTES) -> bytes:
+    """``png`` as it is when it is small; else scaled down to ``max_side`` pixels and, if still
+    over ``max_bytes``, as JPEG (quality 88): LSUN's 256x256 grids would make a page of tens of
+    MB. The figures on disk and in MLflow keep their full size."""
+    from PIL import Image
+
+    if len(png) <= max_bytes:
+        return png
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    if out.tell() <= max_bytes:
+        return out.getvalue()
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=88)
+    return out.getvalue()
 
 
 def image_grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:

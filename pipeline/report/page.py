@@ -24,7 +24,14 @@ import pandas as pd
 
 from pipeline import layout
 from pipeline.config import STAND_IN_NOTE, Config
-from pipeline.report.html import Figure, Page, VariantPart, image_grid_png, line_plot_png
+from pipeline.report.html import (
+    Figure,
+    Page,
+    VariantPart,
+    compact,
+    image_grid_png,
+    line_plot_png,
+)
 from pipeline.report.tracking import TAG_STAND_IN
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,7 @@ LOSS = {"kl": "L (true bound)", "mse": "L_simple (MSE)"}
 
 
 def _read(path: Path) -> bytes | None:
-    return path.read_bytes() if path.is_file() else None
+    return compact(path.read_bytes()) if path.is_file() else None
 
 
 def _json(path: Path) -> dict:
@@ -116,7 +123,7 @@ def real_grid(cfg: Config, root: Path = Path("."), stand_in: bool = False) -> Fi
     try:
         images = open_split(root / layout.data_dir(cfg.scale), "train")
         n = min(len(images), cfg.sample.grid_size)
-        png = image_grid_png(images[:n])
+        png = compact(image_grid_png(images[:n]))
     except Exception as e:  # the page is still written; the figure says why it is missing
         log.warning("real images: %s", e)
         return Figure(title, None, f"could not read data/{cfg.scale}: {e}", stand_in)
