@@ -94,7 +94,7 @@ def test_the_page_is_self_contained():
     assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "not produced" in text  # a missing figure says so in its place
     assert "caption &lt;b&gt;" in text and '<span class="badge">stand-in</span>' in text
-    assert "Every number and figure on this page is a stand-in" in text
+    assert f"Every number and figure on this page: {STAND_IN_NOTE} (synthetic data)" in text
     assert "@media print" in text
 
 

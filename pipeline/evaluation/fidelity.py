@@ -339,7 +339,7 @@ def _extract(
     bound_heap()  # resident memory flat over the pass (pipeline/evaluation/heap.py)
     name = _cache_name(key)
     # a bar on a terminal, else a line every 30 s with rate and ETA (DVC logs)
-    desc = f"Inception features, {what} ({weights.identity}, {opts['device']})"
+    desc = f"Inception ({weights.identity}, {opts['device']}) features of {what}"
     bar = BlockProgress(len(images), 0, desc, unit="images")
     try:
         data = ImageArrayDataset(images, bar)

@@ -257,6 +257,7 @@ th, td { border: 1px solid var(--line); padding: .25rem .45rem; vertical-align: 
 th { background: #f6f8fa; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.stand-in td { background: #fffdf0; }
+td:last-child { min-width: 20rem; }  /* the note: wide tables scroll instead of squeezing it */
 .row { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 figure { margin: .4rem 0; page-break-inside: avoid; break-inside: avoid; }
 figure img { max-width: 100%; height: auto; image-rendering: pixelated;
@@ -271,6 +272,7 @@ section.variant { page-break-inside: avoid; break-inside: avoid; }
   nav { display: none; }
   table { font-size: 7.5pt; }
   .table-wrap { overflow: visible; }
+  td:last-child { min-width: 12rem; }
   h2 { page-break-before: always; break-before: page; }
   h2:first-of-type { page-break-before: avoid; break-before: avoid; }
   a { color: inherit; text-decoration: none; }
@@ -299,7 +301,7 @@ def _variant(part: VariantPart, real: Figure) -> str:
     if part.note:
         out.append(f'<p class="note">{html.escape(part.note)}</p>')
     out.append('<div class="row">' + _figure(part.grid) + _figure(real) + "</div>")
-    out += [_figure(f) for f in part.figures]
+    out.append('<div class="row">' + "".join(_figure(f) for f in part.figures) + "</div>")
     out.append("</section>")
     return "\n".join(out)
 
@@ -315,7 +317,7 @@ def render_page(page: Page) -> str:
     banner = ""
     if page.stand_in_note:
         banner = (
-            f'<p class="banner">Every number and figure on this page is a stand-in: '
+            f'<p class="banner">Every number and figure on this page: '
             f"{html.escape(page.stand_in_note)}.</p>"
         )
     body = [
@@ -331,7 +333,7 @@ def render_page(page: Page) -> str:
         "and distortion against rate (Fig. 5) where the evaluate stage made them.</p>",
         *(_variant(p, page.real_grid) for p in page.variants),
         '<h2 id="curves">Curves</h2>',
-        *(_figure(f) for f in page.plots),
+        '<div class="row">' + "".join(_figure(f) for f in page.plots) + "</div>",
     ]
     text = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
