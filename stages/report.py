@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     parent = tracking.log_reproduction(cfg, run_ids, files, index, headline)
     print(headline)
     print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
+    experiment = tracking.setup(cfg)
+    print(
+        f"MLflow UI: {tracking.ui_link(cfg, experiment)} "
+        f"(mlflow ui; the variants under {cfg.scale}/reproduction)"
+    )
     print(
         f"report: {index} ({index.stat().st_size / 1e3:,.0f} kB, one self-contained page; "
         "open it in a browser)"

@@ -17,9 +17,10 @@ from test_report import project  # noqa: F401  (the fixture: tiny params, a SQLi
 from pipeline.config import STAND_IN_NOTE, load_config
 from pipeline.data import prepare
 from pipeline.layout import data_dir
-from pipeline.report import html, page, tables
+from pipeline.report import html, page, tables, tracking
 from stages import report
 
+REPRODUCTION = "tags.`ddpm.role` = 'reproduction'"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
@@ -148,6 +149,17 @@ def test_report_stage_writes_the_page_and_logs_it(project):  # noqa: F811
     )
     artifacts = {a.path for a in client.list_artifacts(parent["run_id"].iloc[0])}
     assert "index.html" in artifacts
+
+
+def test_a_rerun_of_the_report_updates_its_parent_run(project):  # noqa: F811
+    report.main(["--scale", "tiny"])
+    first = mlflow.search_runs(experiment_names=["ddpm-repro"], filter_string=REPRODUCTION)
+    report.main(["--scale", "tiny"])
+    again = mlflow.search_runs(experiment_names=["ddpm-repro"], filter_string=REPRODUCTION)
+    assert list(again["run_id"]) == list(first["run_id"])  # one parent, not one per rerun
+    experiment = mlflow.get_experiment_by_name("ddpm-repro").experiment_id
+    link = f"/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert tracking.ui_link(load_config(scale="tiny"), experiment).endswith(link)
 
 
 CHECK = """<script>

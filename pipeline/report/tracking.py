@@ -146,6 +146,7 @@ def log_reproduction(
     Each variant run gets the ``mlflow.parentRunId`` tag, so the UI shows them under it.
     ``index`` (reports/index.html) is logged at the artifacts' top level; ``description`` (the
     headline table in Markdown) becomes the run's description (tag ``mlflow.note.content``).
+    A rerun for the same variant runs updates their parent instead of making another one.
     Returns the parent run's id.
     """
     import mlflow
@@ -159,8 +160,12 @@ def log_reproduction(
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     if description:
         tags[TAG_NOTE] = description
+    reuse = _previous_parent(run_ids)  # a rerun of the report: the same parent run, updated
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"{cfg.scale}/reproduction", tags=tags
+        run_id=reuse,
+        experiment_id=None if reuse else experiment_id,
+        run_name=None if reuse else f"{cfg.scale}/reproduction",
+        tags=tags,
     ) as parent:
         mlflow.log_param("variants", ",".join(run_ids))
         for path in files:
@@ -171,6 +176,31 @@ def log_reproduction(
     for run_id in run_ids.values():
         client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
     return parent.info.run_id
+
+
+def _previous_parent(run_ids: dict[str, str]) -> str | None:
+    """The reproduction run the variant runs are all nested under, if it holds exactly them."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parents = {client.get_run(r).data.tags.get("mlflow.parentRunId") for r in run_ids.values()}
+    if len(parents) != 1 or None in parents:
+        return None
+    parent = client.get_run(parents.pop())
+    if parent.data.tags.get("ddpm.role") != "reproduction":
+        return None
+    if parent.data.params.get("variants") != ",".join(run_ids):
+        return None
+    return parent.info.run_id
+
+
+def ui_link(cfg: Config, experiment_id: str) -> str:
+    """Where the experiment's runs are in MLflow's UI (``mlflow ui`` on a local store). MLflow
+    3.17's UI shows what its GenAI / Model-training switch says, whatever the experiment's
+    kind; ``workflowType=machine_learning`` sets the switch."""
+    uri = tracking_uri(cfg)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _stand_in(cfg: Config) -> str:
