@@ -51,6 +51,9 @@ def stage_label() -> str | None:
 def _label(fn: Callable[..., object], argv: object) -> str | None:
     """``<stage> [<variant>]`` of a stage's main (module stages.<stage>, ``--variant V``)."""
     module = getattr(fn, "__module__", "") or ""
+    if module == "__main__":  # python -m stages.<stage>: the module's real name is its spec's
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", "") or ""
     if not module.startswith("stages."):
         return None
     args = list(argv) if isinstance(argv, list | tuple) else sys.argv[1:]

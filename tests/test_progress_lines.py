@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -45,6 +46,16 @@ def test_progress_lines_name_stage_variant_and_pass():
     out.truncate(0), out.seek(0)
     _stage("stages.sample", other)(["--variant=xprev_fixed_kl", "--params", "p.yaml"])
     assert out.getvalue().startswith("sample xprev_fixed_kl: samples: 2/2"), out.getvalue()
+
+
+def test_a_stage_run_as_python_dash_m(monkeypatch):
+    """``python -m stages.evaluate``: main's module is __main__, its spec names the stage."""
+    import types
+
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__spec__", types.SimpleNamespace(name="stages.evaluate"))
+    fn = _stage("__main__", lambda argv: cli.stage_label())
+    assert fn(["--variant", "eps_fixed_kl"]) == "evaluate eps_fixed_kl"
 
 
 def test_a_stage_without_variant_and_code_outside_stages():
