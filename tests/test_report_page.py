@@ -181,9 +181,10 @@ def chromium() -> str:
     return found
 
 
-def render(browser: str, path, *extra: str) -> subprocess.CompletedProcess:
+def render(browser: str, path, *extra: str, budget_ms: int = 5000) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``path`` (anything with .as_uri()), with flags ``extra``."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-    flags += ["--no-first-run", "--disable-extensions", "--virtual-time-budget=5000"]
+    flags += ["--no-first-run", "--disable-extensions", f"--virtual-time-budget={budget_ms}"]
     return subprocess.run(
         [browser, *flags, *extra, path.as_uri()], capture_output=True, text=True, timeout=120
     )
