@@ -235,7 +235,7 @@ CSS = """
 :root { --fg: #1b1f24; --muted: #57606a; --line: #d0d7de; --warn: #9a6700; --warnbg: #fff8c5; }
 * { box-sizing: border-box; }
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-  color: var(--fg); margin: 0 auto; padding: 1rem 1.5rem 3rem; max-width: 1200px; }
+  color: var(--fg); margin: 0 auto; padding: 1rem 1.5rem 3rem; max-width: 1400px; }
 h1 { font-size: 1.6rem; margin: .3rem 0 .6rem; }
 h2 { font-size: 1.3rem; border-bottom: 1px solid var(--line); padding-bottom: .2rem;
   margin-top: 2rem; }
@@ -257,7 +257,7 @@ th, td { border: 1px solid var(--line); padding: .25rem .45rem; vertical-align: 
 th { background: #f6f8fa; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.stand-in td { background: #fffdf0; }
-td:last-child { min-width: 20rem; }  /* the note: wide tables scroll instead of squeezing it */
+td:last-child { min-width: 15rem; }  /* the note: wide tables scroll instead of squeezing it */
 .row { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 figure { margin: .4rem 0; page-break-inside: avoid; break-inside: avoid; }
 figure img { max-width: 100%; height: auto; image-rendering: pixelated;
