@@ -110,6 +110,9 @@ def entry_point(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)  # entry_point's codes
+
+
 def run_stage(main: Callable[[], object]) -> NoReturn:
     """Run a DVC stage's ``main()`` as the program, then end the process at once.
 
@@ -118,9 +121,17 @@ def run_stage(main: Callable[[], object]) -> NoReturn:
     torch-fidelity module graphs, takes 2-3 s a process on a 2-core CPU, ~50 s of a ``make repro``
     of 19 stages. So the MLflow run that is still active is ended (as MLflow's exit hook would),
     the Ray driver disconnects, logging and the standard streams are flushed, and the process
-    exits with ``os._exit(0)``. An error exits the normal way (``entry_point``).
+    exits with ``os._exit(0)``. An error exits the normal way (``entry_point``); a stop by a
+    signal ignores further stop signals while the interpreter exits, so that none lands in an
+    exit handler (Ray's, MLflow's) and prints a traceback there.
     """
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in STOPPED:  # stopped: repro.py resends the signal every 0.5 s until the
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # process is gone;
+                signal.signal(sig, signal.SIG_IGN)  # none may interrupt the exit (atexit)
+        raise
     if "mlflow" in sys.modules:
         import mlflow
 

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,46 @@ def test_evaluation_during_training_says_each_scoring_and_the_wait(tmp_path, cap
     assert "evaluating the checkpoint of step 4: FID of 2 samples (Algorithm 2, 20 steps)" in text
     assert "waiting for 2 evaluation(s) of step(s) 4, 8" in text
     assert "checkpoint of step 4: FID 7.250" in text and "checkpoint of step 8: FID 3.500" in text
+
+
+def test_ray_trains_forced_exit_is_an_interrupt_not_exit_0():
+    with pytest.raises(KeyboardInterrupt), own_sigint():
+        sys.exit(0)  # what Ray Train's handler does on the third Ctrl-C
+    with pytest.raises(SystemExit) as stop, own_sigint():
+        raise cli.Terminated(143)
+    assert stop.value.code == 143
+
+
+STOPPED_STAGE = """
+import atexit, os, signal, sys, time
+from pipeline.cli import entry_point, run_stage
+
+def late_signal():  # as stages/repro.py resends the stop signal while the stage exits
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("exit handler done", file=sys.stderr)
+
+atexit.register(late_signal)
+
+@entry_point
+def main(argv=None):
+    raise KeyboardInterrupt
+
+run_stage(main)
+"""
+
+
+def test_a_signal_during_a_stopped_stages_exit_prints_no_traceback(tmp_path):
+    import os
+    import subprocess
+
+    script = tmp_path / "stage.py"
+    script.write_text(STOPPED_STAGE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 130, done.stderr
+    assert "interrupted: finished work is kept" in done.stderr
+    assert "exit handler done" in done.stderr  # the handler ran to its end
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
