@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.cluster.stopping import Stopped
 from pipeline.cluster.storage import (
     dvc_remote,
     node_local_data,
@@ -146,6 +147,8 @@ def push(dvc: Dvc, store: Store, stage: str | None) -> None:
     """``dvc push [stage]`` to the storage remote; a rejected push is one UserError line."""
     try:
         dvc("push", *([stage] if stage else []))
+    except Stopped:  # a signal stopped the push: a stop, not a remote failure
+        raise
     except SystemExit as e:
         what = f"stage {stage}" if stage else "the outputs"
         raise UserError(
@@ -177,13 +180,16 @@ _SAVED: dict[str, tuple[int, int]] = {}  # bucket objects this process wrote: (s
 
 
 def save_state(project: Path, store: Store, state: Path) -> int:
-    """Copy dvc.lock and the uncached outputs into ``state`` (changed files only); bytes copied.
+    """Copy the uncached outputs, then dvc.lock, into ``state`` (changed files only); bytes
+    copied.
 
     A folder store compares size and mtime with the stored copy; a bucket, with what this
     process uploaded last (a new job uploads the small state once, then only changes).
     """
     copied = 0
-    for rel in _files(project, STATE):
+    # dvc.lock last: a save cut short leaves the old lock with new outputs (the stages rerun
+    # or are found unchanged), never a new lock beside the outputs of an earlier stage
+    for rel in sorted(_files(project, STATE), key=lambda rel: rel == Path("dvc.lock")):
         if rel.name.startswith(".") and rel.name.endswith(".tmp"):
             continue
         source = project / rel
