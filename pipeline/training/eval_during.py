@@ -165,15 +165,20 @@ class CheckpointEvaluator:
         self._listed = -float("inf")  # when the bucket was last listed (time.monotonic)
         self.in_flight: dict[int, tuple[Any, Path, float]] = {}  # step -> (ref, copy, started)
         self.evaluated_now: list[int] = []
-        self.failed: set[int] = set()  # not retried by this driver (a restart retries them)
+        self.failed: set[int] = set()  # scoring failed: retried by finish() (and a restart)
+        self.unreadable: set[int] = set()  # checkpoints not loadable yet: retried every poll
         self._shared: tuple[Any, InceptionWeights, Any] | None = None  # reference, weights, file
         if bucket is not None:  # the records of an earlier job of this run
             store, rel = bucket
             store.get_dir(rel / EVALS, self.records.folder)
 
     def show(self, update: dict[str, Any]) -> None:
-        """Called by the BoardReader on every progress update."""
-        self.poll()
+        """Called by the BoardReader on every progress update. An error (a storage outage, a
+        full disk) is one warning line; the next update retries."""
+        try:
+            self.poll()
+        except Exception as e:  # evaluation must never stop progress or training
+            log.warning("evaluation during training: %s: %s; retrying", type(e).__name__, e)
 
     def poll(self, newest_too: bool = False) -> None:
         """Collect finished scores; submit due checkpoints. The newest one, which Ray Train
@@ -200,6 +205,9 @@ class CheckpointEvaluator:
         self.failed.clear()
         self.poll(newest_too=True)
         self._collect(wait=True)
+        left = sorted(self.unreadable - self.records.done())
+        if left:
+            log.warning("checkpoints of steps %s never loaded: not evaluated", left)
         return self.records.all()
 
     def _bucket_due(self, done: set[int]) -> list[tuple[int, Path]]:
@@ -258,6 +266,16 @@ class CheckpointEvaluator:
             shutil.rmtree(copy, ignore_errors=True)
             log.warning("checkpoint of step %d disappeared before its evaluation", step)
             return
+        except Exception as e:  # not loadable (yet): half-written on NFS, a transient error
+            shutil.rmtree(copy, ignore_errors=True)
+            if step not in self.unreadable:
+                log.warning(
+                    "checkpoint of step %d not loadable yet (%s: %s); retrying",
+                    step, type(e).__name__, str(e)[:200],
+                )  # fmt: skip
+            self.unreadable.add(step)
+            return
+        self.unreadable.discard(step)
         reference, weights, data = self._inputs()
         args = (self.cfg, self.variant, step, ema, reference, weights, data)
         if self.run_task:
@@ -268,7 +286,13 @@ class CheckpointEvaluator:
                 resources["num_gpus"] = self.cfg.sample.gpus_per_worker
             ref = ray.remote(self.scorer).options(max_retries=2, **resources).remote(*args)
         else:
-            ref = self.scorer(*args)
+            try:
+                ref = self.scorer(*args)
+            except Exception as e:  # as a failed task: retried by finish()
+                log.warning("evaluation of step %d failed: %s", step, e)
+                self.failed.add(step)
+                shutil.rmtree(copy, ignore_errors=True)
+                return
         self.in_flight[step] = (ref, copy, time.perf_counter())
 
     def _collect(self, wait: bool) -> None:
@@ -296,9 +320,8 @@ class CheckpointEvaluator:
                 "n_samples": self.cfg.train.eval_samples,
                 "seconds": round(time.perf_counter() - started, 3),
             }
-            best = self.records.best()
             self.records.add(record, copy)
-            self._upload(record, best is None or record["fid"] < best["fid"])
+            self._upload(record, self.records.best() == record)
             shutil.rmtree(copy, ignore_errors=True)
             del self.in_flight[step]
             self.evaluated_now.append(step)
