@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -92,6 +93,26 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(store):
     assert second.read()["job"] == "raysubmit_B"  # the stalled job did not overwrite it
     first.release()  # not its lease any more: left alone
     assert second.read()["job"] == "raysubmit_B"
+
+
+def test_a_lease_of_an_ended_job_on_this_host_is_taken_over_at_once(store, capsys):
+    """``ray job stop`` SIGKILLs a job after its wait, maybe before it released its lease: its
+    driver ran on this host (the head) and its process is gone, so the resubmission takes the
+    lease at once, heartbeat fresh or not."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    first = Lease(store, "tiny", job=A, timeout=60)
+    first.record = {"job": A[0], "host": socket.gethostname(), "pid": gone.pid, "stop": A[1]}
+    first._write()  # a fresh heartbeat, a dead process
+    second = Lease(store, "tiny", job=B, timeout=60)
+    second.acquire()
+    assert second.read()["job"] == "raysubmit_B"
+    assert f"process {gone.pid} is gone" in capsys.readouterr().err
+    elsewhere = Lease(store, "tiny", job=A, timeout=60)  # a live job on another host: refused
+    elsewhere.record = {"job": A[0], "host": "other-host", "pid": gone.pid, "stop": A[1]}
+    elsewhere._write()
+    with pytest.raises(UserError, match="raysubmit_A"):
+        Lease(store, "tiny", job=B, timeout=60).acquire()
 
 
 def test_the_lease_is_released_when_the_job_ends_or_fails(store, monkeypatch):

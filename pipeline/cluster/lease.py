@@ -14,8 +14,11 @@ Ray job a new working directory. So ``stages.repro`` takes a lease before any wo
 - **Heartbeat**: a thread of the holder rewrites ``heartbeat`` every :data:`HEARTBEAT_S`.
 - **Taken over**: a lease whose heartbeat is older than :data:`TIMEOUT_S` belongs to a job that
   died (SIGKILLed, its node lost); the next job takes it, so a resubmission after a crash never
-  waits for a person. A holder whose lease was taken over (its heartbeat stalled past the
-  timeout, e.g. a storage outage) stops its stage (:func:`stop_self`) instead of writing on.
+  waits for a person. A lease of a job that ran on this host and whose process is gone (pid and
+  start time) is taken over at once: the drivers of Ray jobs all run on the head, so a
+  resubmission right after ``ray job stop`` (which SIGKILLs after its wait) needs no timeout.
+- **Lost**: a holder whose lease was taken over (its heartbeat stalled past the timeout, e.g. a
+  storage outage) stops its stage (:func:`stop_self`) instead of writing on.
 - **Released** when the job ends (finished, failed or stopped by a signal it survives).
 
 Taking it is check, write, wait :data:`SETTLE_S`, read back: of two jobs that write at nearly the
@@ -106,6 +109,14 @@ class Lease:
         if held is None or held.get("job") == self.job:
             return
         age = time.time() - float(held.get("heartbeat", 0))
+        if _ended_here(held):
+            print(
+                f"taking over the lease of job {held['job']}: it ran on this host and has "
+                f"ended (process {held.get('pid')} is gone)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         if age >= self.timeout:
             print(
                 f"taking over the lease of job {held['job']} on {held.get('host')} "
@@ -129,6 +140,7 @@ class Lease:
             "job": self.job,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid()),
             "stop": self.stop_hint,
             "started": now,
         }
@@ -171,6 +183,27 @@ class Lease:
 
         self._thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _ended_here(held: dict[str, Any]) -> bool:
+    """Whether the lease's holder ran on this host and its process is gone: a stopped or
+    SIGKILLed job (``ray job stop`` SIGKILLs after its wait; drivers of Ray jobs all run on the
+    head), so a resubmission need not wait for the timeout. A reused pid does not count as
+    alive (its start time differs)."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    started = _process_start(held["pid"])
+    return started is None or started != held.get("pid_started")
 
 
 def stop_self(held: dict[str, Any]) -> None:
