@@ -151,6 +151,9 @@ class TrainConfig:
     variants: tuple[str, ...] | None = None  # the variants trained at this scale; None: all
 
 
+AUTO = "auto"  # sample/eval num_workers: follow the cluster's GPUs
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """Algorithm 2 fanned out over Ray workers (stage ``sample``)."""
@@ -163,7 +166,9 @@ class SampleConfig:
     # The sampler's variance for fixed-variance variants: None: the variant's var_type;
     # fixedsmall (beta~_t): the official LSUN / CelebA-HQ sampler; fixedlarge (beta_t): CIFAR10.
     var_type: str | None = None
-    num_workers: int = 1
+    # Ray tasks in flight: a number, or auto: as many as the GPUs (CPUs without use_gpu) Ray
+    # reports for the cluster, re-read while the stage runs (pipeline.cluster.blocks)
+    num_workers: int | str = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -192,7 +197,7 @@ class EvalConfig:
     nll_train_images: int = 0  # optional train-set bound, Table 1's "(train)" figure
     nll_batch_size: int = 100
     nll_block_size: int = 500  # images per NLL shard (unit of work, retry and resume)
-    num_workers: int = 1
+    num_workers: int | str = 1  # NLL tasks in flight: a number or auto (as sample.num_workers)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -360,10 +365,8 @@ def validate(cfg: Config) -> None:
         "sample.n_samples": cfg.sample.n_samples,
         "sample.batch_size": cfg.sample.batch_size,
         "sample.block_size": cfg.sample.block_size,
-        "sample.num_workers": cfg.sample.num_workers,
         "eval.nll_batch_size": cfg.eval.nll_batch_size,
         "eval.nll_block_size": cfg.eval.nll_block_size,
-        "eval.num_workers": cfg.eval.num_workers,
         "eval.is_splits": cfg.eval.is_splits,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.inception_threads": cfg.eval.inception_threads,
@@ -372,6 +375,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}.{key} must be positive (got {value})")
+    for key, value in (("sample", cfg.sample.num_workers), ("eval", cfg.eval.num_workers)):
+        if value != AUTO and (isinstance(value, str) or value < 1):
+            raise ConfigError(f"{where}.{key}.num_workers must be a positive number or auto "
+                              f"(got {value!r})")  # fmt: skip
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(
             f"{where}.train.batch_size ({cfg.train.batch_size}) must be divisible by "
@@ -526,7 +533,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for hint_i in inner[:-1]:  # the first type that takes the value (int | str: 8, auto)
+            try:
+                return _coerce(hint_i, value, where)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, where)
     if value is None:
         raise ConfigError(f"{where}: must not be null")
     if origin is tuple:

@@ -40,7 +40,7 @@ CHILD = textwrap.dedent(
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              log_to_driver=False)
     out = sys.argv[1]
-    run_blocks(record, 3, 1, out, num_workers=4, resources={"num_cpus": 1, "num_gpus": 1},
+    run_blocks(record, 3, 1, out, num_workers="auto", resources={"num_cpus": 1, "num_gpus": 1},
                shared=0.5, desc="blocks")
     merged = merge_blocks(out, 3, 1)
     print(json.dumps({k: v.tolist() for k, v in merged.items()}))

@@ -37,6 +37,7 @@ import ray
 import torch
 
 from pipeline.atomic import atomic_path
+from pipeline.cluster.blocks import check_resources
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.raycluster import init_ray
 from pipeline.config import Config
@@ -127,6 +128,7 @@ class InceptionRunner:
 
     def _run(self, what, images, weights, cache_root, refs, ref_keys, kwargs):
         init_ray(self.cfg.ray)
+        check_resources(self.resources())  # one error line when the cluster has no GPU
         key = fidelity.content_key(images)
         cache = fidelity.cache_dir(cache_root, weights, "cuda")
         names = [fidelity._cache_name(k) for k in (key, *ref_keys)]
