@@ -103,6 +103,8 @@ class ModelConfig:
     source: str = "trained"  # trained | checkpoint (published weights, see pipeline.model.convert)
     checkpoint: str | None = None  # folder with a diffusers config.json and weights
     checkpoint_variant: str = "eps_fixed_mse"  # the variant the published weights are
+    # training, sampling and the bound compute in: fp32 | tf32 | bf16 (pipeline.model.precision)
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,7 @@ def validate(cfg: Config) -> None:
     where = f"presets.{cfg.scale}"
     _check_choice(f"{where}.data.dataset", cfg.data.dataset, DATASETS)
     _check_choice(f"{where}.model.source", cfg.model.source, ("trained", "checkpoint"))
+    _check_choice(f"{where}.model.precision", cfg.model.precision, ("fp32", "tf32", "bf16"))
     if cfg.model.source == "checkpoint" and cfg.model.checkpoint_variant not in cfg.variants:
         _check_choice(
             f"{where}.model.checkpoint_variant", cfg.model.checkpoint_variant, tuple(cfg.variants)

@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
@@ -121,6 +123,7 @@ PASSES = textwrap.dedent(
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              log_to_driver=False)
     assert not torch.cuda.is_available() and inception_task.needs_gpu_task("cuda")
+    t0 = time.time()
     runner = inception_task.InceptionRunner(cfg)
     ref = runner.reference_stats(images, "train", weights, tmp / "cache", tmp / "ref",
                                  is_splits=2)
@@ -131,6 +134,7 @@ PASSES = textwrap.dedent(
                                              tmp / "local-ref", is_splits=2, device="cpu")
     want = fidelity.compute_fid_is(samples, {"train": local}, weights, tmp / "local", 2,
                                    device="cpu")
+    print(f"remote and local passes: {time.time() - t0:.1f} s", file=sys.stderr)
     a, b = (fidelity.load_reference({"train": p})["train"] for p in (ref, local))
     cached = sorted(p.name.split("-")[0] for p in
                     fidelity.cache_dir(tmp / "cache", weights, "cuda").iterdir())
@@ -155,6 +159,7 @@ PASSES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 40-300 s: seven fresh Ray workers importing torch, at load average 3-20
 def test_inception_passes_and_the_scorer_are_gpu_tasks_on_a_cpu_driver(tmp_path):
     """A driver without CUDA and a preset asking for cuda: the reference statistics and FID/IS
     run as GPU tasks (one fake GPU each), give what a local pass gives, install their cache so a
@@ -168,7 +173,7 @@ def test_inception_passes_and_the_scorer_are_gpu_tasks_on_a_cpu_driver(tmp_path)
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rec = json.loads(done.stdout.strip().splitlines()[-1])

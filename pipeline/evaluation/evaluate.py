@@ -80,12 +80,12 @@ def check_eval_config(cfg: Config) -> None:
 
 
 def load_samples(
-    variant: str, info: ModelInfo, root: Path = Path(".")
+    variant: str, info: ModelInfo, root: Path = Path("."), precision: str | None = None
 ) -> tuple[SampleShards, dict]:
     """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest.
 
     DataError when the manifest or a shard is missing, unreadable or altered, or when the
-    samples were drawn from other weights.
+    samples were drawn from other weights or (``precision`` given) in another model.precision.
     """
     folder = root / layout.samples_dir(variant)
     manifest_path = folder / "manifest.json"
@@ -98,6 +98,11 @@ def load_samples(
         raise DataError(f"{manifest_path}: unreadable ({type(e).__name__}); {hint}") from None
     if manifest.get("weights_sha256") not in (None, info.sha256):
         raise DataError(f"{folder}: drawn from other weights than {info.weights} ({hint})")
+    if precision is not None and manifest.get("precision", "fp32") != precision:
+        raise DataError(
+            f"{folder}: drawn in precision {manifest.get('precision')} but params say "
+            f"model.precision: {precision} ({hint})"
+        )
     # every shard read once to check its sha256, then mapped: read in pages, never whole
     return open_samples(folder, manifest, hint), manifest
 
@@ -161,7 +166,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     """
     clock, started = _Clock(cfg), time.perf_counter()
     info = load_model_info(root / layout.model_dir(variant.name), variant, cfg.scale)
-    samples, sample_manifest = load_samples(variant.name, info, root)
+    samples, sample_manifest = load_samples(variant.name, info, root, cfg.model.precision)
     hint = f"rerun `dvc repro sample@{variant.name}`"
     check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)

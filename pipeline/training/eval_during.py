@@ -84,7 +84,8 @@ def score_checkpoint(
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
-    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16)
+    precision = cfg.model.precision
+    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16, False, precision)
     with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
         stats = Path(tmp) / "train-stats.pt"
         stats.write_bytes(reference)
