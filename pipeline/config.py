@@ -236,6 +236,9 @@ class ClusterConfig:
     """Cluster storage. DDPM_CLUSTER_STORAGE (environment) wins over ``storage``."""
 
     storage: str | None = None  # a path every node mounts (NFS...); None: single node, local
+    # independent stages run at once (pipeline.cluster.parallel); None: 1 on one node, as many
+    # trainings as the cluster holds when cluster storage is set
+    max_parallel_stages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -407,6 +410,9 @@ def validate(cfg: Config) -> None:
     _check_choice(f"{where}.eval.inception_device", cfg.eval.inception_device, INCEPTION_DEVICES)
     if cfg.eval.ref_images is not None and cfg.eval.ref_images < 2:
         raise ConfigError(f"{where}.eval.ref_images must be null or at least 2")
+    parallel = cfg.cluster.max_parallel_stages
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"cluster.max_parallel_stages must be at least 1 (got {parallel})")
     _validate_official_semantics(cfg, where)
     check_across_sections(cfg)
 

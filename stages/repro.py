@@ -37,6 +37,7 @@ from pathlib import Path
 
 from pipeline.cli import entry_point
 from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
+from pipeline.cluster.parallel import max_parallel_stages, run_parallel
 from pipeline.cluster.raycluster import local_head, ray_address
 from pipeline.cluster.storage import check_storage
 from pipeline.cluster.storage_fs import Store
@@ -173,27 +174,36 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(Path("params.yaml"))
     check_job_tracking(cfg, Path.cwd())  # before any work: one error line
     storage = check_storage(cfg)
+    parallel = max_parallel_stages(cfg, on_cluster=storage is not None)
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
     if args.local_ray and not ray_address(cfg.ray):
         print("starting a local Ray cluster for this run", flush=True)
         with local_head(cfg.ray.num_cpus) as head:
             env = {**os.environ, "RAY_ADDRESS": head.address}
-            reproduce(storage, cfg.scale, repro_args, env)
+            reproduce(storage, cfg.scale, repro_args, env, parallel)
     else:
-        reproduce(storage, cfg.scale, repro_args, None)
+        reproduce(storage, cfg.scale, repro_args, None, parallel)
     if args.push and storage is None:
         dvc("push")
 
 
 def reproduce(
-    storage: Store | None, scale: str, repro_args: list[str], env: dict[str, str] | None
+    storage: Store | None,
+    scale: str,
+    repro_args: list[str],
+    env: dict[str, str] | None,
+    parallel: int = 1,
 ) -> None:
-    """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each."""
-    if storage is None:
+    """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each;
+    ``parallel`` > 1 (cluster.max_parallel_stages): independent stages side by side."""
+    if storage is None and parallel > 1 and not repro_args:
+        run_parallel(parallel, env=env)
+    elif storage is None:
         dvc("repro", *repro_args, env=env)
     else:
-        reproduce_with_storage(storage, scale, repro_args, lambda *a: dvc(*a, env=env))
+        run = lambda *a: dvc(*a, env=env)  # noqa: E731
+        reproduce_with_storage(storage, scale, repro_args, run, parallel, env)
 
 
 if __name__ == "__main__":
