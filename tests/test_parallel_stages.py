@@ -138,3 +138,22 @@ def test_max_parallel_stages_below_one_is_one_config_error():
     raw["cluster"] = {"max_parallel_stages": 0}
     with pytest.raises(ConfigError, match=r"cluster\.max_parallel_stages must be at least 1"):
         config_from_dict(raw, "tiny")
+
+
+def test_default_parallelism_is_one_on_a_node_and_what_fits_on_a_cluster(monkeypatch):
+    import ray
+
+    from pipeline.cluster.parallel import max_parallel_stages
+
+    raw = yaml.safe_load(default_params_path().read_text())
+    paper = config_from_dict(raw, "paper")  # 8 training workers of one GPU
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 200.0, "GPU": 20.0})
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert max_parallel_stages(paper, on_cluster=True) == 2  # 20 GPUs hold two trainings
+    assert max_parallel_stages(paper, on_cluster=False) == 1  # make repro: unchanged
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert max_parallel_stages(paper, on_cluster=True) == 1  # no cluster to ask
+    raw["cluster"] = {"max_parallel_stages": 6}
+    assert max_parallel_stages(config_from_dict(raw, "paper"), on_cluster=False) == 6

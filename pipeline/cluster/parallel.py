@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -91,7 +92,7 @@ def max_parallel_stages(cfg: Config, on_cluster: bool) -> int:
         return 1
     import ray
 
-    ray.init(address=ray_address(cfg.ray), logging_level="WARNING", log_to_driver=False)
+    ray.init(address=ray_address(cfg.ray), logging_level=logging.WARNING, log_to_driver=False)
     try:
         total = ray.cluster_resources()
     finally:
