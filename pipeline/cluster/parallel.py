@@ -207,6 +207,9 @@ def run_parallel(
                 stopped_at = stopped_at or [time.monotonic()]
                 _escalate(running, got[0], time.monotonic() - stopped_at[0])
         _commit_rest(finished, after)  # stopped or failed: keep every finished stage
+    except BaseException:  # a push that failed, a stop during a commit: no stage outlives us
+        _stop_all(running)
+        raise
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -270,3 +273,16 @@ def _escalate(running: dict[str, Running], signum: int, since_s: float) -> None:
     for r in running.values():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(r.proc.pid, sig)
+
+
+def _stop_all(running: dict[str, Running]) -> None:
+    """SIGTERM to every running stage's group, SIGKILL to what is left after GRACE_S."""
+    for r in running.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(r.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for r in running.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(r.proc.pid, signal.SIGKILL)
