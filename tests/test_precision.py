@@ -30,6 +30,7 @@ def test_precision_is_one_of_three():
         _cfg(precision="fp16")
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # autocast on "cuda" without one
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_cuda_flags_are_set_explicitly_and_restored(precision):
     """The flags are process settings of torch (no GPU needed to read and write them)."""
