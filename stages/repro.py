@@ -38,6 +38,7 @@ from pathlib import Path
 from pipeline.cli import entry_point
 from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
 from pipeline.cluster.lease import job_lease
+from pipeline.cluster.parallel import max_parallel_stages, run_parallel
 from pipeline.cluster.raycluster import check_single_node, local_head, ray_address
 from pipeline.cluster.stopping import Stopped, stop_grace_s, warn_short_stop_wait
 from pipeline.cluster.storage import check_storage
@@ -177,13 +178,18 @@ def main(argv: list[str] | None = None) -> None:
     check_job_tracking(cfg, Path.cwd())  # before any work: one error line
     storage = check_storage(cfg)
     check_single_node(cfg.ray, storage is not None)  # several nodes need storage: one line
+    parallel = max_parallel_stages(cfg, on_cluster=storage is not None)  # bad value: one line
     warn_short_stop_wait()
     with job_lease(storage, cfg.scale):  # one job per storage and scale, else one line
-        run(args, cfg, storage, repro_args)
+        run(args, cfg, storage, repro_args, parallel)
 
 
 def run(
-    args: argparse.Namespace, cfg: Config, storage: Store | None, repro_args: list[str]
+    args: argparse.Namespace,
+    cfg: Config,
+    storage: Store | None,
+    repro_args: list[str],
+    parallel: int = 1,
 ) -> None:
     """Everything after the checks: DVC's setting, the private Ray head, the repro, the push."""
     if not in_git_repo():
@@ -192,21 +198,29 @@ def run(
         print("starting a local Ray cluster for this run", flush=True)
         with local_head(cfg.ray.num_cpus) as head:
             env = {**os.environ, "RAY_ADDRESS": head.address}
-            reproduce(storage, cfg.scale, repro_args, env)
+            reproduce(storage, cfg.scale, repro_args, env, parallel)
     else:
-        reproduce(storage, cfg.scale, repro_args, None)
+        reproduce(storage, cfg.scale, repro_args, None, parallel)
     if args.push and storage is None:
         dvc("push")
 
 
 def reproduce(
-    storage: Store | None, scale: str, repro_args: list[str], env: dict[str, str] | None
+    storage: Store | None,
+    scale: str,
+    repro_args: list[str],
+    env: dict[str, str] | None,
+    parallel: int = 1,
 ) -> None:
-    """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each."""
-    if storage is None:
+    """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each;
+    ``parallel`` > 1 (cluster.max_parallel_stages): independent stages side by side."""
+    if storage is None and parallel > 1 and not repro_args:
+        run_parallel(parallel, env=env)
+    elif storage is None:
         dvc("repro", *repro_args, env=env)
     else:
-        reproduce_with_storage(storage, scale, repro_args, lambda *a: dvc(*a, env=env))
+        run_dvc = lambda *a: dvc(*a, env=env)  # noqa: E731
+        reproduce_with_storage(storage, scale, repro_args, run_dvc, parallel, env)
 
 
 if __name__ == "__main__":

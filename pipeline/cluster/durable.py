@@ -96,8 +96,16 @@ def stage_names() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def reproduce_with_storage(store: Store, scale: str, repro_args: list[str], dvc: Dvc) -> None:
-    """Restore, then reproduce stage by stage with a push and a state save after each."""
+def reproduce_with_storage(
+    store: Store,
+    scale: str,
+    repro_args: list[str],
+    dvc: Dvc,
+    parallel: int = 1,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Restore, then reproduce stage by stage with a push and a state save after each;
+    ``parallel`` > 1: independent stages side by side (pipeline.cluster.parallel)."""
     state = state_dir(store, scale)
     dvc("remote", "add", "--local", "--force", "--default", REMOTE, dvc_remote(store))
     for option, value in store.dvc_remote_options().items():
@@ -112,11 +120,20 @@ def reproduce_with_storage(store: Store, scale: str, repro_args: list[str], dvc:
         save_data(Path.cwd(), store, state, scale)
         save_state(Path.cwd(), store, state)
         return
-    for name in stage_names():
-        dvc("repro", "--single-item", name)
+
+    def after(name: str) -> None:
         push(dvc, store, name)
         save_data(Path.cwd(), store, state, scale)
         save_state(Path.cwd(), store, state)
+
+    if parallel > 1:
+        from pipeline.cluster.parallel import run_parallel
+
+        run_parallel(parallel, after, env=env)
+        return
+    for name in stage_names():
+        dvc("repro", "--single-item", name)
+        after(name)
 
 
 def save_data(project: Path, store: Store, state: Path, scale: str) -> None:

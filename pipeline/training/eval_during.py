@@ -23,8 +23,6 @@ also uploaded to the run in the bucket and downloaded by a resubmitted driver.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -64,6 +62,7 @@ def score_checkpoint(
     import torch
 
     from pipeline.evaluation.fidelity import EXTRACTOR, compute_fid_is, inception_options
+    from pipeline.evaluation.inception_task import localise_weights
     from pipeline.model.diffusion import GaussianDiffusion
     from pipeline.model.unet import build_unet
     from pipeline.sampling.draw import sample_images
@@ -85,17 +84,12 @@ def score_checkpoint(
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
-    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16)
+    precision = cfg.model.precision
+    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16, False, precision)
     with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
         stats = Path(tmp) / "train-stats.pt"
         stats.write_bytes(reference)
-        if weights_file is not None and weights.path is not None:
-            if weights.sha256 and hashlib.sha256(weights_file).hexdigest() != weights.sha256:
-                raise RuntimeError(f"{weights.identity}: weights changed on the way to the task")
-            local = Path(tmp) / "weights" / Path(weights.path).name
-            local.parent.mkdir()
-            local.write_bytes(weights_file)
-            weights = dataclasses.replace(weights, path=local)
+        weights = localise_weights(weights, weights_file, Path(tmp))
         fid = compute_fid_is(
             images,
             {"train": stats},
@@ -113,6 +107,14 @@ def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
     from pipeline.evaluation.feature_weights import project_inception_weights
 
     return project_inception_weights(cfg, root)
+
+
+def scorer_resources(cfg: Config) -> dict[str, float]:
+    """One scoring task's Ray resources: the sample section's (CPUs, and GPUs with use_gpu)."""
+    resources = {"num_cpus": cfg.sample.cpus_per_worker}
+    if cfg.sample.use_gpu:
+        resources["num_gpus"] = cfg.sample.gpus_per_worker
+    return resources
 
 
 SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
@@ -279,12 +281,10 @@ class CheckpointEvaluator:
         reference, weights, data = self._inputs()
         args = (self.cfg, self.variant, step, ema, reference, weights, data)
         if self.run_task:
-            import ray
+            from pipeline.cluster.gputasks import submit
 
-            resources = {"num_cpus": self.cfg.sample.cpus_per_worker}
-            if self.cfg.sample.use_gpu:
-                resources["num_gpus"] = self.cfg.sample.gpus_per_worker
-            ref = ray.remote(self.scorer).options(max_retries=2, **resources).remote(*args)
+            # one task per GPU: a fresh worker, never a reused one holding another GPU's context
+            ref = submit(self.scorer, *args, resources=scorer_resources(self.cfg), max_retries=2)
         else:
             try:
                 ref = self.scorer(*args)
