@@ -86,7 +86,7 @@ def _fake_sampling(monkeypatch, seen: dict):
     import pipeline.evaluation.fidelity as fidelity
     import pipeline.sampling.draw as draw
 
-    def sample_images(net, diffusion, indices, seed, batch_size, bf16=False):
+    def sample_images(net, diffusion, indices, *args, **kwargs):
         seen["diffusion"] = diffusion
         return np.zeros((len(indices), 8, 8, 3), np.uint8)
 
