@@ -4,8 +4,9 @@
 models/<variant>/model.json) with mlflow.search_runs and writes, by dataset, Table 3 (LSUN
 256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10) otherwise, as
 reports/table<N>.{md,csv}, each of the paper's numbers with a verdict (pipeline.report.verdict)
-listed in reports/verdict.md, then logs them to a parent MLflow run for the whole reproduction
-(the verdicts as its ``ddpm.verdict.*`` tags).
+listed in reports/verdict.md, and reports/index.html (one self-contained page with the tables,
+every variant's figures and the curves), then logs them to a parent MLflow run for the whole
+reproduction, Table 2 (or 3) as its description, the verdicts as its ``ddpm.verdict.*`` tags.
 A number is only ever set beside the paper's number for the same dataset.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import pandas as pd
 
@@ -21,7 +23,7 @@ from pipeline.atomic import write_text
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.report import tables, tracking, verdict
+from pipeline.report import html, page, tables, tracking, verdict
 from pipeline.training.published import is_skipped
 
 
@@ -91,6 +93,19 @@ def _stand_in_note(manifest: dict) -> str:
     return manifest["stand_in_note"] + (f" ({reasons})" if reasons else "")
 
 
+def write_index(
+    cfg: Config, runs: pd.DataFrame, run_ids: dict[str, str], tables_md: list
+) -> pathlib.Path:
+    """reports/index.html: the tables, every variant's figures and the curves, one page."""
+    built = page.build_page(
+        cfg, runs, run_ids, [p.read_text() for p in tables_md], tracking.tracking_uri(cfg),
+        tracking.git_commit(),
+    )  # fmt: skip
+    path = layout.REPORTS / page.INDEX
+    write_text(path, html.render_page(built))
+    return path
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,14 +128,27 @@ def main(argv: list[str] | None = None) -> None:
         path = layout.REPORTS / stem
         tables.write_table(table, path, f"{title} ({cfg.scale} scale)")
         files += [path.with_suffix(".md"), path.with_suffix(".csv")]
+    headline = (layout.REPORTS / f"{next(iter(built))}.md").read_text()
+    index = write_index(cfg, runs, run_ids, [p for p in files if p.suffix == ".md"])
     entries = verdict.collect(built)
     path = layout.REPORTS / "verdict.md"
     write_text(path, verdict.to_markdown(entries, f"Verdict ({cfg.scale} scale)"))
     files.append(path)
-    parent = tracking.log_reproduction(cfg, run_ids, files, verdict.tags(entries))
-    print((layout.REPORTS / f"{next(iter(built))}.md").read_text())
+    parent = tracking.log_reproduction(
+        cfg, run_ids, files, index, headline, extra_tags=verdict.tags(entries)
+    )
+    print(headline)
     print(f"verdict: {verdict.summary(entries)} (reports/verdict.md)")
     print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
+    experiment = tracking.setup(cfg)
+    print(
+        f"MLflow UI: {tracking.ui_link(cfg, experiment)} "
+        f"(mlflow ui; the variants under {cfg.scale}/reproduction)"
+    )
+    print(
+        f"report: {index} ({index.stat().st_size / 1e3:,.0f} kB, one self-contained page; "
+        "open it in a browser)"
+    )
 
 
 if __name__ == "__main__":

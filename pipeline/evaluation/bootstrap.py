@@ -174,3 +174,18 @@ def bootstrap_errors(
             write_bootstrap(path, fid_bootstrap(x, mu, sigma, resamples, seed, device))
         out[f"fid_{split}_se"] = read_bootstrap(path)["se"]
     return out
+
+
+def plan_pass(samples: Any, features: Path, stat_file: Path, missing: list, resamples: int) -> int:
+    """Before the Inception pass: the resamples to draw. A bootstrap is ``missing`` and the
+    feature file dropped by a run before it: the samples' statistics file is removed so the
+    pass runs once more and leaves the features; images that cannot be read (a GPU task's
+    placeholder of cached ones) get no pass and no error estimate (0)."""
+    if not missing or Path(features).is_file():
+        return resamples
+    try:
+        samples[:1]
+    except RuntimeError:
+        return 0
+    Path(stat_file).unlink(missing_ok=True)
+    return resamples

@@ -37,7 +37,7 @@ from pipeline.atomic import atomic_path
 from pipeline.cluster.storage import safe_load
 from pipeline.config import STAND_IN_NOTE, Config
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluation.bootstrap import bootstrap_errors, bootstrap_missing
+from pipeline.evaluation.bootstrap import bootstrap_errors, bootstrap_missing, plan_pass
 from pipeline.evaluation.heap import bound_heap
 from pipeline.evaluation.inception import STAND_IN_IS_NOTE, InceptionWeights
 
@@ -99,18 +99,20 @@ def compute_reference_stats(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    key: str | None = None,
 ) -> Path:
     """Inception statistics of reference ``images`` [N, R, R, 3] uint8, written atomically.
 
     Returns ``out_dir/<name>-stats.pt``: mu [2048] float32, sigma [2048, 2048] float64, count,
     resolution, weights identity, the images' IS (None when N < is_splits) and ``meta``.
+    ``key``: the images' :func:`content_key` when the caller knows it already.
     """
     count, resolution = check_images(images, f"reference images {name!r}")
     device = resolve_device(device)
     cache = cache_dir(cache_root, weights, device)
-    key = content_key(images)
+    key = key or content_key(images)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
-    _extract(images, key, weights, cache, **opts)
+    _extract(images, key, weights, cache, what=f"{name} images", **opts)
     stat = _statistics(key, weights, cache, **opts)
     _drop_fid_features(cache, key, weights)
     isc = _inception_score(key, weights, cache, is_splits, **opts) if count >= is_splits else {}
@@ -146,6 +148,7 @@ def compute_fid_is(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    key: str | None = None,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
@@ -155,7 +158,8 @@ def compute_fid_is(
     file}. Returns {"fid_train", "fid_test" (None for a split not given), "is_mean", "is_std",
     "n_samples"}, and with ``bootstrap`` > 1 "fid_<split>_se", the FID's standard error over
     that many resamples of the sample features (pipeline.evaluation.bootstrap, seeded).
-    At least max(2, is_splits, expected) samples are required.
+    At least max(2, is_splits, expected) samples are required. ``key``: the samples'
+    :func:`content_key` when the caller knows it already.
     """
     minimum = max(2, is_splits, expected or 0)
     count, resolution = check_images(samples, "samples", minimum, hint="rerun `dvc repro sample`")
@@ -164,12 +168,12 @@ def compute_fid_is(
         _check_compatible(stats, split, resolution, weights)
     device = resolve_device(device)
     cache = cache_dir(cache_root, weights, device)
-    key = content_key(samples)
+    key = key or content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     features = _features_file(cache, key, weights.fid_layer, weights)
-    if bootstrap_missing(cache, key, refs, bootstrap, bootstrap_seed) and not features.is_file():
-        _stat_file(cache, key, weights).unlink(missing_ok=True)  # features dropped: a new pass
-    _extract(samples, key, weights, cache, **opts)
+    missing = bootstrap_missing(cache, key, refs, bootstrap, bootstrap_seed)
+    bootstrap = plan_pass(samples, features, _stat_file(cache, key, weights), missing, bootstrap)
+    _extract(samples, key, weights, cache, what="samples", **opts)
     result: dict[str, Any] = {"fid_train": None, "fid_test": None}
     for split, stats in refs.items():
         ref_key = _install_reference(stats, cache, weights)
@@ -326,28 +330,26 @@ def _features_file(cache: Path, key: str, layer: str, weights: InceptionWeights)
     return cache / f"{_cache_name(key)}-{weights.extractor}-features-{layer}.pt"
 
 
-def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **opts) -> None:
-    """One Inception pass over ``images`` (content ``key``) unless its features are cached.
+def _extract(
+    images: Any, key: str, weights: InceptionWeights, cache: Path, what: str = "images", **opts
+) -> None:
+    """One Inception pass over ``images`` (content ``key``, ``what`` they are: the progress
+    lines' name) unless its features are cached.
 
     torch-fidelity extracts and caches the features that the requested metrics need. IS needs
     the logits and KID the 2048-d features that FID uses, so IS plus a token KID (one subset of
     two images, the set as both inputs; both values are discarded) fills the cache in a single
     pass without computing a Fréchet distance nobody needs (~8 s of eigvals on 2 CPU cores).
     """
-    fid_ready = (
-        _stat_file(cache, key, weights).is_file()
-        or _features_file(cache, key, weights.fid_layer, weights).is_file()
-    )
-    if fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file():
+    if extracted(cache, key, weights):
         return
     from pipeline.cluster.taskprogress import BlockProgress  # imports ray: only when a pass runs
 
     bound_heap()  # resident memory flat over the pass (pipeline/evaluation/heap.py)
     name = _cache_name(key)
     # a bar on a terminal, else a line every 30 s with rate and ETA (DVC logs)
-    bar = BlockProgress(
-        len(images), 0, f"Inception ({weights.identity}, {opts['device']})", unit="images"
-    )
+    desc = f"Inception ({weights.identity}, {opts['device']}) features of {what}"
+    bar = BlockProgress(len(images), 0, desc, unit="images")
     try:
         data = ImageArrayDataset(images, bar)
         inputs = {
@@ -360,6 +362,15 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
         _calculate(weights, cache, isc=True, isc_splits=1, **token_kid, **inputs, **opts)
     finally:
         bar.close()
+
+
+def extracted(cache: Path, key: str, weights: InceptionWeights) -> bool:
+    """Whether ``cache`` holds what FID and IS of image set ``key`` need (no pass to run)."""
+    fid_ready = (
+        _stat_file(cache, key, weights).is_file()
+        or _features_file(cache, key, weights.fid_layer, weights).is_file()
+    )
+    return fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file()
 
 
 def _statistics(key: str, weights: InceptionWeights, cache: Path, **opts) -> dict[str, np.ndarray]:

@@ -4,12 +4,13 @@ The driver of a training run (pipeline.training.trainer) watches the run's check
 Ray Train trains. Each new checkpoint at a multiple of ``eval_every`` is copied to the driver
 (Ray Train may delete it later: ``keep_checkpoints``) and scored by a Ray task beside the
 training workers, which keep training: ``train.eval_samples`` samples of its EMA weights
-(Algorithm 2, the sample section's batch and variance; noise from a separate seed stream of the
-sample seed, pipeline.sampling.noise.stream_seed, so no selection sample is a final sample),
-FID against the training reference statistics (reference/<scale>/train-stats.pt, the
-reference stage's). Each result is stored (pipeline.training.selection: resume-safe, never
-redone) and logged to the variant's MLflow run as ``fid_during_training`` at the checkpoint's
-step (with ``fid_during_training_samples``).
+(the sample stage's sampler: Algorithm 2, or respaced to ``sample.steps``; the sample
+section's batch and variance; noise from a separate seed stream of the sample seed,
+pipeline.sampling.noise.stream_seed, so no selection sample is a final sample), FID against
+the training reference statistics (reference/<scale>/train-stats.pt, the reference stage's).
+Each result is stored (pipeline.training.selection: resume-safe, never redone) and logged to
+the variant's MLflow run as ``fid_during_training`` at the checkpoint's step (with
+``fid_during_training_samples``).
 
 The scoring task may run on any node of a cluster: it is handed no path. The driver reads the
 checkpoint's EMA weights, the reference statistics file and the Inception (or feature-network)
@@ -25,10 +26,9 @@ also uploaded to the run in the bucket and downloaded by a resubmitted driver.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +43,7 @@ from pipeline.training.selection import BEST, EVALS, EvalRecords, due_steps
 log = logging.getLogger(__name__)
 
 METRIC = "fid_during_training"
+TAG_EVAL_SAMPLER = "ddpm.eval_sampler"  # MLflow tag: eval_sampler(cfg) of the run's evaluations
 # (cfg, variant, step, EMA state_dict, train-stats.pt bytes, weights, weights file bytes) -> FID
 Scorer = Callable[
     [Config, Variant, int, dict[str, Any], bytes, InceptionWeights, bytes | None], float
@@ -66,6 +67,7 @@ def score_checkpoint(
     import torch
 
     from pipeline.evaluation.fidelity import EXTRACTOR, compute_fid_is, inception_options
+    from pipeline.evaluation.inception_task import localise_weights
     from pipeline.model.diffusion import GaussianDiffusion
     from pipeline.model.unet import build_unet
     from pipeline.sampling.draw import sample_images
@@ -88,18 +90,18 @@ def score_checkpoint(
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
+    steps = cfg.sample.steps  # the sample stage's sampler: respaced when sample.steps says so
+    if steps is not None and steps != sampler.num_timesteps:
+        from pipeline.model.respace import RespacedDiffusion, space_timesteps
+
+        sampler = RespacedDiffusion(sampler, space_timesteps(sampler.num_timesteps, steps))
+    precision = cfg.model.precision
     seed = stream_seed(s.seed, SELECTION_STREAM)  # never the final samples' noise
-    images = sample_images(net, sampler, range(n), seed, s.batch_size, s.bf16)
+    images = sample_images(net, sampler, range(n), seed, s.batch_size, s.bf16, False, precision)
     with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
         stats = Path(tmp) / "train-stats.pt"
         stats.write_bytes(reference)
-        if weights_file is not None and weights.path is not None:
-            if weights.sha256 and hashlib.sha256(weights_file).hexdigest() != weights.sha256:
-                raise RuntimeError(f"{weights.identity}: weights changed on the way to the task")
-            local = Path(tmp) / "weights" / Path(weights.path).name
-            local.parent.mkdir()
-            local.write_bytes(weights_file)
-            weights = dataclasses.replace(weights, path=local)
+        weights = localise_weights(weights, weights_file, Path(tmp))
         fid = compute_fid_is(
             images,
             {"train": stats},
@@ -111,12 +113,28 @@ def score_checkpoint(
     return float(fid["fid_train"])
 
 
+def eval_sampler(cfg: Config) -> str:
+    """The sampler of evaluation during training, as the sample stage labels its own (the
+    same: Algorithm 2, or respaced to ``sample.steps``)."""
+    from pipeline.model.respace import sampler_label
+
+    return sampler_label(cfg.diffusion.num_timesteps, cfg.sample.steps)
+
+
 def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
     """The Inception (or feature-network) weights the evaluate stage would use, resolved on the
     driver: the stand-in under ``root/work/fidelity``, the featurenet stage's classifier file."""
     from pipeline.evaluation.feature_weights import project_inception_weights
 
     return project_inception_weights(cfg, root)
+
+
+def scorer_resources(cfg: Config) -> dict[str, float]:
+    """One scoring task's Ray resources: the sample section's (CPUs, and GPUs with use_gpu)."""
+    resources = {"num_cpus": cfg.sample.cpus_per_worker}
+    if cfg.sample.use_gpu:
+        resources["num_gpus"] = cfg.sample.gpus_per_worker
+    return resources
 
 
 SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
@@ -169,15 +187,20 @@ class CheckpointEvaluator:
         self._listed = -float("inf")  # when the bucket was last listed (time.monotonic)
         self.in_flight: dict[int, tuple[Any, Path, float]] = {}  # step -> (ref, copy, started)
         self.evaluated_now: list[int] = []
-        self.failed: set[int] = set()  # not retried by this driver (a restart retries them)
+        self.failed: set[int] = set()  # scoring failed: retried by finish() (and a restart)
+        self.unreadable: set[int] = set()  # checkpoints not loadable yet: retried every poll
         self._shared: tuple[Any, InceptionWeights, Any] | None = None  # reference, weights, file
         if bucket is not None:  # the records of an earlier job of this run
             store, rel = bucket
             store.get_dir(rel / EVALS, self.records.folder)
 
     def show(self, update: dict[str, Any]) -> None:
-        """Called by the BoardReader on every progress update."""
-        self.poll()
+        """Called by the BoardReader on every progress update. An error (a storage outage, a
+        full disk) is one warning line; the next update retries."""
+        try:
+            self.poll()
+        except Exception as e:  # evaluation must never stop progress or training
+            log.warning("evaluation during training: %s: %s; retrying", type(e).__name__, e)
 
     def poll(self, newest_too: bool = False) -> None:
         """Collect finished scores; submit due checkpoints. The newest one, which Ray Train
@@ -203,8 +226,18 @@ class CheckpointEvaluator:
         training ran); returns all the run's records."""
         self.failed.clear()
         self.poll(newest_too=True)
+        if self.in_flight:
+            steps = ", ".join(map(str, sorted(self.in_flight)))
+            self.say(f"waiting for {len(self.in_flight)} evaluation(s) of step(s) {steps}")
         self._collect(wait=True)
+        left = sorted(self.unreadable - self.records.done())
+        if left:
+            log.warning("checkpoints of steps %s never loaded: not evaluated", left)
         return self.records.all()
+
+    def say(self, message: str) -> None:
+        """One progress line, ``train <variant>: <message>`` (stderr, as the training bar)."""
+        print(f"train {self.variant.name}: {message}", file=sys.stderr, flush=True)
 
     def _bucket_due(self, done: set[int]) -> list[tuple[int, Path]]:
         """(step, path in the store) of the complete checkpoints in the bucket not yet done."""
@@ -262,18 +295,36 @@ class CheckpointEvaluator:
             shutil.rmtree(copy, ignore_errors=True)
             log.warning("checkpoint of step %d disappeared before its evaluation", step)
             return
+        except Exception as e:  # not loadable (yet): half-written on NFS, a transient error
+            shutil.rmtree(copy, ignore_errors=True)
+            if step not in self.unreadable:
+                log.warning(
+                    "checkpoint of step %d not loadable yet (%s: %s); retrying",
+                    step, type(e).__name__, str(e)[:200],
+                )  # fmt: skip
+            self.unreadable.add(step)
+            return
+        self.unreadable.discard(step)
         reference, weights, data = self._inputs()
         args = (self.cfg, self.variant, step, ema, reference, weights, data)
         if self.run_task:
-            import ray
+            from pipeline.cluster.gputasks import submit
 
-            resources = {"num_cpus": self.cfg.sample.cpus_per_worker}
-            if self.cfg.sample.use_gpu:
-                resources["num_gpus"] = self.cfg.sample.gpus_per_worker
-            ref = ray.remote(self.scorer).options(max_retries=2, **resources).remote(*args)
+            # one task per GPU: a fresh worker, never a reused one holding another GPU's context
+            ref = submit(self.scorer, *args, resources=scorer_resources(self.cfg), max_retries=2)
         else:
-            ref = self.scorer(*args)
+            try:
+                ref = self.scorer(*args)
+            except Exception as e:  # as a failed task: retried by finish()
+                log.warning("evaluation of step %d failed: %s", step, e)
+                self.failed.add(step)
+                shutil.rmtree(copy, ignore_errors=True)
+                return
         self.in_flight[step] = (ref, copy, time.perf_counter())
+        self.say(
+            f"evaluating the checkpoint of step {step}: FID of {self.cfg.train.eval_samples} "
+            f"samples ({eval_sampler(self.cfg)}) against the training set"
+        )
 
     def _collect(self, wait: bool) -> None:
         for step in sorted(self.in_flight):
@@ -288,6 +339,7 @@ class CheckpointEvaluator:
                     fid = float(ray.get(ref))
                 except Exception as e:  # an evaluation must never stop training
                     log.warning("evaluation of step %d failed: %s", step, e)
+                    self.say(f"evaluation of step {step} failed (retried after training): {e}")
                     self.failed.add(step)
                     shutil.rmtree(copy, ignore_errors=True)
                     del self.in_flight[step]
@@ -300,12 +352,12 @@ class CheckpointEvaluator:
                 "n_samples": self.cfg.train.eval_samples,
                 "seconds": round(time.perf_counter() - started, 3),
             }
-            best = self.records.best()
             self.records.add(record, copy)
-            self._upload(record, best is None or record["fid"] < best["fid"])
+            self._upload(record, self.records.best() == record)
             shutil.rmtree(copy, ignore_errors=True)
             del self.in_flight[step]
             self.evaluated_now.append(step)
+            self.say(f"checkpoint of step {step}: FID {fid:.3f} ({record['seconds']:.0f} s)")
             self._log(record)
 
     def _upload(self, record: dict[str, Any], new_best: bool) -> None:
