@@ -127,13 +127,13 @@ PASSES = textwrap.dedent(
     runner = inception_task.InceptionRunner(cfg)
     ref = runner.reference_stats(images, "train", weights, tmp / "cache", tmp / "ref",
                                  is_splits=2)
-    fid = runner.fid_is(samples, {"train": ref}, weights, tmp / "cache", 2)
-    again = runner.fid_is(samples, {"train": ref}, weights, tmp / "cache", 2)  # cached
+    fid = runner.fid_is(samples, {"train": ref}, weights, tmp / "cache", 2, bootstrap=4)
+    again = runner.fid_is(samples, {"train": ref}, weights, tmp / "cache", 2, bootstrap=4)
 
     local = fidelity.compute_reference_stats(images, "train", weights, tmp / "local",
                                              tmp / "local-ref", is_splits=2, device="cpu")
     want = fidelity.compute_fid_is(samples, {"train": local}, weights, tmp / "local", 2,
-                                   device="cpu")
+                                   device="cpu", bootstrap=4)
     print(f"remote and local passes: {time.time() - t0:.1f} s", file=sys.stderr)
     a, b = (fidelity.load_reference({"train": p})["train"] for p in (ref, local))
     cached = sorted(p.name.split("-")[0] for p in
@@ -185,6 +185,8 @@ def test_inception_passes_and_the_scorer_are_gpu_tasks_on_a_cpu_driver(tmp_path)
     assert rec["mu"] and rec["sigma"]  # the same statistics as a pass in this process
     assert rec["fid"]["fid_train"] == rec["want"]["fid_train"] == rec["again"]["fid_train"]
     assert rec["fid"]["is_mean"] == rec["want"]["is_mean"]
+    # FID's bootstrap error in the task, and from the installed cache on the rerun (issue 26)
+    assert rec["fid"]["fid_train_se"] == rec["want"]["fid_train_se"] == rec["again"]["fid_train_se"]
     assert len(set(rec["cached"])) == 2  # both image sets' cache files are on the driver
     # the scorer: two tasks through gputasks.submit, each on a fake GPU, each a fresh worker
     scorers = [c for c in rec["calls"] if c[0] == "scorer"]
