@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import results_dir
 from pipeline.atomic import write_json
 from pipeline.config import load_config
 from pipeline.layout import reference_dir
@@ -62,7 +63,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     day = datetime.date.today().isoformat()
-    write_json(Path("benchmarks/results") / f"eval-during-training-{cfg.scale}-{day}.json", result)
+    write_json(results_dir() / f"eval-during-training-{cfg.scale}-{day}.json", result)
 
 
 if __name__ == "__main__":
