@@ -89,7 +89,8 @@ def train_step(
     replica's gradient is clipped before averaging (pipeline.training.replicas), else the whole
     batch's gradient is clipped (the norm returned is then the mean of the replicas' norms).
     """
-    state.optimizer.zero_grad(set_to_none=True)
+    if replicas is None:  # replicas keep .grad as views of their flat buffer
+        state.optimizer.zero_grad(set_to_none=True)
 
     def loss_fn(net: nn.Module, x: Tensor, tt: Tensor, eps: Tensor) -> Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
