@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def train_step(
     if replicas is None:
         loss = loss_fn(model, x_start, t, noise)
         loss.backward()
-        grad_norm = clip_gradients(state.model, cfg.train.grad_clip)
+        grad_norm = clip_gradients(_parameters(state.model), cfg.train.grad_clip)
     else:
         loss, grad_norm = replicas.backward(
             model, state.model, loss_fn, x_start, t, noise, state.step
@@ -110,6 +111,19 @@ def train_step(
     state.ema.update(state.model)
     state.step += 1
     return loss.detach(), grad_norm.detach()
+
+
+_PARAMETERS: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def _parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``list(model.parameters())``, built once per model: walking ~80 submodules every step
+    costs more Python than the clip itself. Parameters are updated in place (optimizer,
+    ``load_state_dict``), never replaced, during training."""
+    params = _PARAMETERS.get(model)
+    if params is None:
+        params = _PARAMETERS[model] = list(model.parameters())
+    return params
 
 
 def _float_output(model: nn.Module):
@@ -200,7 +214,7 @@ class StepInputs:
         t, noise = diffusion_inputs(
             self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size, self.device
         )  # drawn on the device: no copy, no sync
-        seed_dropout(self.seed, step, self.rank)
+        seed_dropout(self.seed, step, self.rank, self.device)
         return x_start, t, noise.contiguous(memory_format=self._format())
 
     def _to_device(self, x: Tensor) -> Tensor:

@@ -89,6 +89,15 @@ def diffusion_inputs(
     return t, noise
 
 
-def seed_dropout(seed: int, step: int, rank: int) -> None:
-    """Reseed torch's global RNG (dropout masks) for this step and rank."""
-    torch.manual_seed(step_seed(seed, step, DROPOUT_STREAM, rank))
+def seed_dropout(seed: int, step: int, rank: int, device: torch.device | str | None = None) -> None:
+    """Reseed torch's global RNG (dropout masks) for this step and rank.
+
+    On a CPU ``device`` only the CPU generator is reseeded (what dropout there draws from, and
+    what ``torch.manual_seed`` sets for the CPU): ``torch.manual_seed`` would also queue a lazy
+    reseed of every accelerator backend, capturing a Python traceback each time, on every step.
+    """
+    value = step_seed(seed, step, DROPOUT_STREAM, rank)
+    if device is not None and torch.device(device).type == "cpu":
+        torch.default_generator.manual_seed(value)
+    else:
+        torch.manual_seed(value)

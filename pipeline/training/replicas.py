@@ -115,7 +115,7 @@ class ReplicaClipping:
         with sync:
             for i in range(self.local):
                 rows = slice(i * n, (i + 1) * n)
-                seed_dropout(self.seed, step, self.first + i)
+                seed_dropout(self.seed, step, self.first + i, x_start.device)
                 loss = loss_fn(model, x_start[rows], t[rows], noise[rows])
                 grads = torch.autograd.grad(loss, self._params, allow_unused=True)
                 sums = self._sums
