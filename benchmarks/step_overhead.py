@@ -91,17 +91,19 @@ def _config(batch: int, replicas: int) -> Config:
 VARIANT = Variant("eps_fixed_mse", "eps", "fixedlarge", "mse")
 
 
-def bare_step(batch: int) -> Callable[[int], None]:
-    """A DDP-like step on the same network: nothing but the maths of a training step."""
-    cfg = _config(batch, 1)
+def bare_step(batch: int, cfg: Config | None = None) -> Callable[[int], None]:
+    """A DDP-like step on the same network (or ``cfg``'s): nothing but a training step's maths."""
+    cfg = cfg or _config(batch, 1)
     state = make_state(cfg, VARIANT, torch.device("cpu"))
     model, diffusion = state.model.train(), make_diffusion(cfg, VARIANT)
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=2e-4)
+    opt = torch.optim.Adam(params, lr=cfg.train.lr)
+    decay, clip = cfg.train.ema_decay, cfg.train.grad_clip
+    res, T = cfg.data.resolution, cfg.diffusion.num_timesteps
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1
-    t = torch.randint(0, 1000, (batch,), generator=g)
+    x = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
+    t = torch.randint(0, T, (batch,), generator=g)
     noise = torch.randn(x.shape, generator=g)
     a = torch.as_tensor(diffusion.sqrt_alphas_cumprod, dtype=torch.float32)
     b = torch.as_tensor(diffusion.sqrt_one_minus_alphas_cumprod, dtype=torch.float32)
@@ -111,10 +113,10 @@ def bare_step(batch: int) -> Callable[[int], None]:
         x_t = a[t].view(-1, 1, 1, 1) * x + b[t].view(-1, 1, 1, 1) * noise
         loss = torch.nn.functional.mse_loss(model(x_t, t), noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1 - 0.9999)
+            torch._foreach_lerp_(ema, params, 1 - decay)
 
     return step
 

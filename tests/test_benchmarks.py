@@ -1,9 +1,8 @@
 """The benchmarks run as benchmarks/README.md documents them, and never crash on others' results.
 
-The table test is in the default suite (milliseconds). Each benchmark's smallest setting runs in
-a subprocess with its results redirected to a temporary folder (``DDPM_BENCH_RESULTS``): those
-are in the slow suite (each imports torch, several start Ray or DVC), except the in-process
-training-step benchmark (~10 s).
+The table tests are in the default suite (milliseconds). Each benchmark's smallest setting runs
+in a subprocess with its results redirected to a temporary folder (``DDPM_BENCH_RESULTS``): those
+are in the slow suite (each imports torch and diffusers, several start Ray or prepare data).
 """
 
 from __future__ import annotations
@@ -94,6 +93,7 @@ def _bench(tmp_path: Path, module: str, *args: str, timeout: int = 900) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_step_overhead_smallest(tmp_path: Path) -> None:
     """benchmarks.step_overhead (in process, a thin network): launches and Python per step."""
     out = _bench(tmp_path, "step_overhead", "--steps", "2", "--repeats", "1")
@@ -107,8 +107,8 @@ SMALLEST = {  # module: the smallest documented setting
             "--figures", "train,sample,nll"],
     "sampling": ["--net", "smoke", "--threads", "1", "--batch", "2", "--steps", "1"],
     "train_speed": ["--scale", "tiny", "--steps", "4", "--log-every", "2"],
-    "stage_step": ["--scale", "tiny", "--steps", "8", "--log-every", "4"],
-    "bare_loop": ["--steps", "4", "--samples", "4", "--sample-steps", "2", "--fid-images", "16"],
+    "stage_step": ["--scale", "tiny", "--steps", "8", "--log-every", "4", "--repeats", "1"],
+    "bare_loop": ["--steps", "2", "--samples", "2", "--sample-steps", "2"],
     "memory_merge": ["--n", "4", "--block", "2"],
     "prepare_data": ["--records", "8", "--workers", "0"],
     "heap_creep": ["--n", "8"],
