@@ -266,3 +266,42 @@ def test_flat_buffer_launches_do_not_grow_with_the_parameters():
 
     assert count(8) == count(2) > 0
     assert count(8, _PerParameterReplicas) > count(2, _PerParameterReplicas)  # the old one grew
+
+
+def test_train_compile_compiles_the_wrapped_network(tmp_path, monkeypatch):
+    """train.compile: run_worker hands the session-wrapped network to torch.compile once and
+    trains through what it returns (torch.compile replaced by a recorder: inductor needs a
+    compiler and minutes here); the key does not change the run's name."""
+    from train_project import VARIANT, make_project, tiny_config
+
+    from pipeline.training import loop
+    from pipeline.training.identity import run_identity
+    from pipeline.training.session import LocalSession
+
+    calls, forwards = [], []
+
+    class Compiled(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            forwards.append(1)
+            return self.inner(*args)
+
+    def fake_compile(model):
+        calls.append(model)
+        return Compiled(model)
+
+    monkeypatch.setattr(loop.torch, "compile", fake_compile)
+    make_project(tmp_path)
+    cfg = tiny_config(num_workers=1, steps=2, compile=True)
+    job = loop.TrainJob(cfg, cfg.variant(VARIANT), str(tmp_path / "data" / cfg.scale),
+                        str(tmp_path), {"name": "c", "config_hash": "0"})  # fmt: skip
+    session = LocalSession(tmp_path / "ck")
+    assert loop.run_worker(job, session)["status"] == "finished"
+    assert len(calls) == 1 and isinstance(calls[0], nn.Module) and len(forwards) == 2
+    data = tmp_path / "data" / cfg.scale
+    plain = tiny_config(num_workers=1, steps=2)
+    variant = cfg.variant(VARIANT)
+    assert run_identity(cfg, variant, data)["name"] == run_identity(plain, variant, data)["name"]

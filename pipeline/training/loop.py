@@ -155,6 +155,8 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
             load_checkpoint(folder, state, job.run)
     start = state.step
     model = session.wrap(state.model)
+    if train.compile:  # the wrapped model: DDP's hooks stay outside the compiled graph
+        model = torch.compile(model)
     diffusion = make_diffusion(job.cfg, job.variant)
     inputs = StepInputs(job, session)
     stats = IntervalStats(session.device)
