@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--samples", type=int, default=None, help="default: the preset's")
     parser.add_argument("--sample-steps", type=int, default=None, help="default: T (all)")
+    parser.add_argument("--threads", type=int, default=None, help="default: train.torch_threads")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     t, s, d = cfg.train, cfg.sample, cfg.diffusion
     steps = args.steps if args.steps is not None else t.steps
     n_samples = args.samples if args.samples is not None else s.n_samples
-    torch.set_num_threads(t.torch_threads)
+    threads = args.threads or t.torch_threads
+    torch.set_num_threads(threads)
     timings = {"imports": time.perf_counter() - STARTED}
 
     clock = time.perf_counter()
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "bare_loop",
         "scale": cfg.scale,
-        "threads": t.torch_threads,
+        "threads": threads,
         "steps": steps,
         "batch": t.batch_size,
         "samples": n_samples,

@@ -90,10 +90,12 @@ def _bench(tmp_path: Path, module: str, *args: str, timeout: int = 900, error: s
         timeout=timeout,
         check=False,
     )
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    if error:
+    if error:  # one line, no traceback
         assert done.returncode == 2 and "error: " in done.stderr and error in done.stderr
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
         return done.stdout
+    # An uncaught exception exits 1. (Ray's own actors may log tracebacks of theirs, e.g. with
+    # other Ray instances on a shared machine: not the benchmark's.)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
