@@ -103,6 +103,8 @@ class ModelConfig:
     source: str = "trained"  # trained | checkpoint (published weights, see pipeline.model.convert)
     checkpoint: str | None = None  # folder with a diffusers config.json and weights
     checkpoint_variant: str = "eps_fixed_mse"  # the variant the published weights are
+    # training, sampling and the bound compute in: fp32 | tf32 | bf16 (pipeline.model.precision)
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ class TrainConfig:
     variants: tuple[str, ...] | None = None  # the variants trained at this scale; None: all
 
 
+AUTO = "auto"  # sample/eval num_workers: follow the cluster's GPUs
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """Algorithm 2 fanned out over Ray workers (stage ``sample``)."""
@@ -164,7 +169,9 @@ class SampleConfig:
     # The sampler's variance for fixed-variance variants: None: the variant's var_type;
     # fixedsmall (beta~_t): the official LSUN / CelebA-HQ sampler; fixedlarge (beta_t): CIFAR10.
     var_type: str | None = None
-    num_workers: int = 1
+    # Ray tasks in flight: a number, or auto: as many as the GPUs (CPUs without use_gpu) Ray
+    # reports for the cluster, re-read while the stage runs (pipeline.cluster.blocks)
+    num_workers: int | str = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -193,7 +200,7 @@ class EvalConfig:
     nll_train_images: int = 0  # optional train-set bound, Table 1's "(train)" figure
     nll_batch_size: int = 100
     nll_block_size: int = 500  # images per NLL shard (unit of work, retry and resume)
-    num_workers: int = 1
+    num_workers: int | str = 1  # NLL tasks in flight: a number or auto (as sample.num_workers)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -230,6 +237,9 @@ class ClusterConfig:
     """Cluster storage. DDPM_CLUSTER_STORAGE (environment) wins over ``storage``."""
 
     storage: str | None = None  # a path every node mounts (NFS...); None: single node, local
+    # independent stages run at once (pipeline.cluster.parallel); None: 1 on one node, as many
+    # trainings as the cluster holds when cluster storage is set
+    max_parallel_stages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -344,6 +354,7 @@ def validate(cfg: Config) -> None:
     where = f"presets.{cfg.scale}"
     _check_choice(f"{where}.data.dataset", cfg.data.dataset, DATASETS)
     _check_choice(f"{where}.model.source", cfg.model.source, ("trained", "checkpoint"))
+    _check_choice(f"{where}.model.precision", cfg.model.precision, ("fp32", "tf32", "bf16"))
     if cfg.model.source == "checkpoint" and cfg.model.checkpoint_variant not in cfg.variants:
         _check_choice(
             f"{where}.model.checkpoint_variant", cfg.model.checkpoint_variant, tuple(cfg.variants)
@@ -361,10 +372,8 @@ def validate(cfg: Config) -> None:
         "sample.n_samples": cfg.sample.n_samples,
         "sample.batch_size": cfg.sample.batch_size,
         "sample.block_size": cfg.sample.block_size,
-        "sample.num_workers": cfg.sample.num_workers,
         "eval.nll_batch_size": cfg.eval.nll_batch_size,
         "eval.nll_block_size": cfg.eval.nll_block_size,
-        "eval.num_workers": cfg.eval.num_workers,
         "eval.is_splits": cfg.eval.is_splits,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.inception_threads": cfg.eval.inception_threads,
@@ -373,6 +382,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}.{key} must be positive (got {value})")
+    for key, value in (("sample", cfg.sample.num_workers), ("eval", cfg.eval.num_workers)):
+        if value != AUTO and (isinstance(value, str) or value < 1):
+            raise ConfigError(f"{where}.{key}.num_workers must be a positive number or auto "
+                              f"(got {value!r})")  # fmt: skip
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(
             f"{where}.train.batch_size ({cfg.train.batch_size}) must be divisible by "
@@ -398,6 +411,9 @@ def validate(cfg: Config) -> None:
     _check_choice(f"{where}.eval.inception_device", cfg.eval.inception_device, INCEPTION_DEVICES)
     if cfg.eval.ref_images is not None and cfg.eval.ref_images < 2:
         raise ConfigError(f"{where}.eval.ref_images must be null or at least 2")
+    parallel = cfg.cluster.max_parallel_stages
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"cluster.max_parallel_stages must be at least 1 (got {parallel})")
     _validate_official_semantics(cfg, where)
     check_across_sections(cfg)
 
@@ -527,7 +543,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for hint_i in inner[:-1]:  # the first type that takes the value (int | str: 8, auto)
+            try:
+                return _coerce(hint_i, value, where)
+            except ConfigError:
+                pass
+        return _coerce(inner[-1], value, where)
     if value is None:
         raise ConfigError(f"{where}: must not be null")
     if origin is tuple:

@@ -12,6 +12,8 @@ like samples (FID against the train reference, IS) with the same extractor, in t
 ``real_data``: the floor (FID) and ceiling (IS) a reader compares the variants with.
 
 With ``eval.inception_weights: classifier`` the extractor is the featurenet stage's network.
+With ``eval.inception_device: cuda`` and no GPU in this process (a CPU head), every pass runs
+as one GPU task on the cluster (pipeline.evaluation.inception_task).
 """
 
 from __future__ import annotations
@@ -29,12 +31,8 @@ from pipeline.data import open_split, read_manifest
 from pipeline.data.imageviews import ImagePrefix
 from pipeline.evaluation.feature_weights import project_inception_weights
 from pipeline.evaluation.featurenet import classifier_scores
-from pipeline.evaluation.fidelity import (
-    compute_fid_is,
-    compute_reference_stats,
-    inception_options,
-    stand_in_label,
-)
+from pipeline.evaluation.fidelity import stand_in_label
+from pipeline.evaluation.inception_task import InceptionRunner
 from pipeline.model.weights import sha256_file
 
 CACHE_ROOT = layout.FIDELITY_CACHE
@@ -54,10 +52,9 @@ def main(argv: list[str] | None = None) -> None:
             full = open_split(data_dir, split)
             images = ImagePrefix(full, cfg.eval.ref_images or len(full))  # read in chunks
             meta = {"dataset": data["dataset"], "split": split, "stand_in": label["stand_in"]}
-            path = compute_reference_stats(
-                images, split, weights, CACHE_ROOT, tmp,
-                is_splits=cfg.eval.is_splits, meta=meta, **inception_options(cfg.eval),
-            )  # fmt: skip
+            path = InceptionRunner(cfg).reference_stats(
+                images, split, weights, CACHE_ROOT, tmp, is_splits=cfg.eval.is_splits, meta=meta
+            )
             splits[split] = _entry(path, len(images), len(full))
             print(f"reference {cfg.scale}/{split}: {len(images)} of {len(full)} images")
         real = _real_data(cfg, data_dir, tmp, weights, splits.get("test", {}).get("count"))
@@ -87,10 +84,13 @@ def _real_data(cfg, data_dir: Path, out_dir: Path, weights, ref_test: int | None
     count = min(cfg.sample.n_samples, ref_test or len(test), len(test))
     if count < max(2, cfg.eval.is_splits):
         return None
-    found = compute_fid_is(
-        ImagePrefix(test, count), {"train": out_dir / "train-stats.pt"}, weights, CACHE_ROOT,
-        is_splits=cfg.eval.is_splits, **inception_options(cfg.eval),
-    )  # fmt: skip
+    found = InceptionRunner(cfg).fid_is(
+        ImagePrefix(test, count),
+        {"train": out_dir / "train-stats.pt"},
+        weights,
+        CACHE_ROOT,
+        cfg.eval.is_splits,
+    )
     found.update(classifier_scores(weights, test[:count]))
     print(
         f"real data: {count} test images, FID against train {found['fid_train']:.3f}, "

@@ -37,10 +37,13 @@ from pathlib import Path
 
 from pipeline.cli import entry_point
 from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
-from pipeline.cluster.raycluster import local_head, ray_address
+from pipeline.cluster.lease import job_lease
+from pipeline.cluster.parallel import max_parallel_stages, run_parallel
+from pipeline.cluster.raycluster import check_single_node, local_head, ray_address
+from pipeline.cluster.stopping import Stopped, stop_grace_s, warn_short_stop_wait
 from pipeline.cluster.storage import check_storage
 from pipeline.cluster.storage_fs import Store
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.errors import UserError
 
 
@@ -94,18 +97,19 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
             code = _wait_resending(proc, got)
         finally:
             if got:  # what dvc started may outlive it by a moment: wait, then make sure
-                _stop_group(proc.pid, GRACE_S)
+                _stop_group(proc.pid, stop_grace_s(GRACE_S))
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     if got:
         print(f"stopped by signal {got[0]}; rerun to resume", file=sys.stderr, flush=True)
-        raise SystemExit(128 + got[0])
+        raise Stopped(128 + got[0])
     if code:
         raise SystemExit(code)
 
 
-GRACE_S = 20.0  # for the stopped stage to end (its Ray driver disconnects) before SIGKILL
+GRACE_S = 20.0  # for the stopped stage to end (its Ray driver disconnects) before SIGKILL;
+# in a Ray job at most RAY_JOB_STOP_WAIT_TIME_S - 2 s (pipeline.cluster.stopping)
 RESEND_S = 0.5  # the stop signal again, until dvc exits (a stage dvc starts next gets it too)
 
 
@@ -120,7 +124,7 @@ def _wait_resending(proc: subprocess.Popen, got: list[int]) -> int:
                 continue
             now = time.monotonic()
             first = now if first is None else first
-            sig = got[0] if now - first < GRACE_S else signal.SIGKILL
+            sig = got[0] if now - first < stop_grace_s(GRACE_S) else signal.SIGKILL
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig)
 
@@ -173,27 +177,50 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(Path("params.yaml"))
     check_job_tracking(cfg, Path.cwd())  # before any work: one error line
     storage = check_storage(cfg)
+    check_single_node(cfg.ray, storage is not None)  # several nodes need storage: one line
+    parallel = max_parallel_stages(cfg, on_cluster=storage is not None)  # bad value: one line
+    warn_short_stop_wait()
+    with job_lease(storage, cfg.scale):  # one job per storage and scale, else one line
+        run(args, cfg, storage, repro_args, parallel)
+
+
+def run(
+    args: argparse.Namespace,
+    cfg: Config,
+    storage: Store | None,
+    repro_args: list[str],
+    parallel: int = 1,
+) -> None:
+    """Everything after the checks: DVC's setting, the private Ray head, the repro, the push."""
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
     if args.local_ray and not ray_address(cfg.ray):
         print("starting a local Ray cluster for this run", flush=True)
         with local_head(cfg.ray.num_cpus) as head:
             env = {**os.environ, "RAY_ADDRESS": head.address}
-            reproduce(storage, cfg.scale, repro_args, env)
+            reproduce(storage, cfg.scale, repro_args, env, parallel)
     else:
-        reproduce(storage, cfg.scale, repro_args, None)
+        reproduce(storage, cfg.scale, repro_args, None, parallel)
     if args.push and storage is None:
         dvc("push")
 
 
 def reproduce(
-    storage: Store | None, scale: str, repro_args: list[str], env: dict[str, str] | None
+    storage: Store | None,
+    scale: str,
+    repro_args: list[str],
+    env: dict[str, str] | None,
+    parallel: int = 1,
 ) -> None:
-    """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each."""
-    if storage is None:
+    """``dvc repro``, or with cluster storage: restore, then stage by stage with a push each;
+    ``parallel`` > 1 (cluster.max_parallel_stages): independent stages side by side."""
+    if storage is None and parallel > 1 and not repro_args:
+        run_parallel(parallel, env=env)
+    elif storage is None:
         dvc("repro", *repro_args, env=env)
     else:
-        reproduce_with_storage(storage, scale, repro_args, lambda *a: dvc(*a, env=env))
+        run_dvc = lambda *a: dvc(*a, env=env)  # noqa: E731
+        reproduce_with_storage(storage, scale, repro_args, run_dvc, parallel, env)
 
 
 if __name__ == "__main__":

@@ -107,12 +107,14 @@ def test_prepared_data_reaches_a_node_local_cache_checked(s3, tmp_path, monkeypa
     assert cached == tmp_path / "node" / uri.rsplit("/", 1)[1]
     np.testing.assert_array_equal(np.load(cached / "train.npy"), np.load(local / "train.npy"))
     assert storage.node_local_data(uri) == cached  # downloaded once per node
-    assert [p.name for p in (tmp_path / "node").iterdir()] == [cached.name]  # no temp left
+    left = sorted(p.name for p in (tmp_path / "node").iterdir())
+    assert left == sorted([cached.name, f".{cached.name}.lock"])  # no temp left
     Store(uri).write_text("train.npy", "tampered")  # a file changed in the bucket
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "other-node"))
     with pytest.raises(DataError, match="sha256 differs"):
         storage.node_local_data(uri)
-    assert list((tmp_path / "other-node").iterdir()) == []  # nothing half-checked is kept
+    kept = [p.name for p in (tmp_path / "other-node").iterdir()]
+    assert kept == [f".{cached.name}.lock"]  # nothing half-checked is kept
 
 
 def test_finished_blocks_are_uploaded_and_reused_by_a_resubmitted_driver(s3, tmp_path, monkeypatch):

@@ -175,7 +175,11 @@ def test_a_stop_reaches_the_stage_dvc_starts_after_the_signal(tmp_path, monkeypa
     bin_dir.mkdir()
     marker = tmp_path / "second-stage-finished"
     # the stage that finishes despite the signal, then the one dvc starts next
-    finishing = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(1)"
+    ready = tmp_path / "first-stage-ignores-ctrl-c"
+    finishing = (
+        "import pathlib, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(1)"
+    )
     second = f"import pathlib, time; time.sleep(20); pathlib.Path({str(marker)!r}).touch()"
     (bin_dir / "dvc").write_text(
         f"#!{sys.executable}\n"
@@ -192,7 +196,14 @@ def test_a_stop_reaches_the_stage_dvc_starts_after_the_signal(tmp_path, monkeypa
     )
     (bin_dir / "dvc").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    def stop_when_ready() -> None:  # the first stage runs (and repro.dvc's handler is set)
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop_when_ready, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(SystemExit) as stop:
         repro.dvc("repro")

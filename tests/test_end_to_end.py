@@ -106,10 +106,9 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
             assert time.monotonic() < deadline, f"stages.{stage} never started"
             tree = psutil.Process(proc.pid).children(recursive=True)
             found = [p for p in tree if f"stages.{stage}" in " ".join(cmdline(p))]
-            if found:
-                break
+            if any(handles_termination(p.pid) for p in found):
+                break  # the stage's main() runs: its SIGTERM/SIGHUP handler is installed
             time.sleep(0.2)
-        time.sleep(2)  # into the stage's work
         tree = [p for p in psutil.Process(proc.pid).children(recursive=True) if cmdline(p)]
         programs = {Path(cmdline(p)[1]).name for p in tree if len(cmdline(p)) > 1}
         (variant,) = {c[-1] for c in map(cmdline, found) if c[-2:-1] == ["--variant"]}
@@ -127,6 +126,58 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
     return variant
 
 
+def running(log: Path | str) -> list[str]:
+    """The stages DVC started, in order, from a log file or text ("Running stage 'NAME':")."""
+    text = log.read_text() if isinstance(log, Path) else log
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
+
+
+def handles_termination(pid: int) -> bool:
+    """Whether process ``pid`` catches SIGTERM (pipeline.cli.entry_point's handler: the stage
+    is past its imports and inside main()), from /proc/<pid>/status SigCgt."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(
+        (line.split()[1] for line in status.splitlines() if line.startswith("SigCgt")), "0"
+    )
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def stage_outputs(repo: Path, stage: str, variant: str) -> list[Path]:
+    """Every output dvc.yaml gives stage ``stage@variant`` (outs, metrics, plots), except the
+    ``persist`` ones (checkpoints, finished blocks: kept on purpose for the resume)."""
+    import yaml
+
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["do"]
+    paths = []
+    for section in ("outs", "metrics", "plots"):
+        for entry in spec.get(section, []):
+            name, opts = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+            if not (opts or {}).get("persist"):
+                paths.append(repo / name.replace("${key}", variant))
+    return paths
+
+
+def temporaries(repo: Path) -> list[Path]:
+    """Temporary siblings (pipeline.atomic's ``.<name>.*.tmp*``, storage's ``*.tmp``) anywhere in
+    the project outside DVC's own folder."""
+    return [
+        p for p in repo.rglob("*")
+        if ".dvc" not in p.relative_to(repo).parts[:1] and ".tmp" in p.name
+    ]  # fmt: skip
+
+
+def check_stop(repo: Path, stage: str, variant: str) -> None:
+    """The stopped stage@variant left none of its outputs, and nothing temporary is left; the
+    other variants' outputs of that stage are all there or all absent."""
+    missing = [p for p in stage_outputs(repo, stage, variant) if p.exists()]
+    assert not missing, f"{stage}@{variant} was stopped but left {missing}"
+    assert not temporaries(repo), temporaries(repo)
+    assert stopped_before_all(repo, lambda v: stage_outputs(repo, stage, v))
+
+
 def cmdline(p: psutil.Process) -> list[str]:
     try:
         return p.cmdline()
@@ -138,23 +189,33 @@ def cmdline(p: psutil.Process) -> list[str]:
 def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
     """What `make repro` runs (dvc repro, every stage on one local Ray head), all six variants.
 
-    Stopped first by SIGTERM during a training and then by Ctrl-C (SIGINT) during an
-    evaluation: each stop leaves no process and no output of the stopped stage; the third run
-    finishes what they left, with everything a clean run gives.
+    Stopped by SIGTERM during a training, by SIGHUP (a closed terminal) during sampling and by
+    Ctrl-C (SIGINT) during an evaluation, each once its stage is inside main(): each stop leaves
+    no process, none of the stopped stage's outputs (every one dvc.yaml names) and no temporary
+    file anywhere; the last run skips every stage finished before and finishes what they left,
+    with everything a clean run gives.
     """
     repo = copy_repo(tmp_path / "repo")
     sessions, heads = ray_sessions(), set(Path("/tmp").glob("ddpm-ray-*"))
-    interrupt_repro(repo, signal.SIGTERM, "train", tmp_path / "sigterm.log")
-    assert stopped_before_all(repo, lambda v: [repo / "models" / v])
-    interrupt_repro(repo, signal.SIGINT, "evaluate", tmp_path / "sigint.log")
-    assert stopped_before_all(
-        repo, lambda v: [repo / "metrics" / f"{v}.json", repo / "figures" / v, repo / "plots" / v]
-    )
+    stopped = []
+    for sig, stage in ((signal.SIGTERM, "train"), (signal.SIGHUP, "sample"),
+                       (signal.SIGINT, "evaluate")):  # fmt: skip
+        variant = interrupt_repro(repo, sig, stage, tmp_path / f"{sig.name}.log")
+        check_stop(repo, stage, variant)
+        stopped.append(f"{stage}@{variant}")
+    finished = set()  # every stage that ran to its end in the stopped runs (not the last one)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        finished |= set(running(tmp_path / f"{sig.name}.log")[:-1])
     run = subprocess.run(
         [BIN / "python", "-m", "stages.repro", "--local-ray"],
         cwd=repo, env=env(), capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ran = set(running(run.stdout))
+    skipped = {line.split("'")[1] for line in run.stdout.splitlines() if "didn't change" in line}
+    assert {"prepare", "featurenet", "reference"} <= finished
+    assert finished <= skipped and not finished & ran, (sorted(ran), run.stdout[-3000:])
+    assert set(stopped) <= finished | ran  # each stopped stage was finished by a later run
     assert ray_sessions() == sessions  # every stage joined the private head: no local clusters
     assert set(Path("/tmp").glob("ddpm-ray-*")) == heads  # and the head is gone
     assert not head_processes(heads)  # none of its processes is left

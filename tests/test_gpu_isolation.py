@@ -14,6 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
@@ -40,7 +42,7 @@ CHILD = textwrap.dedent(
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              log_to_driver=False)
     out = sys.argv[1]
-    run_blocks(record, 3, 1, out, num_workers=4, resources={"num_cpus": 1, "num_gpus": 1},
+    run_blocks(record, 3, 1, out, num_workers="auto", resources={"num_cpus": 1, "num_gpus": 1},
                shared=0.5, desc="blocks")
     merged = merge_blocks(out, 3, 1)
     print(json.dumps({k: v.tolist() for k, v in merged.items()}))
@@ -76,3 +78,135 @@ def test_concurrent_gpu_blocks_get_distinct_devices_and_fresh_workers(tmp_path):
             overlap = rec["begin"][i] < rec["end"][j] and rec["begin"][j] < rec["end"][i]
             if overlap:
                 assert rec["seen"][i] != rec["seen"][j], (i, j, rec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other GPU task: the Inception passes of a CPU driver, the scorer of evaluation during
+# training (sample, NLL and figure tasks go through the same gputasks.submit: checked below).
+
+PASSES = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    os.environ["DDPM_TEST_FAKE_GPU"] = "1"  # the Inception task computes on the CPU
+    import numpy as np, ray, torch, yaml
+    from pipeline.cluster import gputasks
+    from pipeline.config import config_from_dict
+    from pipeline.evaluation import fidelity, inception_task
+    from pipeline.evaluation.featurenet import SmallClassifier, classifier_weights, save_classifier
+    from pipeline.training.eval_during import CheckpointEvaluator
+    from pipeline.training.checkpoint import META, STATE
+
+    calls = []
+    original = gputasks.submit
+    def spy(fn, *args, resources, **kw):
+        calls.append([fn.__name__, dict(resources), type(args[1]).__name__])
+        return original(fn, *args, resources=resources, **kw)
+    gputasks.submit = inception_task.submit = spy
+
+    def scorer(cfg, variant, step, ema, reference, weights, weights_file):
+        time.sleep(0.5)
+        return float(os.environ.get("CUDA_VISIBLE_DEVICES", "-1")) + 10 * os.getpid()
+
+    tmp = Path(sys.argv[1])
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["presets"]["tiny"]["eval"].update(inception_device="cuda")
+    raw["presets"]["tiny"]["sample"].update(use_gpu=True, gpus_per_worker=1)
+    raw["presets"]["tiny"]["train"].update(eval_every=2, eval_samples=2)
+    cfg = config_from_dict(raw, "tiny")
+    torch.manual_seed(0)
+    save_classifier(SmallClassifier(16, 10), tmp / "net.pt")
+    weights = classifier_weights(tmp / "net.pt")
+    rng = np.random.default_rng(0)
+    images, samples = (rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8) for n in (24, 20))
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+             log_to_driver=False)
+    assert not torch.cuda.is_available() and inception_task.needs_gpu_task("cuda")
+    t0 = time.time()
+    runner = inception_task.InceptionRunner(cfg)
+    ref = runner.reference_stats(images, "train", weights, tmp / "cache", tmp / "ref",
+                                 is_splits=2)
+    fid = runner.fid_is(samples, {"train": ref}, weights, tmp / "cache", 2)
+    again = runner.fid_is(samples, {"train": ref}, weights, tmp / "cache", 2)  # cached
+
+    local = fidelity.compute_reference_stats(images, "train", weights, tmp / "local",
+                                             tmp / "local-ref", is_splits=2, device="cpu")
+    want = fidelity.compute_fid_is(samples, {"train": local}, weights, tmp / "local", 2,
+                                   device="cpu")
+    print(f"remote and local passes: {time.time() - t0:.1f} s", file=sys.stderr)
+    a, b = (fidelity.load_reference({"train": p})["train"] for p in (ref, local))
+    cached = sorted(p.name.split("-")[0] for p in
+                    fidelity.cache_dir(tmp / "cache", weights, "cuda").iterdir())
+
+    run = tmp / "run"  # two checkpoints, steps 2 and 4, scored side by side
+    for step in (2, 4):
+        folder = run / f"checkpoint_{step:09d}"
+        folder.mkdir(parents=True)
+        torch.save({"ema": {}}, folder / STATE)
+        (folder / META).write_text("{}")
+    evaluator = CheckpointEvaluator(cfg, cfg.variant("eps_fixed_mse"), run, ref, tmp,
+                                    scorer=scorer, weights=weights)
+    scores = [r["fid"] for r in evaluator.finish()]
+    print(json.dumps({
+        "calls": calls, "fid": fid, "again": again, "want": want, "cached": cached,
+        "mu": bool(torch.equal(a["mu"], b["mu"])),
+        "sigma": bool(torch.equal(a["sigma"], b["sigma"])),
+        "scores": scores,
+    }))
+    ray.shutdown()
+    """
+)
+
+
+@pytest.mark.slow  # 40-300 s: seven fresh Ray workers importing torch, at load average 3-20
+def test_inception_passes_and_the_scorer_are_gpu_tasks_on_a_cpu_driver(tmp_path):
+    """A driver without CUDA and a preset asking for cuda: the reference statistics and FID/IS
+    run as GPU tasks (one fake GPU each), give what a local pass gives, install their cache so a
+    rerun ships no image; the scorer of evaluation during training gets a fake GPU and a fresh
+    worker per checkpoint."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", PASSES, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads(done.stdout.strip().splitlines()[-1])
+    gpu = {"num_cpus": 1, "num_gpus": 1.0}
+    names = [(name, shipped) for name, res, shipped in rec["calls"] if name == "_task"]
+    assert all(res == gpu for name, res, _ in rec["calls"]), rec["calls"]
+    # reference pass and first FID ship image chunks; the rerun finds the cache: a placeholder
+    assert names == [("_task", "_Chunks"), ("_task", "_Chunks"), ("_task", "_Placeholder")]
+    assert rec["mu"] and rec["sigma"]  # the same statistics as a pass in this process
+    assert rec["fid"]["fid_train"] == rec["want"]["fid_train"] == rec["again"]["fid_train"]
+    assert rec["fid"]["is_mean"] == rec["want"]["is_mean"]
+    assert len(set(rec["cached"])) == 2  # both image sets' cache files are on the driver
+    # the scorer: two tasks through gputasks.submit, each on a fake GPU, each a fresh worker
+    scorers = [c for c in rec["calls"] if c[0] == "scorer"]
+    assert len(scorers) == 2
+    devices = [round(s % 10) for s in rec["scores"]]
+    pids = [s // 10 for s in rec["scores"]]
+    assert all(d in (0, 1) for d in devices) and len(set(pids)) == 2, rec["scores"]
+
+
+def test_every_ray_task_that_can_hold_a_gpu_goes_through_gputasks():
+    """Outside pipeline/cluster/gputasks.py, the pipeline submits Ray work only to its progress
+    boards (actors of num_cpus=0): a task with GPUs declared anywhere else would bypass the
+    fresh-worker rule."""
+    import re
+
+    allowed = ("self.board.push.remote(", "ProgressBoard.remote(", "self.board.take.remote(")
+    allowed += ("@ray.remote(num_cpus=0)",)  # the boards' declaration
+    found = []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        if path.name == "gputasks.py":
+            continue
+        for line in path.read_text().splitlines():
+            calls = re.findall(r"@?[\w.]*\.(?:remote|options)\([^)]*\)?", line)
+            found += [c for c in calls if not any(c.startswith(a) for a in allowed)]
+    assert found == []

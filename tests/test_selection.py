@@ -8,6 +8,7 @@ EMA weights, FID against stand-in reference statistics).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,113 @@ def test_checkpoints_in_a_bucket_are_found_and_their_records_kept_there(trained,
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def test_a_truncated_checkpoint_is_skipped_then_scored_once_complete(trained, tmp_path, caplog):
+    """Ray Train writes checkpoint_<step>/ in place: on NFS the evaluator may see a truncated
+    state.pt. It is not scored (one warning line, the thread goes on), and once the file is
+    whole it is scored; the exported step is then the lowest-FID one of all evaluated."""
+    import shutil
+
+    from pipeline.training import eval_during
+
+    root, run_dir = trained
+    run = tmp_path / "run"
+    for step in (4, 8, 12):
+        name = f"checkpoint_{step:09d}"
+        shutil.copytree(run_dir / name, run / name)
+    state = run / "checkpoint_000000008" / "state.pt"
+    whole = state.read_bytes()
+    state.write_bytes(whole[: len(whole) // 2])  # half written
+    calls: list[int] = []
+    _, evaluator = _evaluator(root, run, calls)
+    eval_during.SETTLE_S, settle = 0.0, eval_during.SETTLE_S
+    try:
+        with caplog.at_level("WARNING", logger=eval_during.__name__):
+            evaluator.show({"event": "interval", "step": 12})  # as the progress reader calls it
+            evaluator.show({"event": "interval", "step": 12})  # still truncated: no new line
+        assert calls == [4, 12] and evaluator.records.done() == {4, 12}
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "step 8 not loadable yet" in warned[0]
+        state.write_bytes(whole)  # Ray Train finished writing it
+        evaluator.show({"event": "interval", "step": 12})
+        assert calls == [4, 12, 8]
+    finally:
+        eval_during.SETTLE_S = settle
+    records = evaluator.finish()
+    assert [(r["step"], r["fid"]) for r in records] == [(4, 7.0), (8, 2.5), (12, 3.0)]
+    folder, selection = select_checkpoint("best_fid", evaluator.records, run / "x")
+    assert selection["selected_step"] == min(records, key=lambda r: r["fid"])["step"] == 8
+    assert read_checkpoint(folder)["step"] == 8  # the copy kept is step 8's, not step 12's
+
+
+def test_a_failing_scorer_or_storage_error_is_a_warning_and_a_retry(trained, tmp_path, monkeypatch):
+    """The scorer fails once for step 8 (a lost node), and listing the run fails once (a
+    storage outage): each is a warning, progress goes on, and finish() scores step 8."""
+    from pipeline.training import eval_during
+
+    root, run_dir = trained
+    calls: list[int] = []
+    failed_once: list[int] = []
+
+    def flaky(cfg, variant, step, ema, reference, weights, weights_file) -> float:
+        if step == 8 and not failed_once:
+            failed_once.append(step)
+            raise RuntimeError("the node running the scorer died")
+        calls.append(step)
+        return FIDS[step]
+
+    cfg = tiny_config(**TRAIN, eval_every=4, eval_samples=8, select="best_fid")
+    (root / "ref.pt").write_bytes(STATS_BYTES)
+    evaluator = CheckpointEvaluator(
+        cfg, cfg.variant(VARIANT), run_dir, root / "ref.pt", tmp_path, scorer=flaky,
+        run_task=False, weights=NO_WEIGHTS,
+    )  # fmt: skip
+    evaluator.records = EvalRecords(tmp_path / "records")  # the trained run's own stay clean
+    outage = [OSError("NFS server not responding")]
+    due = eval_during.due_steps
+
+    def listing(*args):
+        if outage:
+            raise outage.pop()
+        return due(*args)
+
+    monkeypatch.setattr(eval_during, "due_steps", listing)
+    monkeypatch.setattr(eval_during, "SETTLE_S", 0.0)
+    evaluator.show({"event": "interval", "step": 12})  # the outage: a warning, no exception
+    assert calls == []
+    evaluator.show({"event": "interval", "step": 12})
+    assert calls == [4, 12] and evaluator.failed == {8}
+    records = evaluator.finish()
+    assert calls == [4, 12, 8] and [r["step"] for r in records] == [4, 8, 12]
+    assert evaluator.records.best()["step"] == 8
+
+
+def test_a_sink_that_raises_does_not_stop_progress(ray_session, caplog):
+    """A progress sink that raises (MLflow unreachable, a bug) is one warning line; the reader
+    thread keeps feeding every sink every update."""
+    from pipeline.cluster.progress import BoardReader, ProgressBoard
+
+    class Broken:
+        def show(self, update):
+            raise ConnectionError("tracking server down")
+
+    class Seen:
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def show(self, update):
+            self.steps.append(update["step"])
+
+    board, seen = ProgressBoard.remote(), Seen()
+    with caplog.at_level("WARNING"), BoardReader(board, [Broken(), seen], every=0.05) as reader:
+        for step in range(1, 6):
+            ray_session.get(board.push.remote({"event": "interval", "step": step}))
+            deadline = time.monotonic() + 30
+            while step not in seen.steps and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert reader._thread.is_alive()
+    assert seen.steps == [1, 2, 3, 4, 5]
+    warned = [r.getMessage() for r in caplog.records if "progress sink" in r.getMessage()]
+    assert len(warned) == 1 and "Broken failed: ConnectionError" in warned[0]
+    ray_session.kill(board)

@@ -6,8 +6,10 @@ server``; DVC with the storage remote. a. (default suite): the job succeeds with
 worker on each node and blocks on both, which Ray's own task and actor records (node ids) show;
 MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
 b. and c. (slow): a job stopped during training and resubmitted after an edit continues from
-the stored checkpoint with bit-identical final EMA weights, recomputes no finished stage, and a
-fresh clone gets every output with ``dvc pull`` from the storage remote. (slow) a. with the
+the stored checkpoint with final EMA weights bit-identical to a.'s (job a. is a module fixture:
+b. runs it when run alone), recomputes no finished stage, a second job submitted while the first
+runs is refused by the storage lease, and a fresh clone gets every output with ``dvc pull`` from
+the storage remote. (slow) a. with the
 storage in an s3:// bucket (a moto server, tests/moto_s3.py).
 """
 
@@ -98,13 +100,21 @@ def du(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, tracking, tmp_path):
-    repo = project(tmp_path / "repo")  # one variant: CI time
+@pytest.fixture(scope="module")
+def job_a(cluster, tracking, tmp_path_factory) -> tuple[Path, float, subprocess.CompletedProcess]:
+    """Job a., an uninterrupted run: (its storage, seconds, the submission). Test a. checks it;
+    b. compares its resumed weights with it, whichever test runs first or alone."""
+    repo = project(tmp_path_factory.mktemp("a") / "repo")  # one variant: CI time
     storage = cluster.storage / "a"
+    shutil.rmtree(storage, ignore_errors=True)
     start = time.perf_counter()
     env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
     job = submit(cluster, repo, env_vars)
-    seconds = time.perf_counter() - start
+    return storage, time.perf_counter() - start, job
+
+
+def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, job_a, tracking, tmp_path):
+    storage, seconds, job = job_a
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-6000:] + job.stderr
     where = placements(cluster, storage)
     assert len(list(storage.glob("checkpoints/*/*/nodes/rank-*.json"))) == 2  # ranks 0 and 1
@@ -192,9 +202,10 @@ def final_ema(storage: Path, variant: str, step: int) -> dict[str, torch.Tensor]
 
 @pytest.mark.slow
 def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
-    cluster, tracking, tmp_path
+    cluster, job_a, tracking, tmp_path
 ):
-    """b. stop during training, edit, resubmit: resumes, skips, same weights; c. dvc pull."""
+    """b. stop during training, edit, resubmit: resumes, skips, same weights as job a.; while
+    the first job runs, a second on the same storage is refused (the lease); c. dvc pull."""
     repo = project(tmp_path / "repo")
     # Ray reuses the working directory of an identical package (a.'s, outputs and all): differ.
     (repo / "README.md").write_text((repo / "README.md").read_text() + "\ncase b\n")
@@ -208,7 +219,12 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     while not list(runs.glob("*/checkpoint_000000004/state.pt")):
         assert time.monotonic() < deadline and hung.poll() is None, first.read_text()[-4000:]
         time.sleep(1)
-    stop_job(cluster, hung)
+    rival = submit(cluster, repo, env_vars)  # the same storage while the first job runs
+    running = running_job(cluster)
+    refused = {line for line in rival.stdout.splitlines() if line.startswith("error: job ")}
+    assert rival.returncode != 0 and len(refused) == 1, rival.stdout[-3000:]
+    assert f"`ray job stop {running}`" in refused.pop()
+    stop_job(cluster, hung)  # SIGKILL 3 s after SIGTERM (Ray's default wait): the lease may stay
     first_log = first.read_text()
     assert "Running stage 'train@" in first_log
     (repo / "README.md").write_text((repo / "README.md").read_text() + "\nedited\n")  # new package
@@ -221,9 +237,8 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
         assert f"Stage '{stage}' didn't change, skipping" in log, log[-6000:]
         assert f"Running stage '{stage}'" not in log
     assert "resumed at step 4" in log or "from step 4" in log, log[-6000:]
-    if not (cluster.storage / "a").is_dir():
-        pytest.skip("compares with test a's uninterrupted run")
-    reference = final_ema(cluster.storage / "a", VARIANT, 8)
+    assert job_a[2].returncode == 0, job_a[2].stdout[-3000:]
+    reference = final_ema(job_a[0], VARIANT, 8)
     resumed = final_ema(storage, VARIANT, 8)
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     ran = [line for line in log.splitlines() if line.startswith("Running stage")]
@@ -243,14 +258,19 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     assert len(variant_runs(tracking)) >= 1
 
 
-def stop_job(cluster: TwoNodes, proc: subprocess.Popen) -> None:
-    """``ray job stop`` the running job (``proc`` is its ``ray job submit``, which then ends)."""
+def running_job(cluster: TwoNodes) -> str:
+    """The submission id of the one running job."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url)
     (job,) = [j for j in client.list_jobs() if j.status == JobStatus.RUNNING]
+    return job.submission_id
+
+
+def stop_job(cluster: TwoNodes, proc: subprocess.Popen) -> None:
+    """``ray job stop`` the running job (``proc`` is its ``ray job submit``, which then ends)."""
     subprocess.run(
-        [BIN / "ray", "job", "stop", "--address", cluster.dashboard_url, job.submission_id],
+        [BIN / "ray", "job", "stop", "--address", cluster.dashboard_url, running_job(cluster)],
         env=env(RAY_AUTH_MODE="disabled"), check=True, capture_output=True,
     )  # fmt: skip
     proc.wait(120)

@@ -19,12 +19,16 @@ from repo_copy import ROOT, env
 # A stage's driver: a local Ray cluster, and a child outside its process group as Ray's worker
 # processes are (each leads a group of its own), which a signal to the group cannot reach.
 DRIVER = """
-import subprocess, time
+import os, pathlib, subprocess, time
 from pipeline.config import RayConfig
 from pipeline.cluster.raycluster import init_ray
 init_ray(RayConfig(num_cpus=1, log_to_driver=False))
-subprocess.Popen(["sleep", "600"], start_new_session=True)
-time.sleep(2)  # the watchdog looks every 0.5 s
+child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+seen = pathlib.Path(os.environ["DDPM_WATCHDOG_SEEN"])
+deadline = time.monotonic() + 120
+while str(child.pid) not in (seen.read_text().split() if seen.exists() else []):
+    assert time.monotonic() < deadline, "the watchdog never saw the child"
+    time.sleep(0.05)  # until the watchdog has seen the child (no fixed sleep)
 print("ready", flush=True)
 time.sleep(600)
 """
@@ -48,11 +52,11 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-def test_sigkill_of_a_stage_process_group_stops_its_local_ray_cluster():
+def test_sigkill_of_a_stage_process_group_stops_its_local_ray_cluster(tmp_path):
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER],
         cwd=ROOT,
-        env=env(PYTHONPATH=str(ROOT)),
+        env=env(PYTHONPATH=str(ROOT), DDPM_WATCHDOG_SEEN=str(tmp_path / "seen")),
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as dvc's stage has

@@ -45,6 +45,8 @@ from pipeline.cluster.taskprogress import BlockProgress
 from pipeline.errors import ConfigError, DataError
 
 FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
+GPU_WAIT_ENV = "DDPM_GPU_WAIT_S"  # seconds to wait for GPUs an autoscaler starts (check_resources)
+AUTO = "auto"  # num_workers: follow the cluster (Window)
 SHARD_RE = re.compile(r"^block-(\d{8})-(\d{8})\.npz$")
 
 TaskFn = Callable[[int, int, Any], dict[str, np.ndarray]]
@@ -148,15 +150,35 @@ def _run_block(
     return task_fn(start, stop, shared)
 
 
-def check_resources(resources: dict[str, float]) -> None:
-    """ConfigError when no node of the Ray cluster could ever run a task with ``resources``."""
+def _ray_name(name: str) -> str:
+    return "GPU" if name == "num_gpus" else "CPU"
+
+
+def _short(resources: dict[str, float]) -> dict[str, float]:
     total = ray.cluster_resources()
-    short = {
-        name: need
-        for name, need in resources.items()
-        if need and total.get("GPU" if name == "num_gpus" else "CPU", 0.0) < need
-    }
+    return {n: need for n, need in resources.items() if need and total.get(_ray_name(n), 0) < need}
+
+
+def check_resources(resources: dict[str, float]) -> None:
+    """ConfigError when no node of the Ray cluster could ever run a task with ``resources``.
+
+    With ``DDPM_GPU_WAIT_S`` = s > 0 in the environment (an autoscaling cluster whose GPU nodes
+    start on demand: ``min_workers: 0``, KubeRay's autoscaler), the missing resources are first
+    requested from the autoscaler and waited for up to s seconds.
+    """
+    short = _short(resources)
+    wait_s = float(os.environ.get(GPU_WAIT_ENV) or 0)
+    if short and wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {_ray_name(n): need for n, need in resources.items() if need}
+        request_resources(bundles=[bundle])  # a no-op without an autoscaler
+        deadline = time.monotonic() + wait_s
+        while short and time.monotonic() < deadline:
+            time.sleep(min(5.0, wait_s))
+            short = _short(resources)
     if short:
+        total = ray.cluster_resources()
         have = {k: total.get(k, 0.0) for k in ("CPU", "GPU")}
         raise ConfigError(
             f"each task needs {short} but the Ray cluster has {have}; lower cpus_per_worker / "
@@ -164,12 +186,45 @@ def check_resources(resources: dict[str, float]) -> None:
         )
 
 
+def cluster_slots(resources: dict[str, float]) -> int:
+    """How many tasks of ``resources`` the Ray cluster holds at once now (by its total GPUs,
+    and CPUs; at least 1): the window of ``num_workers: auto``."""
+    total = ray.cluster_resources()
+    fits = [
+        int(total.get(_ray_name(n), 0.0) / need + 1e-9) for n, need in resources.items() if need
+    ]
+    return max(1, min(fits, default=1))
+
+
+class Window:
+    """``num_workers`` as the number of tasks to keep in flight: a fixed number, or ``auto``:
+    :func:`cluster_slots`, re-read at most every ``every_s`` seconds (a node that joins while
+    the stage runs is used; one that leaves only stops the refills)."""
+
+    def __init__(self, num_workers: int | str, resources: dict[str, float], every_s: float = 10):
+        if num_workers != AUTO and (isinstance(num_workers, str) or num_workers < 1):
+            raise ValueError(f"num_workers must be at least 1 or {AUTO!r} (got {num_workers!r})")
+        self.num_workers, self.resources, self.every_s = num_workers, resources, every_s
+        self._read_at, self._value = -float("inf"), 1
+        self.seen: list[int] = []  # the distinct windows used, in order (logs and tests)
+
+    def __call__(self) -> int:
+        if self.num_workers != AUTO:
+            return int(self.num_workers)
+        if time.monotonic() - self._read_at >= self.every_s:
+            self._read_at, self._value = time.monotonic(), cluster_slots(self.resources)
+            if not self.seen or self.seen[-1] != self._value:
+                self.seen.append(self._value)
+                tqdm.write(f"num_workers auto: {self._value} tasks in flight")
+        return self._value
+
+
 def run_blocks(
     task_fn: TaskFn,
     n_items: int,
     block_size: int,
     out_dir: str | os.PathLike,
-    num_workers: int,
+    num_workers: int | str,
     resources: dict[str, float] | None = None,
     desc: str = "items",
     shared: Any = None,
@@ -184,7 +239,8 @@ def run_blocks(
             ``stop - start`` rows each; a module-level function (Ray pickles it by reference).
         n_items: items to cover; block_size: items per block (the unit of work and resume).
         out_dir: the shard folder (absolute or relative to the driver's cwd).
-        num_workers: Ray tasks kept in flight at once.
+        num_workers: Ray tasks kept in flight at once, or ``auto``: as many as the cluster
+            holds (:class:`Window`, re-read as the stage runs).
         resources: per-task Ray resources, e.g. ``{"num_cpus": 1, "num_gpus": 0.5}``.
         desc: the progress bar's unit (``samples``, ``images``).
         shared: one object every task receives (e.g. the model's state dict), put in Ray's
@@ -199,8 +255,8 @@ def run_blocks(
         RuntimeError when a block still fails after its retries; finished shards are kept,
         so a rerun resumes.
     """
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be at least 1 (got {num_workers})")
+    resources = dict(resources or {"num_cpus": 1})
+    window = Window(num_workers, resources)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = block_ranges(n_items, block_size)
@@ -209,7 +265,6 @@ def run_blocks(
     todo = []
     for block in blocks:
         (run.skipped if _is_finished(out_dir, block) else todo).append(block)
-    resources = dict(resources or {"num_cpus": 1})
     if todo and connect is not None:
         connect()
     if todo:
@@ -223,7 +278,7 @@ def run_blocks(
             launch = functools.partial(
                 _launch, options, task_fn, ray.put(shared), out_dir, progress
             )
-            windowed = _windowed(todo, launch, num_workers, max_retries, progress.poll)
+            windowed = _windowed(todo, launch, window, max_retries, progress.poll)
             with contextlib.closing(windowed) as results:
                 for block, arrays in results:
                     _store(out_dir, block, arrays)
@@ -261,30 +316,39 @@ def _launch(
 def _windowed(
     todo: list[Range],
     launch: Callable[[Range], Any],
-    window: int,
+    window: Callable[[], int],
     max_retries: int,
     idle: Callable[[], None] = lambda: None,
     every_s: float = 2.0,
 ) -> Iterator[tuple[Range, dict[str, np.ndarray]]]:
-    """Yield (block, result) as tasks finish, keeping at most ``window`` of them in flight.
+    """Yield (block, result) as tasks finish, keeping at most ``window()`` of them in flight.
 
-    ``idle()`` is called every ``every_s`` seconds without a finished task (progress polling).
+    ``window()`` is asked again whenever a task finishes and every ``every_s`` seconds, so a
+    window that grows (GPUs that joined the cluster) is filled at once. ``idle()`` is called
+    every ``every_s`` seconds without a finished task (progress polling).
 
     Closing the generator (an error or an interrupt in the caller) cancels the tasks in flight,
     gently: ``force=True`` racing a finishing task can abort the driver (seen with Ray 2.60),
     and when the driver exits Ray ends the tasks it owns anyway.
     """
     queue = iter(todo)
-    pending = {launch(block): block for block in itertools.islice(queue, window)}
+    pending: dict[Any, Range] = {}
+
+    def refill() -> None:
+        more = max(0, window() - len(pending))
+        pending.update({launch(b): b for b in itertools.islice(queue, more)})
+
+    refill()
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=every_s)
             if not ready:
                 idle()
+                refill()
                 continue
             block = pending.pop(ready[0])
             yield block, _get(ready[0], block, max_retries)
-            pending.update({launch(b): b for b in itertools.islice(queue, 1)})
+            refill()
     finally:
         for ref in pending:
             ray.cancel(ref)

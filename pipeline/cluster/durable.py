@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.cluster.stopping import Stopped
 from pipeline.cluster.storage import (
     dvc_remote,
     node_local_data,
@@ -95,8 +96,16 @@ def stage_names() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def reproduce_with_storage(store: Store, scale: str, repro_args: list[str], dvc: Dvc) -> None:
-    """Restore, then reproduce stage by stage with a push and a state save after each."""
+def reproduce_with_storage(
+    store: Store,
+    scale: str,
+    repro_args: list[str],
+    dvc: Dvc,
+    parallel: int = 1,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Restore, then reproduce stage by stage with a push and a state save after each;
+    ``parallel`` > 1: independent stages side by side (pipeline.cluster.parallel)."""
     state = state_dir(store, scale)
     dvc("remote", "add", "--local", "--force", "--default", REMOTE, dvc_remote(store))
     for option, value in store.dvc_remote_options().items():
@@ -111,11 +120,20 @@ def reproduce_with_storage(store: Store, scale: str, repro_args: list[str], dvc:
         save_data(Path.cwd(), store, state, scale)
         save_state(Path.cwd(), store, state)
         return
-    for name in stage_names():
-        dvc("repro", "--single-item", name)
+
+    def after(name: str) -> None:
         push(dvc, store, name)
         save_data(Path.cwd(), store, state, scale)
         save_state(Path.cwd(), store, state)
+
+    if parallel > 1:
+        from pipeline.cluster.parallel import run_parallel
+
+        run_parallel(parallel, after, env=env)
+        return
+    for name in stage_names():
+        dvc("repro", "--single-item", name)
+        after(name)
 
 
 def save_data(project: Path, store: Store, state: Path, scale: str) -> None:
@@ -146,6 +164,8 @@ def push(dvc: Dvc, store: Store, stage: str | None) -> None:
     """``dvc push [stage]`` to the storage remote; a rejected push is one UserError line."""
     try:
         dvc("push", *([stage] if stage else []))
+    except Stopped:  # a signal stopped the push: a stop, not a remote failure
+        raise
     except SystemExit as e:
         what = f"stage {stage}" if stage else "the outputs"
         raise UserError(
@@ -177,13 +197,16 @@ _SAVED: dict[str, tuple[int, int]] = {}  # bucket objects this process wrote: (s
 
 
 def save_state(project: Path, store: Store, state: Path) -> int:
-    """Copy dvc.lock and the uncached outputs into ``state`` (changed files only); bytes copied.
+    """Copy the uncached outputs, then dvc.lock, into ``state`` (changed files only); bytes
+    copied.
 
     A folder store compares size and mtime with the stored copy; a bucket, with what this
     process uploaded last (a new job uploads the small state once, then only changes).
     """
     copied = 0
-    for rel in _files(project, STATE):
+    # dvc.lock last: a save cut short leaves the old lock with new outputs (the stages rerun
+    # or are found unchanged), never a new lock beside the outputs of an earlier stage
+    for rel in sorted(_files(project, STATE), key=lambda rel: rel == Path("dvc.lock")):
         if rel.name.startswith(".") and rel.name.endswith(".tmp"):
             continue
         source = project / rel

@@ -46,6 +46,7 @@ class BoardReader:
         self.board, self.sinks, self.every = board, sinks, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._warned: set[tuple[int, str]] = set()
 
     def __enter__(self) -> BoardReader:
         self._thread.start()
@@ -62,7 +63,10 @@ class BoardReader:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self.poll()
+            try:
+                self.poll()
+            except Exception as e:  # never the end of the thread: the next poll retries
+                self._warn(self, e)
 
     def poll(self) -> None:
         """Take the board's updates and hand them to every sink."""
@@ -73,7 +77,20 @@ class BoardReader:
             return
         for update in updates:
             for sink in self.sinks:
-                sink.show(update)
+                try:
+                    sink.show(update)
+                except Exception as e:  # a sink's failure must not end this thread
+                    self._warn(sink, e)
+
+    def _warn(self, sink: Sink, error: Exception) -> None:
+        """One warning line per sink and kind of error (the next update retries the sink)."""
+        key = (id(sink), type(error).__name__)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(
+                "progress sink %s failed: %s: %s (shown once; it gets every next update)",
+                type(sink).__name__, type(error).__name__, str(error)[:200],
+            )  # fmt: skip
 
 
 def format_eta(seconds: float) -> str:

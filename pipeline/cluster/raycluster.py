@@ -52,6 +52,37 @@ def init_ray(cfg: RayConfig) -> None:
         watch()  # the local cluster dies with this process, even when it is SIGKILLed
 
 
+def alive_nodes(cfg: RayConfig) -> int:
+    """How many alive nodes the cluster at ``ray_address(cfg)`` has (1 without an address: a
+    new local cluster is one node). Connects for the count and disconnects."""
+    address = ray_address(cfg)
+    if not address:
+        return 1
+    if ray.is_initialized():
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+    finally:
+        ray.shutdown()
+
+
+def check_single_node(cfg: RayConfig, has_storage: bool) -> None:
+    """UserError when the cluster has several alive nodes and no cluster storage is set: ranks
+    and tasks on the other nodes could not see the job's working directory (one line, before
+    any work, instead of a late failure on a remote rank)."""
+    if has_storage:
+        return
+    nodes = alive_nodes(cfg)
+    if nodes > 1:
+        raise UserError(
+            f"the Ray cluster at {ray_address(cfg)} has {nodes} alive nodes and no cluster "
+            "storage is set: set cluster.storage in params.yaml or DDPM_CLUSTER_STORAGE (a "
+            "folder every node mounts at the same path, or s3://..., gs://...; see "
+            "docs/cluster.md)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalHead:
     """A running ``ray start --head`` cluster: its GCS address and job (dashboard) URL."""

@@ -25,6 +25,7 @@ against the manifest's sha256 digests, and map it from there.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -201,7 +202,9 @@ def node_local_data(data_dir: str) -> Path:
     A path: itself. A bucket URI: downloaded once per node into the node-local cache (keyed
     by the manifest's digest, which the folder name carries), every file listed in the
     manifest checked against its sha256, then renamed into place: ranks on one node share one
-    copy, and a rank never maps a half-written or tampered file.
+    copy, and a rank never maps a half-written or tampered file. One rank of a node downloads
+    (an exclusive ``flock`` on ``.<name>.lock`` in the cache); the others wait for it, then
+    find the copy.
     """
     if "://" not in data_dir:
         return Path(data_dir)
@@ -212,6 +215,16 @@ def node_local_data(data_dir: str) -> Path:
     if (target / "manifest.json").is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{name}.lock", "a") as lock:  # one download per node: the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "manifest.json").is_file():  # another rank of this node downloaded it
+            return target
+        _download_data(store, data_dir, name, cache, target)
+    return target
+
+
+def _download_data(store: Store, data_dir: str, name: str, cache: Path, target: Path) -> None:
+    """:func:`node_local_data`'s download, checked, renamed to ``target`` (under the lock)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
     try:
         store.get_dir("", tmp)
@@ -220,14 +233,9 @@ def node_local_data(data_dir: str) -> Path:
         for path, sha in _listed_files(json.loads((tmp / "manifest.json").read_text())):
             if _sha256(tmp / path) != sha:
                 raise DataError(f"{data_dir}/{path}: sha256 differs from the manifest's")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "manifest.json").is_file():  # else another rank's copy won
-                raise
+        os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _listed_files(manifest: object) -> Iterator[tuple[str, str]]:

@@ -2,7 +2,7 @@
 
 :class:`Store` gives the few operations the pipeline needs on both: ``exists``, ``list``,
 ``put_file``/``put_dir`` (a local file or folder into storage), ``get_file``/``get_dir``
-(storage to a local file or folder), ``write_text``/``read_text`` (small records) and
+(storage to a local file or folder), ``write_text``/``read_text`` (small records), ``remove`` and
 ``makedirs``. A folder keeps the fast local behaviour: plain file copies written under a
 temporary name and renamed (readers never see half a file); in a bucket each object put is
 atomic by itself. Every local file written by ``get_*`` is written under a temporary name and
@@ -184,6 +184,14 @@ class Store:
         if self.is_local:
             return self.local_path(rel).read_text()
         return self.fs.cat_file(self._path(rel)).decode()
+
+    def remove(self, rel: str | os.PathLike) -> None:
+        """Delete the file ``rel`` (nothing if it is absent)."""
+        if self.is_local:
+            self.local_path(rel).unlink(missing_ok=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._path(rel))
 
     def makedirs(self, rel: str | os.PathLike = "") -> None:
         """Create the folder ``rel`` (buckets have no folders: nothing to do)."""

@@ -1,8 +1,9 @@
 """Evaluating one variant (stage ``evaluate``): FID/IS, the NLL bound, rate-distortion, figures.
 
 - FID against the reference splits and IS of ``samples/<variant>/``'s shards through
-  torch-fidelity (pipeline.evaluation.fidelity), in this process, cached under
-  ``work/fid/<variant>``.
+  torch-fidelity (pipeline.evaluation.fidelity), cached under ``work/fid/<variant>``: in this
+  process, or as one GPU task when ``eval.inception_device`` is cuda and this process sees no
+  GPU (pipeline.evaluation.inception_task: a CPU head).
 - The NLL bound on the test set (and optionally a train subset) on Ray
   (pipeline.evaluation.likelihood),
   resumable under ``work/nll/<variant>``; from its per-timestep sums the rate-distortion curve
@@ -33,13 +34,8 @@ from pipeline.data.imageviews import ImagePrefix
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.feature_weights import project_inception_weights
 from pipeline.evaluation.featurenet import CLASSIFIER_SCORES, classifier_scores
-from pipeline.evaluation.fidelity import (
-    check_images,
-    compute_fid_is,
-    inception_options,
-    reference_files,
-    stand_in_label,
-)
+from pipeline.evaluation.fidelity import check_images, reference_files, stand_in_label
+from pipeline.evaluation.inception_task import InceptionRunner
 from pipeline.evaluation.likelihood import NllResult, compute_nll, eval_network, eval_resources
 from pipeline.evaluation.rate_distortion import rate_distortion, table4_rows
 from pipeline.evaluation.reconstruction import FigureSpec, submit_figures
@@ -84,12 +80,12 @@ def check_eval_config(cfg: Config) -> None:
 
 
 def load_samples(
-    variant: str, info: ModelInfo, root: Path = Path(".")
+    variant: str, info: ModelInfo, root: Path = Path("."), precision: str | None = None
 ) -> tuple[SampleShards, dict]:
     """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest.
 
     DataError when the manifest or a shard is missing, unreadable or altered, or when the
-    samples were drawn from other weights.
+    samples were drawn from other weights or (``precision`` given) in another model.precision.
     """
     folder = root / layout.samples_dir(variant)
     manifest_path = folder / "manifest.json"
@@ -102,6 +98,11 @@ def load_samples(
         raise DataError(f"{manifest_path}: unreadable ({type(e).__name__}); {hint}") from None
     if manifest.get("weights_sha256") not in (None, info.sha256):
         raise DataError(f"{folder}: drawn from other weights than {info.weights} ({hint})")
+    if precision is not None and manifest.get("precision", "fp32") != precision:
+        raise DataError(
+            f"{folder}: drawn in precision {manifest.get('precision')} but params say "
+            f"model.precision: {precision} ({hint})"
+        )
     # every shard read once to check its sha256, then mapped: read in pages, never whole
     return open_samples(folder, manifest, hint), manifest
 
@@ -165,7 +166,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     """
     clock, started = _Clock(cfg), time.perf_counter()
     info = load_model_info(root / layout.model_dir(variant.name), variant, cfg.scale)
-    samples, sample_manifest = load_samples(variant.name, info, root)
+    samples, sample_manifest = load_samples(variant.name, info, root, cfg.model.precision)
     hint = f"rerun `dvc repro sample@{variant.name}`"
     check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)
@@ -175,14 +176,14 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
     result.run_id = info.meta.get("mlflow_run_id")
     t0 = time.perf_counter()
-    fid = compute_fid_is(
+    # here, or as a GPU task when the preset asks for cuda and this driver has no GPU
+    fid = InceptionRunner(cfg).fid_is(
         ImagePrefix(samples, len(samples)),  # read in chunks, mapped pages released as it goes
         reference_files(root / layout.reference_dir(cfg.scale)),
         weights,
-        cache_root=root / layout.work_dir("fid", variant.name),
-        is_splits=cfg.eval.is_splits,
+        root / layout.work_dir("fid", variant.name),
+        cfg.eval.is_splits,
         expected=cfg.sample.n_samples,
-        **inception_options(cfg.eval),
     )
     fid.update(classifier_scores(weights, samples))
     clock.add("fid_is", t0)

@@ -98,16 +98,18 @@ def compute_reference_stats(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    key: str | None = None,
 ) -> Path:
     """Inception statistics of reference ``images`` [N, R, R, 3] uint8, written atomically.
 
     Returns ``out_dir/<name>-stats.pt``: mu [2048] float32, sigma [2048, 2048] float64, count,
     resolution, weights identity, the images' IS (None when N < is_splits) and ``meta``.
+    ``key``: the images' :func:`content_key` when the caller knows it already.
     """
     count, resolution = check_images(images, f"reference images {name!r}")
     device = resolve_device(device)
     cache = cache_dir(cache_root, weights, device)
-    key = content_key(images)
+    key = key or content_key(images)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(images, key, weights, cache, **opts)
     stat = _statistics(key, weights, cache, **opts)
@@ -145,12 +147,14 @@ def compute_fid_is(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """FID of ``samples`` [N, R, R, 3] uint8 against each reference split, and their IS.
 
     ``reference`` is a reference folder (all splits in its manifest.json) or {split: stats
     file}. Returns {"fid_train", "fid_test" (None for a split not given), "is_mean", "is_std",
-    "n_samples"}. At least max(2, is_splits, expected) samples are required.
+    "n_samples"}. At least max(2, is_splits, expected) samples are required. ``key``: the
+    samples' :func:`content_key` when the caller knows it already.
     """
     minimum = max(2, is_splits, expected or 0)
     count, resolution = check_images(samples, "samples", minimum, hint="rerun `dvc repro sample`")
@@ -159,7 +163,7 @@ def compute_fid_is(
         _check_compatible(stats, split, resolution, weights)
     device = resolve_device(device)
     cache = cache_dir(cache_root, weights, device)
-    key = content_key(samples)
+    key = key or content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
     _extract(samples, key, weights, cache, **opts)
     result: dict[str, Any] = {"fid_train": None, "fid_test": None}
@@ -325,11 +329,7 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
     two images, the set as both inputs; both values are discarded) fills the cache in a single
     pass without computing a Fréchet distance nobody needs (~8 s of eigvals on 2 CPU cores).
     """
-    fid_ready = (
-        _stat_file(cache, key, weights).is_file()
-        or _features_file(cache, key, weights.fid_layer, weights).is_file()
-    )
-    if fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file():
+    if extracted(cache, key, weights):
         return
     from pipeline.cluster.taskprogress import BlockProgress  # imports ray: only when a pass runs
 
@@ -351,6 +351,15 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
         _calculate(weights, cache, isc=True, isc_splits=1, **token_kid, **inputs, **opts)
     finally:
         bar.close()
+
+
+def extracted(cache: Path, key: str, weights: InceptionWeights) -> bool:
+    """Whether ``cache`` holds what FID and IS of image set ``key`` need (no pass to run)."""
+    fid_ready = (
+        _stat_file(cache, key, weights).is_file()
+        or _features_file(cache, key, weights.fid_layer, weights).is_file()
+    )
+    return fid_ready and _features_file(cache, key, weights.is_layer, weights).is_file()
 
 
 def _statistics(key: str, weights: InceptionWeights, cache: Path, **opts) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ from pipeline.cluster.storage import shared_path, synced
 from pipeline.config import Config, Variant, config_hash
 from pipeline.data import open_split, read_manifest, to_model_input
 from pipeline.model.diffusion import GaussianDiffusion
+from pipeline.model.precision import compute_precision, set_matmul_precision
 from pipeline.model.unet import UNet
 from pipeline.sampling.job import SamplingJob, make_job
 from pipeline.sampling.noise import ImageNoise
@@ -69,7 +70,7 @@ def eval_network(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
         steps=None,
         seed=e.seed,
         batch_size=e.nll_batch_size,
-        bf16=False,
+        bf16=False,  # the legacy flag; model.precision (make_job) applies here too
         channels_last=False,
         use_gpu=e.use_gpu,
         torch_threads=e.torch_threads,
@@ -93,6 +94,7 @@ def nll_key(network: SamplingJob, weights_digest: str, split: str, data: str, bl
         "seed": network.seed,
         "block_size": block,
         "device": network.device_type,
+        "precision": network.precision,
         "torch": torch.__version__,
         "batch_size": None if network.batch_invariant else network.batch_size,
         "clip_denoised": True,
@@ -111,6 +113,7 @@ def setup_worker(network: SamplingJob) -> torch.device:
     torch.backends.cudnn.deterministic = True
     if network.use_gpu and not torch.cuda.is_available():
         raise RuntimeError("eval.use_gpu is true but this Ray worker sees no CUDA device")
+    set_matmul_precision(network.precision, network.device_type)  # TF32 flags explicit
     return torch.device(network.device_type)
 
 
@@ -121,8 +124,10 @@ def image_nll(
     indices: range | list[int],
     seed: int,
     batch_size: int,
+    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
-    """calc_bpd_loop of uint8 ``images`` [n, R, R, 3], image k drawing noise from indices[k].
+    """calc_bpd_loop of uint8 ``images`` [n, R, R, 3], image k drawing noise from indices[k],
+    computed in ``precision`` (model.precision, pipeline.model.precision).
 
     Returns float64 arrays: total_bpd, prior_bpd [n]; vb, xstart_mse, mse [n, T] (bits/dim
     per 0-indexed t; vb[:, 0] is the decoder L_0; mse values in [-1, 1] units squared).
@@ -130,7 +135,7 @@ def image_nll(
     device = next(model.parameters()).device
     indices = list(indices)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in TERMS}
-    with torch.inference_mode():
+    with torch.inference_mode(), compute_precision(precision, device.type):
         for b in range(0, len(indices), batch_size):
             x = to_model_input(images[b : b + batch_size]).to(device)
             noise = ImageNoise(seed, indices[b : b + batch_size], device=device)
@@ -147,8 +152,9 @@ def nll_block(start: int, stop: int, job: NllJob) -> dict[str, np.ndarray]:
     device = setup_worker(job.network)
     model, diffusion = job.network.model(device), job.network.diffusion()
     images = job.images[start:stop]
+    n = job.network
     return image_nll(
-        model, diffusion, images, range(start, stop), job.network.seed, job.network.batch_size
+        model, diffusion, images, range(start, stop), n.seed, n.batch_size, n.precision
     )
 
 

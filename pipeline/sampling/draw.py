@@ -42,6 +42,7 @@ from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
 from pipeline.data import to_uint8
 from pipeline.errors import ConfigError, DataError
 from pipeline.model.diffusion import GaussianDiffusion
+from pipeline.model.precision import compute_precision, set_matmul_precision
 from pipeline.model.unet import UNet
 from pipeline.model.weights import sha256_file
 from pipeline.report.tracking import tracking_uri, variant_run
@@ -64,6 +65,7 @@ def block_key(job: SamplingJob, block_size: int) -> str:
         "betas": config_hash(list(job.betas), 16),
         "types": [job.mean_type, job.var_type, job.loss_type],
         "bf16": job.bf16,
+        "precision": job.precision,
         "channels_last": job.channels_last,
         "block_size": block_size,
         "device": job.device_type,
@@ -87,6 +89,7 @@ def _setup_worker(job: SamplingJob) -> torch.device:
     torch.set_num_threads(job.torch_threads)
     torch.backends.cudnn.benchmark = False  # kernel choice by timing would change bits
     torch.backends.cudnn.deterministic = True
+    set_matmul_precision(job.precision, job.device_type)  # TF32 flags explicit
     return _device(job)
 
 
@@ -105,14 +108,17 @@ def sample_images(
     batch_size: int,
     bf16: bool = False,
     channels_last: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Samples ``indices`` (Algorithm 2, per-image noise from (seed, i)): uint8 [n, R, R, 3]."""
+    """Samples ``indices`` (Algorithm 2, per-image noise from (seed, i)): uint8 [n, R, R, 3].
+
+    ``precision``: model.precision (pipeline.model.precision); ``bf16``: the legacy flag."""
     device = next(model.parameters()).device
     shape = (model.in_channels, model.resolution, model.resolution)
     net = _network(model, channels_last)
     out = []
     indices = list(indices)
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), compute_precision(precision, device.type, bf16):
         for b in range(0, len(indices), batch_size):
             chunk = indices[b : b + batch_size]
             noise = ImageNoise(seed, chunk, device=device)
@@ -127,8 +133,9 @@ def sample_block(start: int, stop: int, job: SamplingJob) -> dict[str, np.ndarra
     model = job.model(device)
     diffusion, indices = job.diffusion(), range(start, stop)
     images = sample_images(
-        model, diffusion, indices, job.seed, job.batch_size, job.bf16, job.channels_last
-    )
+        model, diffusion, indices, job.seed, job.batch_size, job.bf16, job.channels_last,
+        job.precision,
+    )  # fmt: skip
     return {"images": images}
 
 
@@ -145,6 +152,7 @@ def progressive_frames(
     frames: int,
     bf16: bool = False,
     channels_last: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Fig. 6: the x_0 predictions of samples ``indices`` at evenly spaced steps.
 
@@ -156,7 +164,7 @@ def progressive_frames(
     shape = (len(indices), model.in_channels, model.resolution, model.resolution)
     wanted = frame_steps(diffusion.num_timesteps, frames)
     net, shown, final = _network(model, channels_last), [], None
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), compute_precision(precision, device.type, bf16):
         noise = ImageNoise(seed, indices, device=device)
         for out in diffusion.p_sample_loop_progressive(net, shape, noise_fn=noise):
             if out["t"] in wanted:
@@ -175,7 +183,7 @@ def _progressive_task(job: SamplingJob, indices: list[int], frames: int) -> dict
     model = job.model(device)
     diffusion = job.diffusion()
     return progressive_frames(
-        model, diffusion, indices, job.seed, frames, job.bf16, job.channels_last
+        model, diffusion, indices, job.seed, frames, job.bf16, job.channels_last, job.precision
     )
 
 
@@ -350,6 +358,7 @@ def make_manifest(
         "block_key": key,
         "device": job.device_type,
         "bf16": job.bf16,
+        "precision": job.precision,
         "channels_last": job.channels_last,
         "torch": torch.__version__,
     }

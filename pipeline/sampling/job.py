@@ -42,6 +42,7 @@ class SamplingJob:
     bf16: bool = False
     channels_last: bool = False
     use_gpu: bool = False
+    precision: str = "fp32"  # model.precision (pipeline.model.precision)
     torch_threads: int = 1
 
     @property
@@ -57,7 +58,12 @@ class SamplingJob:
     def batch_invariant(self) -> bool:
         """Whether an image's output is independent of its batch (measured; see
         pipeline.model.unet)."""
-        return self.device_type == "cpu" and not self.bf16 and not self.channels_last
+        return (
+            self.device_type == "cpu"
+            and not self.bf16
+            and self.precision != "bf16"
+            and not self.channels_last
+        )
 
     def weights_digest(self) -> str:
         """sha256 of the architecture and every tensor's name, dtype, shape and bytes.
@@ -142,5 +148,6 @@ def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
         bf16=s.bf16,
         channels_last=s.channels_last,
         use_gpu=s.use_gpu,
+        precision=cfg.model.precision,
         torch_threads=s.torch_threads,
     )

@@ -23,8 +23,6 @@ also uploaded to the run in the bucket and downloaded by a resubmitted driver.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -64,6 +62,7 @@ def score_checkpoint(
     import torch
 
     from pipeline.evaluation.fidelity import EXTRACTOR, compute_fid_is, inception_options
+    from pipeline.evaluation.inception_task import localise_weights
     from pipeline.model.diffusion import GaussianDiffusion
     from pipeline.model.unet import build_unet
     from pipeline.sampling.draw import sample_images
@@ -85,17 +84,12 @@ def score_checkpoint(
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
-    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16)
+    precision = cfg.model.precision
+    images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16, False, precision)
     with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
         stats = Path(tmp) / "train-stats.pt"
         stats.write_bytes(reference)
-        if weights_file is not None and weights.path is not None:
-            if weights.sha256 and hashlib.sha256(weights_file).hexdigest() != weights.sha256:
-                raise RuntimeError(f"{weights.identity}: weights changed on the way to the task")
-            local = Path(tmp) / "weights" / Path(weights.path).name
-            local.parent.mkdir()
-            local.write_bytes(weights_file)
-            weights = dataclasses.replace(weights, path=local)
+        weights = localise_weights(weights, weights_file, Path(tmp))
         fid = compute_fid_is(
             images,
             {"train": stats},
@@ -113,6 +107,14 @@ def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
     from pipeline.evaluation.feature_weights import project_inception_weights
 
     return project_inception_weights(cfg, root)
+
+
+def scorer_resources(cfg: Config) -> dict[str, float]:
+    """One scoring task's Ray resources: the sample section's (CPUs, and GPUs with use_gpu)."""
+    resources = {"num_cpus": cfg.sample.cpus_per_worker}
+    if cfg.sample.use_gpu:
+        resources["num_gpus"] = cfg.sample.gpus_per_worker
+    return resources
 
 
 SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
@@ -165,15 +167,20 @@ class CheckpointEvaluator:
         self._listed = -float("inf")  # when the bucket was last listed (time.monotonic)
         self.in_flight: dict[int, tuple[Any, Path, float]] = {}  # step -> (ref, copy, started)
         self.evaluated_now: list[int] = []
-        self.failed: set[int] = set()  # not retried by this driver (a restart retries them)
+        self.failed: set[int] = set()  # scoring failed: retried by finish() (and a restart)
+        self.unreadable: set[int] = set()  # checkpoints not loadable yet: retried every poll
         self._shared: tuple[Any, InceptionWeights, Any] | None = None  # reference, weights, file
         if bucket is not None:  # the records of an earlier job of this run
             store, rel = bucket
             store.get_dir(rel / EVALS, self.records.folder)
 
     def show(self, update: dict[str, Any]) -> None:
-        """Called by the BoardReader on every progress update."""
-        self.poll()
+        """Called by the BoardReader on every progress update. An error (a storage outage, a
+        full disk) is one warning line; the next update retries."""
+        try:
+            self.poll()
+        except Exception as e:  # evaluation must never stop progress or training
+            log.warning("evaluation during training: %s: %s; retrying", type(e).__name__, e)
 
     def poll(self, newest_too: bool = False) -> None:
         """Collect finished scores; submit due checkpoints. The newest one, which Ray Train
@@ -200,6 +207,9 @@ class CheckpointEvaluator:
         self.failed.clear()
         self.poll(newest_too=True)
         self._collect(wait=True)
+        left = sorted(self.unreadable - self.records.done())
+        if left:
+            log.warning("checkpoints of steps %s never loaded: not evaluated", left)
         return self.records.all()
 
     def _bucket_due(self, done: set[int]) -> list[tuple[int, Path]]:
@@ -258,17 +268,31 @@ class CheckpointEvaluator:
             shutil.rmtree(copy, ignore_errors=True)
             log.warning("checkpoint of step %d disappeared before its evaluation", step)
             return
+        except Exception as e:  # not loadable (yet): half-written on NFS, a transient error
+            shutil.rmtree(copy, ignore_errors=True)
+            if step not in self.unreadable:
+                log.warning(
+                    "checkpoint of step %d not loadable yet (%s: %s); retrying",
+                    step, type(e).__name__, str(e)[:200],
+                )  # fmt: skip
+            self.unreadable.add(step)
+            return
+        self.unreadable.discard(step)
         reference, weights, data = self._inputs()
         args = (self.cfg, self.variant, step, ema, reference, weights, data)
         if self.run_task:
-            import ray
+            from pipeline.cluster.gputasks import submit
 
-            resources = {"num_cpus": self.cfg.sample.cpus_per_worker}
-            if self.cfg.sample.use_gpu:
-                resources["num_gpus"] = self.cfg.sample.gpus_per_worker
-            ref = ray.remote(self.scorer).options(max_retries=2, **resources).remote(*args)
+            # one task per GPU: a fresh worker, never a reused one holding another GPU's context
+            ref = submit(self.scorer, *args, resources=scorer_resources(self.cfg), max_retries=2)
         else:
-            ref = self.scorer(*args)
+            try:
+                ref = self.scorer(*args)
+            except Exception as e:  # as a failed task: retried by finish()
+                log.warning("evaluation of step %d failed: %s", step, e)
+                self.failed.add(step)
+                shutil.rmtree(copy, ignore_errors=True)
+                return
         self.in_flight[step] = (ref, copy, time.perf_counter())
 
     def _collect(self, wait: bool) -> None:
@@ -296,9 +320,8 @@ class CheckpointEvaluator:
                 "n_samples": self.cfg.train.eval_samples,
                 "seconds": round(time.perf_counter() - started, 3),
             }
-            best = self.records.best()
             self.records.add(record, copy)
-            self._upload(record, best is None or record["fid"] < best["fid"])
+            self._upload(record, self.records.best() == record)
             shutil.rmtree(copy, ignore_errors=True)
             del self.in_flight[step]
             self.evaluated_now.append(step)

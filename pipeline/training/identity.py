@@ -49,13 +49,16 @@ def identity_payload(cfg: Config, variant: Variant, data_dir: str | Path) -> dic
     """What the run name hashes (JSON-able)."""
     train_split = read_manifest(data_dir)["splits"].get("train", {})
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_IDENTITY}
+    sections = cfg.section_dict("model", "diffusion")
+    if sections["model"]["precision"] == "fp32":  # the default: fp32 runs keep their names
+        del sections["model"]["precision"]
     return {
         "data": {
             "train_files": [f.get("sha256") for f in train_split.get("files", [])],
             "resolution": cfg.data.resolution,
             "random_flip": cfg.data.random_flip,
         },
-        **cfg.section_dict("model", "diffusion"),
+        **sections,
         "train": train,
         "variant": dataclasses.asdict(variant),
     }

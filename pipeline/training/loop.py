@@ -26,6 +26,7 @@ from pipeline.cluster.storage import node_local_data, record_placement
 from pipeline.config import Config, Variant
 from pipeline.data import TrainBatches, open_split
 from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
+from pipeline.model.precision import compute_precision, set_matmul_precision
 from pipeline.model.unet import build_unet
 from pipeline.training import faults
 from pipeline.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -94,7 +95,7 @@ def train_step(
         state.optimizer.zero_grad(set_to_none=True)
 
     def loss_fn(net: nn.Module, x: Tensor, tt: Tensor, eps: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+        with compute_precision(cfg.model.precision, x.device.type, cfg.train.bf16):
             losses = diffusion.training_losses(_float_output(net), x, tt, eps)["loss"]
         return losses.float().mean() * scale
 
@@ -149,6 +150,7 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     train = job.cfg.train
     if session.device.type == "cpu":
         torch.set_num_threads(train.torch_threads)
+    set_matmul_precision(job.cfg.model.precision, session.device.type)  # backward too
     state = make_state(job.cfg, job.variant, session.device)
     with session.latest_checkpoint() as folder:
         if folder is not None:

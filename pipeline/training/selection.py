@@ -73,7 +73,8 @@ class EvalRecords:
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         best = self.best()
-        if checkpoint is not None and (best is None or record["fid"] < best["fid"]):
+        key = (record["fid"], record["step"])  # as best(): the lowest FID, the earliest on a tie
+        if checkpoint is not None and (best is None or key < (best["fid"], best["step"])):
             with atomic_dir(self.folder / BEST) as tmp:
                 shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
                 write_json(tmp / "selected.json", record)

@@ -1,0 +1,115 @@
+"""The cluster manifests against the project: cluster/rayjob.yaml (KubeRay) and
+cluster/gpu-cluster.yaml (ray up). Loaded with PyYAML; no cluster needed."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from pipeline.cluster import blocks, storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _docs(name: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((REPO / "cluster" / name).read_text()) if d}
+
+
+def _source_strings() -> str:
+    """Every line of the pipeline's and stages' code (where environment variables are read)."""
+    files = [*(REPO / "pipeline").rglob("*.py"), *(REPO / "stages").glob("*.py")]
+    return "\n".join(p.read_text() for p in files)
+
+
+def _pods(job: dict) -> list[dict]:
+    spec = job["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [g["template"]["spec"] for g in groups]
+
+
+def test_rayjob_runs_an_existing_entrypoint_of_a_real_preset():
+    job = _docs("rayjob.yaml")["RayJob"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"]
+    module = REPO / (argv[2].replace(".", "/") + ".py")
+    assert module.is_file(), module
+    scale = argv[argv.index("--scale") + 1]
+    assert scale in yaml.safe_load((REPO / "params.yaml").read_text())["presets"]
+    assert job["spec"]["backoffLimit"] > 0  # a retried job resumes (docs/cluster.md)
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert re.match(r"^(https|s3|gs)://.+\.zip$", runtime_env["working_dir"])  # code as a URI
+
+
+def test_rayjob_cpu_head_gpu_workers_and_volumes():
+    job = _docs("rayjob.yaml")["RayJob"]
+    spec = job["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    head_limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in head_limits
+    (gpu8,) = spec["workerGroupSpecs"]
+    assert gpu8["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert gpu8["minReplicas"] == 0 and spec["enableInTreeAutoscaling"] is True
+    for pod in _pods(job):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        cache = env[storage.NODE_CACHE_ENV]
+        assert "emptyDir" in volumes[mounts[cache]] or "hostPath" in volumes[mounts[cache]]
+
+
+def test_rayjob_storage_is_one_shared_volume_at_the_path_the_code_is_given():
+    docs = _docs("rayjob.yaml")
+    claim, job = docs["PersistentVolumeClaim"], docs["RayJob"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    path = runtime_env[storage.ENV]
+    for pod in _pods(job):
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env[storage.ENV] == path  # the same path on every node and in the job
+        claims = {
+            v["name"]
+            for v in pod["volumes"]
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
+        }
+        mounted = [m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims]
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounted), mounted
+
+
+def test_rayjob_environment_variables_are_ones_the_code_reads():
+    job = _docs("rayjob.yaml")["RayJob"]
+    names = set(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"])
+    for pod in _pods(job):
+        names |= {e["name"] for e in pod["containers"][0]["env"]}
+    code = _source_strings()
+    unread = sorted(n for n in names if f'"{n}"' not in code)
+    assert unread == []
+    assert {storage.ENV, storage.NODE_CACHE_ENV, blocks.GPU_WAIT_ENV} <= names
+    assert not any(n.startswith("DDPM_TEST") for n in names)
+
+
+def test_ray_up_cluster_cpu_head_no_idle_gpu_node_and_its_fixes():
+    text = (REPO / "cluster" / "gpu-cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert "p5" not in head["node_config"]["InstanceType"]  # a CPU head
+    gpu_types = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
+    for t in types.values():
+        assert t["node_config"]["SecurityGroupIds"]  # NFS (EFS) needs a security group
+    setup = "\n".join(cfg["setup_commands"])
+    assert re.search(
+        r"--index-url https://download\.pytorch\.org/whl/cu\d+ torch==[\d.]+\+cu\d+", setup
+    )
+    assert "s3:DeleteObject" in text
+    starts = "\n".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    code = _source_strings()
+    for name in set(re.findall(r"\b(DDPM_[A-Z_]+)=", starts)):
+        assert f'"{name}"' in code, name

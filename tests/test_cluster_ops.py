@@ -1,0 +1,273 @@
+"""Cluster operations that must not go wrong (issue 25), without a cluster.
+
+The storage lease (one job per storage and scale: refused while held, kept alive by its
+heartbeat, taken over when stale, released at the end), on a folder and on s3:// (a moto
+server); one download of the prepared data per node; dvc.lock saved last; several Ray nodes
+without storage refused before any work; a stop under ``ray job stop`` fitting Ray's grace and
+reported as a stop, not as a remote failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cluster import durable, lease, raycluster, stopping, storage
+from pipeline.cluster.lease import Lease, job_lease
+from pipeline.cluster.storage_fs import Store
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from moto_s3 import make_bucket, moto_server, s3_env
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "ddpm-ops"
+A = ("raysubmit_A", "ray job stop raysubmit_A")
+B = ("raysubmit_B", "ray job stop raysubmit_B")
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
+        make_bucket(url, BUCKET)
+        yield url
+
+
+@pytest.fixture(params=["folder", "s3"])
+def store(request, tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "SETTLE_S", 0.05)
+    if request.param == "folder":
+        return Store.parse(str(tmp_path / "shared"))
+    for key, value in s3_env(request.getfixturevalue("endpoint")).items():
+        monkeypatch.setenv(key, value)
+    return Store.parse(f"s3://{BUCKET}/{request.node.name.split('[')[0]}-{time.time_ns()}")
+
+
+def test_a_second_job_is_refused_while_the_first_holds_the_lease(store):
+    first = Lease(store, "tiny", job=A, timeout=60)
+    first.acquire()
+    assert store.exists("state/tiny/lease")
+    second = Lease(store, "tiny", job=B, timeout=60)
+    with pytest.raises(UserError) as refused:
+        second.acquire()
+    text = str(refused.value)
+    assert "\n" not in text and "raysubmit_A" in text and "`ray job stop raysubmit_A`" in text
+    assert first.read()["job"] == "raysubmit_A"  # the refused job wrote nothing
+    Lease(store, "paper", job=B, timeout=60).acquire()  # another scale: its own lease
+    first.release()
+    assert not store.exists("state/tiny/lease")
+    second.acquire()  # released: the next job takes it
+    assert second.read()["job"] == "raysubmit_B"
+
+
+def test_a_stale_lease_is_taken_over_and_its_holder_stops(store):
+    lost: list[dict] = []
+    first = Lease(store, "tiny", job=A, timeout=0.8, on_lost=lost.append)
+    first.acquire()
+    first.start_heartbeat()  # every 0.1 s: the lease stays fresh past its timeout
+    time.sleep(1.2)
+    with pytest.raises(UserError, match="raysubmit_A"):
+        Lease(store, "tiny", job=B, timeout=0.8).acquire()
+    first._stop.set()  # the holder dies (no more heartbeat) ...
+    first._thread.join()
+    time.sleep(0.9)  # ... for longer than the timeout
+    second = Lease(store, "tiny", job=B, timeout=0.8)
+    second.acquire()
+    assert second.read()["job"] == "raysubmit_B"
+    first._stop.clear()  # a holder that was only stalled: its next heartbeat finds B's lease
+    first.start_heartbeat()
+    deadline = time.monotonic() + 10
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lost and lost[0]["job"] == "raysubmit_B"
+    assert second.read()["job"] == "raysubmit_B"  # the stalled job did not overwrite it
+    first.release()  # not its lease any more: left alone
+    assert second.read()["job"] == "raysubmit_B"
+
+
+def test_a_lease_of_an_ended_job_on_this_host_is_taken_over_at_once(store, capsys):
+    """``ray job stop`` SIGKILLs a job after its wait, maybe before it released its lease: its
+    driver ran on this host (the head) and its process is gone, so the resubmission takes the
+    lease at once, heartbeat fresh or not."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    first = Lease(store, "tiny", job=A, timeout=60)
+    first.record = {"job": A[0], "host": socket.gethostname(), "pid": gone.pid, "stop": A[1]}
+    first._write()  # a fresh heartbeat, a dead process
+    second = Lease(store, "tiny", job=B, timeout=60)
+    second.acquire()
+    assert second.read()["job"] == "raysubmit_B"
+    assert f"process {gone.pid} is gone" in capsys.readouterr().err
+    elsewhere = Lease(store, "tiny", job=A, timeout=60)  # a live job on another host: refused
+    elsewhere.record = {"job": A[0], "host": "other-host", "pid": gone.pid, "stop": A[1]}
+    elsewhere._write()
+    with pytest.raises(UserError, match="raysubmit_A"):
+        Lease(store, "tiny", job=B, timeout=60).acquire()
+
+
+def test_the_lease_is_released_when_the_job_ends_or_fails(store, monkeypatch):
+    monkeypatch.setenv(lease.RAY_JOB_ENV, json.dumps({"metadata": {"job_submission_id": "j1"}}))
+    with job_lease(store, "tiny") as held:
+        assert held.read()["job"] == "j1" and held.read()["stop"] == "ray job stop j1"
+    assert not store.exists("state/tiny/lease")
+    with pytest.raises(UserError, match="a stage failed"), job_lease(store, "tiny"):
+        raise UserError("a stage failed")
+    assert not store.exists("state/tiny/lease")
+    with job_lease(None, "tiny") as nothing:  # no storage: no lease
+        assert nothing is None
+
+
+def test_stages_repro_stops_at_once_when_another_job_holds_the_storage(tmp_path):
+    """``python -m stages.repro`` with storage another live job holds: one error line, exit 2,
+    before any work (no dvc command ran: the working folder is not even a DVC project)."""
+    shared = tmp_path / "shared"
+    Lease(Store(str(shared)), "tiny", job=A, timeout=60).acquire()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), storage.ENV: str(shared)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.repro", "--scale", "tiny"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: job raysubmit_A"), done.stderr
+    assert "ray job stop raysubmit_A" in lines[0]
+    assert not (work / ".dvc").exists()
+
+
+def test_one_download_of_the_prepared_data_per_node(endpoint, tmp_path, monkeypatch):
+    """Four ranks of one node ask for the bucket's data at once: one downloads, the others
+    wait for it and map the same copy."""
+    for key, value in s3_env(endpoint).items():
+        monkeypatch.setenv(key, value)
+    local = tmp_path / "project" / "data" / "tiny"
+    local.mkdir(parents=True)
+    arr = np.arange(48, dtype=np.uint8).reshape(1, 4, 4, 3)
+    np.save(local / "train.npy", arr)
+    sha = storage._sha256(local / "train.npy")
+    (local / "manifest.json").write_text(
+        json.dumps({"train": {"path": "train.npy", "sha256": sha}})
+    )
+    uri = storage.store_data(Store.parse(f"s3://{BUCKET}/node-{time.time_ns()}"), local)
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
+    downloads: list[int] = []
+    get_dir = Store.get_dir
+
+    def slow_get_dir(self, rel, dest):
+        downloads.append(1)
+        time.sleep(0.5)  # every rank asks while the first one downloads
+        return get_dir(self, rel, dest)
+
+    monkeypatch.setattr(Store, "get_dir", slow_get_dir)
+    got: list[Path] = []
+    ranks = [
+        threading.Thread(target=lambda: got.append(storage.node_local_data(uri))) for _ in range(4)
+    ]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert len(got) == 4 and len(set(got)) == 1 and len(downloads) == 1
+    np.testing.assert_array_equal(np.load(got[0] / "train.npy"), arr)
+    left = sorted(p.name for p in (tmp_path / "node").iterdir())
+    assert left == sorted([got[0].name, f".{got[0].name}.lock"])  # no temporary folder
+
+
+def test_dvc_lock_is_saved_last(tmp_path, monkeypatch):
+    """A save cut short must never leave a new dvc.lock beside old outputs."""
+    project = tmp_path / "project"
+    for rel in ("dvc.lock", "metrics/a.json", "plots/b.csv", "work/x/y.txt"):
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(rel)
+    order: list[str] = []
+    copy = durable.copy_file_atomic
+    monkeypatch.setattr(
+        durable, "copy_file_atomic", lambda s, t: (order.append(s.name), copy(s, t))
+    )
+    store = Store(str(tmp_path / "shared"))
+    durable.save_state(project, store, Path("state/tiny"))
+    assert len(order) == 4 and order[-1] == "dvc.lock", order
+
+
+def test_several_ray_nodes_without_storage_is_one_line_before_any_work(monkeypatch):
+    cfg = load_config(ROOT / "params.yaml", "tiny")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setattr(raycluster, "alive_nodes", lambda _cfg: 3)
+    with pytest.raises(UserError) as refused:
+        raycluster.check_single_node(cfg.ray, has_storage=False)
+    assert "3 alive nodes and no cluster storage" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    raycluster.check_single_node(cfg.ray, has_storage=True)  # with storage: fine
+    monkeypatch.setattr(raycluster, "alive_nodes", lambda _cfg: 1)
+    raycluster.check_single_node(cfg.ray, has_storage=False)  # one node: fine
+
+
+def test_alive_nodes_counts_a_real_local_cluster(ray_session):
+    from pipeline.config import RayConfig
+
+    assert raycluster.alive_nodes(RayConfig(address="auto")) == 1  # joined, not disconnected
+    assert ray_session.is_initialized()
+
+
+def test_a_stop_under_ray_fits_its_grace_and_is_not_a_remote_failure(tmp_path, monkeypatch):
+    """As a Ray job, ``ray job stop`` SIGKILLs after RAY_JOB_STOP_WAIT_TIME_S: a stage that
+    ignores the stop is SIGKILLed by the driver within that wait (not after 20 s), and a
+    ``dvc push`` cut by the stop ends as "stopped" (exit 143), not as "fix the remote"."""
+    import signal
+
+    from stages import repro
+
+    monkeypatch.setenv(stopping.RAY_JOB_ENV, "{}")
+    monkeypatch.setenv(stopping.WAIT_ENV, "5")
+    assert stopping.stop_grace_s(20.0) == 3.0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ready = tmp_path / "ready"  # the stage ignores SIGTERM from here on
+    stubborn = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
+    (bin_dir / "dvc").write_text(
+        f"#!{sys.executable}\nimport subprocess, sys\n"
+        f"sys.exit(subprocess.call([sys.executable, '-c', {stubborn!r}]))\n"
+    )
+    (bin_dir / "dvc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+    def stop_when_ready() -> None:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(stopping.Stopped) as stop:
+        durable.push(repro.dvc, Store(str(tmp_path / "shared")), "train@v")
+    assert stop.value.code == 143
+    assert time.monotonic() - started < 15  # the 3 s grace, not GRACE_S = 20 s
+
+
+def test_a_short_ray_stop_wait_is_named_at_the_start(monkeypatch, capsys):
+    stopping.warn_short_stop_wait()  # not a Ray job: nothing
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(stopping.RAY_JOB_ENV, "{}")
+    stopping.warn_short_stop_wait()  # Ray's default 3 s
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SIGKILLs this job 3 s after" in err
+    monkeypatch.setenv(stopping.WAIT_ENV, "60")
+    stopping.warn_short_stop_wait()
+    assert capsys.readouterr().err == ""
