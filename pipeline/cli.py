@@ -39,6 +39,33 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+_STAGE_LABEL: str | None = None  # "<stage> <variant>" of the running stage (entry_point)
+
+
+def stage_label() -> str | None:
+    """What the running stage works on, e.g. ``evaluate eps_fixed_mse`` (the prefix of every
+    progress line), or None outside a stage's ``main``."""
+    return _STAGE_LABEL
+
+
+def _label(fn: Callable[..., object], argv: object) -> str | None:
+    """``<stage> [<variant>]`` of a stage's main (module stages.<stage>, ``--variant V``)."""
+    module = getattr(fn, "__module__", "") or ""
+    if module == "__main__":  # python -m stages.<stage>: the module's real name is its spec's
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", "") or ""
+    if not module.startswith("stages."):
+        return None
+    args = list(argv) if isinstance(argv, list | tuple) else sys.argv[1:]
+    parts = [module.removeprefix("stages.")]
+    for i, arg in enumerate(args):
+        if arg == "--variant" and i + 1 < len(args):
+            parts.append(str(args[i + 1]))
+        elif str(arg).startswith("--variant="):
+            parts.append(str(arg).partition("=")[2])
+    return " ".join(parts)
+
+
 class Terminated(SystemExit):
     """SIGTERM or SIGHUP, raised in the main thread so that ``finally`` blocks run."""
 
@@ -57,7 +84,9 @@ def entry_point(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _STAGE_LABEL
         quiet_environment()
+        outer, _STAGE_LABEL = _STAGE_LABEL, _label(fn, args[0] if args else kwargs.get("argv"))
         saved = {}
         if threading.current_thread() is threading.main_thread():
             saved = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -74,10 +103,14 @@ def entry_point(fn: F) -> F:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
         finally:
+            _STAGE_LABEL = outer
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
 
     return wrapper  # type: ignore[return-value]
+
+
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)  # entry_point's codes
 
 
 def run_stage(main: Callable[[], object]) -> NoReturn:
@@ -88,9 +121,17 @@ def run_stage(main: Callable[[], object]) -> NoReturn:
     torch-fidelity module graphs, takes 2-3 s a process on a 2-core CPU, ~50 s of a ``make repro``
     of 19 stages. So the MLflow run that is still active is ended (as MLflow's exit hook would),
     the Ray driver disconnects, logging and the standard streams are flushed, and the process
-    exits with ``os._exit(0)``. An error exits the normal way (``entry_point``).
+    exits with ``os._exit(0)``. An error exits the normal way (``entry_point``); a stop by a
+    signal ignores further stop signals while the interpreter exits, so that none lands in an
+    exit handler (Ray's, MLflow's) and prints a traceback there.
     """
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code in STOPPED:  # stopped: repro.py resends the signal every 0.5 s until the
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # process is gone;
+                signal.signal(sig, signal.SIG_IGN)  # none may interrupt the exit (atexit)
+        raise
     if "mlflow" in sys.modules:
         import mlflow
 

@@ -3,7 +3,9 @@
 ``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (its id is in
 models/<variant>/model.json) with mlflow.search_runs and writes, by dataset, Table 3 (LSUN
 256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10) otherwise, as
-reports/table<N>.{md,csv}, then logs them to a parent MLflow run for the whole reproduction.
+reports/table<N>.{md,csv} and reports/index.html (one self-contained page with the tables,
+every variant's figures and the curves), then logs them to a parent MLflow run for the whole
+reproduction, Table 2 (or 3) as its description.
 A number is only ever set beside the paper's number for the same dataset.
 """
 
@@ -11,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import pandas as pd
 
 from pipeline import layout
+from pipeline.atomic import write_text
 from pipeline.cli import entry_point, run_stage
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.report import tables, tracking
+from pipeline.report import html, page, tables, tracking
 from pipeline.training.published import is_skipped
 
 
@@ -88,6 +92,19 @@ def _stand_in_note(manifest: dict) -> str:
     return manifest["stand_in_note"] + (f" ({reasons})" if reasons else "")
 
 
+def write_index(
+    cfg: Config, runs: pd.DataFrame, run_ids: dict[str, str], tables_md: list
+) -> pathlib.Path:
+    """reports/index.html: the tables, every variant's figures and the curves, one page."""
+    built = page.build_page(
+        cfg, runs, run_ids, [p.read_text() for p in tables_md], tracking.tracking_uri(cfg),
+        tracking.git_commit(),
+    )  # fmt: skip
+    path = layout.REPORTS / page.INDEX
+    write_text(path, html.render_page(built))
+    return path
+
+
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,9 +127,20 @@ def main(argv: list[str] | None = None) -> None:
         path = layout.REPORTS / stem
         tables.write_table(table, path, f"{title} ({cfg.scale} scale)")
         files += [path.with_suffix(".md"), path.with_suffix(".csv")]
-    parent = tracking.log_reproduction(cfg, run_ids, files)
-    print((layout.REPORTS / f"{next(iter(built))}.md").read_text())
+    headline = (layout.REPORTS / f"{next(iter(built))}.md").read_text()
+    index = write_index(cfg, runs, run_ids, [p for p in files if p.suffix == ".md"])
+    parent = tracking.log_reproduction(cfg, run_ids, files, index, headline)
+    print(headline)
     print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
+    experiment = tracking.setup(cfg)
+    print(
+        f"MLflow UI: {tracking.ui_link(cfg, experiment)} "
+        f"(mlflow ui; the variants under {cfg.scale}/reproduction)"
+    )
+    print(
+        f"report: {index} ({index.stat().st_size / 1e3:,.0f} kB, one self-contained page; "
+        "open it in a browser)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def project(tmp_path, monkeypatch):
 def test_tables_put_paper_ours_and_difference_side_by_side(project):
     report.main(["--scale", "tiny"])
     names = {p.name for p in (project / "reports").iterdir()}  # CIFAR10-like: no Table 3
-    assert names == {f"table{n}.{x}" for n in (1, 2, 4) for x in ("md", "csv")}
+    assert names == {f"table{n}.{x}" for n in (1, 2, 4) for x in ("md", "csv")} | {"index.html"}
     t2 = pd.read_csv(project / "reports" / "table2.csv").set_index("variant")
     row = t2.loc["eps_fixed_mse"]
     assert row["FID paper"] == 3.17 and row["FID ours"] == 30.5
@@ -80,7 +81,8 @@ def test_tables_put_paper_ours_and_difference_side_by_side(project):
 def test_lsun_report_is_table3_with_no_cifar10_number(project):
     """An LSUN scale's FID sits beside the paper's FID of that LSUN dataset, nothing else."""
     report.main(["--scale", "paper_lsun_church"])
-    assert sorted(p.name for p in (project / "reports").iterdir()) == ["table3.csv", "table3.md"]
+    names = sorted(p.name for p in (project / "reports").iterdir())
+    assert names == ["index.html", "table3.csv", "table3.md"]
     t3 = pd.read_csv(project / "reports" / "table3.csv").set_index("variant")
     row = t3.loc["eps_fixed_mse"]
     assert row["FID paper"] == 7.89 and row["FID ours"] == 30.5
@@ -101,6 +103,27 @@ def test_parent_run_holds_the_tables_and_nests_the_variants(project):
     assert len(variants) == 6 and set(variants["tags.mlflow.parentRunId"]) == {parent_id}
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "tables")}
     assert "tables/table2.md" in names and "tables/table4.csv" in names
+    top = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id)}
+    assert "index.html" in top  # the one-page report beside the tables
+    # the description (rendered as Markdown by the UI) is Table 2, as in reports/table2.md
+    note = parent[f"tags.{tracking.TAG_NOTE}"].iloc[0]
+    assert note == (project / "reports" / "table2.md").read_text()
+    # MLflow 3 opens a model-training experiment on its runs, not on the GenAI overview
+    experiment = mlflow.get_experiment_by_name("ddpm-repro")
+    assert experiment.tags[tracking.TAG_EXPERIMENT_KIND] == tracking.MODEL_TRAINING
+
+
+def test_a_store_made_before_the_experiment_kind_gets_it(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.create_experiment("old", artifact_location=tmp_path.as_uri())
+    assert tracking.TAG_EXPERIMENT_KIND not in mlflow.get_experiment(experiment_id).tags
+    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, experiment="old"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.setup(cfg) == experiment_id
+    kind = mlflow.get_experiment(experiment_id).tags[tracking.TAG_EXPERIMENT_KIND]
+    assert kind == "custom_model_development"
 
 
 def test_missing_model_is_one_clear_line(project):

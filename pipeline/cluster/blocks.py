@@ -231,6 +231,7 @@ def run_blocks(
     max_retries: int = 3,
     connect: Callable[[], None] | None = None,
     steps_per_item: int = 0,
+    label: str | None = None,
 ) -> BlockRun:
     """Compute every missing block of ``0 .. n_items-1`` on Ray and store it in ``out_dir``.
 
@@ -250,6 +251,7 @@ def run_blocks(
             Ray only then: a rerun with every shard present needs no cluster).
         steps_per_item: image-steps a task reports per item through pipeline.cluster.taskprogress
             (reverse steps or timesteps; 0: progress only as blocks finish).
+        label: the pass, the progress lines' name (e.g. ``bound, test images``; default desc).
 
     Raises:
         RuntimeError when a block still fails after its retries; finished shards are kept,
@@ -270,7 +272,7 @@ def run_blocks(
     if todo:
         check_resources(resources)
     done = sum(stop - start for start, stop in run.skipped)
-    progress = BlockProgress(n_items, done, desc, steps_per_item if todo else 0)
+    progress = BlockProgress(n_items, done, label or desc, steps_per_item if todo else 0, unit=desc)
     try:
         started = time.perf_counter()
         if todo:

@@ -105,9 +105,14 @@ class BlockProgress:
         self.board: Any = None
         self.started, self.start_done = time.monotonic(), done
         self.last_line = self.started
+        from pipeline.cli import stage_label
+
+        self.desc = f"{stage_label()}: {desc}" if stage_label() else desc  # names stage, variant
         self.bar = None
         if self.stream.isatty():
-            self.bar = tqdm(total=total, initial=done, desc=desc, unit=self.unit, file=self.stream)
+            self.bar = tqdm(
+                total=total, initial=done, desc=self.desc, unit=self.unit, file=self.stream
+            )
 
     def handle(self, key: Any) -> tuple[Any, Any] | None:
         """The ``progress`` argument of a task computing block ``key`` (creates the board)."""

@@ -111,7 +111,7 @@ def compute_reference_stats(
     cache = cache_dir(cache_root, weights, device)
     key = key or content_key(images)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
-    _extract(images, key, weights, cache, **opts)
+    _extract(images, key, weights, cache, what=f"{name} images", **opts)
     stat = _statistics(key, weights, cache, **opts)
     _drop_fid_features(cache, key, weights)
     isc = _inception_score(key, weights, cache, is_splits, **opts) if count >= is_splits else {}
@@ -165,7 +165,7 @@ def compute_fid_is(
     cache = cache_dir(cache_root, weights, device)
     key = key or content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
-    _extract(samples, key, weights, cache, **opts)
+    _extract(samples, key, weights, cache, what="samples", **opts)
     result: dict[str, Any] = {"fid_train": None, "fid_test": None}
     for split, stats in refs.items():
         ref_key = _install_reference(stats, cache, weights)
@@ -321,8 +321,11 @@ def _features_file(cache: Path, key: str, layer: str, weights: InceptionWeights)
     return cache / f"{_cache_name(key)}-{weights.extractor}-features-{layer}.pt"
 
 
-def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **opts) -> None:
-    """One Inception pass over ``images`` (content ``key``) unless its features are cached.
+def _extract(
+    images: Any, key: str, weights: InceptionWeights, cache: Path, what: str = "images", **opts
+) -> None:
+    """One Inception pass over ``images`` (content ``key``, ``what`` they are: the progress
+    lines' name) unless its features are cached.
 
     torch-fidelity extracts and caches the features that the requested metrics need. IS needs
     the logits and KID the 2048-d features that FID uses, so IS plus a token KID (one subset of
@@ -336,9 +339,8 @@ def _extract(images: Any, key: str, weights: InceptionWeights, cache: Path, **op
     bound_heap()  # resident memory flat over the pass (pipeline/evaluation/heap.py)
     name = _cache_name(key)
     # a bar on a terminal, else a line every 30 s with rate and ETA (DVC logs)
-    bar = BlockProgress(
-        len(images), 0, f"Inception ({weights.identity}, {opts['device']})", unit="images"
-    )
+    desc = f"Inception ({weights.identity}, {opts['device']}) features of {what}"
+    bar = BlockProgress(len(images), 0, desc, unit="images")
     try:
         data = ImageArrayDataset(images, bar)
         inputs = {

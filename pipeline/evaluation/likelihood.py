@@ -246,6 +246,7 @@ def compute_nll(
             cfg.eval.num_workers,
             eval_resources(cfg),
             desc="images",
+            label=f"bound, {split} images",
             shared=job,
             connect=connect,
             steps_per_item=network.diffusion().num_timesteps,  # terms: progress within blocks

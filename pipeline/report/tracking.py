@@ -22,6 +22,11 @@ TAG_SCALE = "ddpm.scale"
 TAG_VARIANT = "ddpm.variant"
 TAG_STAND_IN = "stand_in"
 TAG_SOURCE = "ddpm.source"  # trained | published weights
+# MLflow 3's experiment kind (the UI's "Machine learning" type): its experiment page opens on
+# the training runs, not on the GenAI overview (traces). Values: mlflow/server/js ExperimentKind.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+TAG_NOTE = "mlflow.note.content"  # a run's description, rendered as Markdown by the UI
 
 
 def tracking_uri(cfg: Config, root: Path | None = None) -> str:
@@ -43,11 +48,19 @@ def setup(cfg: Config, root: Path | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is not None:
+        if experiment.tags.get(TAG_EXPERIMENT_KIND) is None:  # a store made before the tag
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING
+            )
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:"):  # keep artifacts beside the database, not under the cwd
         location = ((root or Path.cwd()).resolve() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+    return mlflow.create_experiment(
+        cfg.mlflow.experiment,
+        artifact_location=location,
+        tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING},
+    )
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -121,10 +134,19 @@ def _param(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def log_reproduction(cfg: Config, run_ids: dict[str, str], files: list[Path]) -> str:
+def log_reproduction(
+    cfg: Config,
+    run_ids: dict[str, str],
+    files: list[Path],
+    index: Path | None = None,
+    description: str | None = None,
+) -> str:
     """A parent run for the whole reproduction: the tables as artifacts, the variants nested.
 
     Each variant run gets the ``mlflow.parentRunId`` tag, so the UI shows them under it.
+    ``index`` (reports/index.html) is logged at the artifacts' top level; ``description`` (the
+    headline table in Markdown) becomes the run's description (tag ``mlflow.note.content``).
+    A rerun for the same variant runs updates their parent instead of making another one.
     Returns the parent run's id.
     """
     import mlflow
@@ -136,16 +158,49 @@ def log_reproduction(cfg: Config, run_ids: dict[str, str], files: list[Path]) ->
         tags["mlflow.source.git.commit"] = commit
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    if description:
+        tags[TAG_NOTE] = description
+    reuse = _previous_parent(run_ids)  # a rerun of the report: the same parent run, updated
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"{cfg.scale}/reproduction", tags=tags
+        run_id=reuse,
+        experiment_id=None if reuse else experiment_id,
+        run_name=None if reuse else f"{cfg.scale}/reproduction",
+        tags=tags,
     ) as parent:
         mlflow.log_param("variants", ",".join(run_ids))
         for path in files:
             mlflow.log_artifact(str(path), "tables")
+        if index is not None:
+            mlflow.log_artifact(str(index))
     client = mlflow.MlflowClient()
     for run_id in run_ids.values():
         client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
     return parent.info.run_id
+
+
+def _previous_parent(run_ids: dict[str, str]) -> str | None:
+    """The reproduction run the variant runs are all nested under, if it holds exactly them."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parents = {client.get_run(r).data.tags.get("mlflow.parentRunId") for r in run_ids.values()}
+    if len(parents) != 1 or None in parents:
+        return None
+    parent = client.get_run(parents.pop())
+    if parent.data.tags.get("ddpm.role") != "reproduction":
+        return None
+    if parent.data.params.get("variants") != ",".join(run_ids):
+        return None
+    return parent.info.run_id
+
+
+def ui_link(cfg: Config, experiment_id: str) -> str:
+    """Where the experiment's runs are in MLflow's UI (``mlflow ui`` on a local store). MLflow
+    3.17's UI shows what its GenAI / Model-training switch says, whatever the experiment's
+    kind; ``workflowType=machine_learning`` sets the switch."""
+    uri = tracking_uri(cfg)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _stand_in(cfg: Config) -> str:

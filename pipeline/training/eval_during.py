@@ -4,7 +4,8 @@ The driver of a training run (pipeline.training.trainer) watches the run's check
 Ray Train trains. Each new checkpoint at a multiple of ``eval_every`` is copied to the driver
 (Ray Train may delete it later: ``keep_checkpoints``) and scored by a Ray task beside the
 training workers, which keep training: ``train.eval_samples`` samples of its EMA weights
-(Algorithm 2, the sample section's seed, batch and variance), FID against the training reference
+(the sample stage's sampler: Algorithm 2, or respaced to ``sample.steps``; the sample
+section's seed, batch and variance), FID against the training reference
 statistics (reference/<scale>/train-stats.pt, the reference stage's). Each result is stored
 (pipeline.training.selection: resume-safe, never redone) and logged to the variant's MLflow run
 as ``fid_during_training`` at the checkpoint's step (with ``fid_during_training_samples``).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ from pipeline.training.selection import BEST, EVALS, EvalRecords, due_steps
 log = logging.getLogger(__name__)
 
 METRIC = "fid_during_training"
+TAG_EVAL_SAMPLER = "ddpm.eval_sampler"  # MLflow tag: eval_sampler(cfg) of the run's evaluations
 # (cfg, variant, step, EMA state_dict, train-stats.pt bytes, weights, weights file bytes) -> FID
 Scorer = Callable[
     [Config, Variant, int, dict[str, Any], bytes, InceptionWeights, bytes | None], float
@@ -84,6 +87,11 @@ def score_checkpoint(
     sampler = GaussianDiffusion(
         diffusion.betas, variant.mean_type, sampler_var_type(cfg, variant), variant.loss_type
     )
+    steps = cfg.sample.steps  # the sample stage's sampler: respaced when sample.steps says so
+    if steps is not None and steps != sampler.num_timesteps:
+        from pipeline.model.respace import RespacedDiffusion, space_timesteps
+
+        sampler = RespacedDiffusion(sampler, space_timesteps(sampler.num_timesteps, steps))
     precision = cfg.model.precision
     images = sample_images(net, sampler, range(n), s.seed, s.batch_size, s.bf16, False, precision)
     with tempfile.TemporaryDirectory(prefix="ddpm-eval-during-") as tmp:
@@ -99,6 +107,14 @@ def score_checkpoint(
             **inception_options(cfg.eval),
         )
     return float(fid["fid_train"])
+
+
+def eval_sampler(cfg: Config) -> str:
+    """The sampler of evaluation during training, as the sample stage labels its own (the
+    same: Algorithm 2, or respaced to ``sample.steps``)."""
+    from pipeline.model.respace import sampler_label
+
+    return sampler_label(cfg.diffusion.num_timesteps, cfg.sample.steps)
 
 
 def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
@@ -206,11 +222,18 @@ class CheckpointEvaluator:
         training ran); returns all the run's records."""
         self.failed.clear()
         self.poll(newest_too=True)
+        if self.in_flight:
+            steps = ", ".join(map(str, sorted(self.in_flight)))
+            self.say(f"waiting for {len(self.in_flight)} evaluation(s) of step(s) {steps}")
         self._collect(wait=True)
         left = sorted(self.unreadable - self.records.done())
         if left:
             log.warning("checkpoints of steps %s never loaded: not evaluated", left)
         return self.records.all()
+
+    def say(self, message: str) -> None:
+        """One progress line, ``train <variant>: <message>`` (stderr, as the training bar)."""
+        print(f"train {self.variant.name}: {message}", file=sys.stderr, flush=True)
 
     def _bucket_due(self, done: set[int]) -> list[tuple[int, Path]]:
         """(step, path in the store) of the complete checkpoints in the bucket not yet done."""
@@ -294,6 +317,10 @@ class CheckpointEvaluator:
                 shutil.rmtree(copy, ignore_errors=True)
                 return
         self.in_flight[step] = (ref, copy, time.perf_counter())
+        self.say(
+            f"evaluating the checkpoint of step {step}: FID of {self.cfg.train.eval_samples} "
+            f"samples ({eval_sampler(self.cfg)}) against the training set"
+        )
 
     def _collect(self, wait: bool) -> None:
         for step in sorted(self.in_flight):
@@ -308,6 +335,7 @@ class CheckpointEvaluator:
                     fid = float(ray.get(ref))
                 except Exception as e:  # an evaluation must never stop training
                     log.warning("evaluation of step %d failed: %s", step, e)
+                    self.say(f"evaluation of step {step} failed (retried after training): {e}")
                     self.failed.add(step)
                     shutil.rmtree(copy, ignore_errors=True)
                     del self.in_flight[step]
@@ -325,6 +353,7 @@ class CheckpointEvaluator:
             shutil.rmtree(copy, ignore_errors=True)
             del self.in_flight[step]
             self.evaluated_now.append(step)
+            self.say(f"checkpoint of step {step}: FID {fid:.3f} ({record['seconds']:.0f} s)")
             self._log(record)
 
     def _upload(self, record: dict[str, Any], new_best: bool) -> None:

@@ -40,7 +40,7 @@ from pipeline.report import tracking
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
-from pipeline.training.eval_during import CheckpointEvaluator
+from pipeline.training.eval_during import TAG_EVAL_SAMPLER, CheckpointEvaluator, eval_sampler
 from pipeline.training.export import export_weights
 from pipeline.training.identity import (
     IDENTITY_RECORD,
@@ -52,6 +52,7 @@ from pipeline.training.identity import (
 )
 from pipeline.training.loop import TrainJob, train_loop_per_worker
 from pipeline.training.selection import TAG_SELECTION, select_checkpoint, selection_note
+from pipeline.training.signals import own_sigint
 
 # Each ray.train.report waits about this long for the controller (Ray's default is 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -187,6 +188,8 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
             selection["eval_seconds"] = round(time.perf_counter() - start - seconds, 3)
         info = export_weights(folder, out, cfg, variant, run, run_id, {"selection": selection})
     _log_selection(uri, run_id, selection)
+    if evaluator is not None:  # which sampler the FID that selected the checkpoint came from
+        mlflow_client(uri).set_tag(run_id, TAG_EVAL_SAMPLER, eval_sampler(cfg))
     _mark_run(uri, run_id, "finished")
     _record_workers(uri, run_id, result.metrics.get("world_size"), starts[1:])
     return TrainSummary(
@@ -251,6 +254,12 @@ def make_evaluator(
     return CheckpointEvaluator(cfg, variant, run_dir, stats, root, bucket=bucket)
 
 
+def mlflow_client(uri: str) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(uri)
+
+
 def _log_selection(uri: str, run_id: str, selection: dict[str, Any]) -> None:
     """The chosen checkpoint as MLflow tag ``ddpm.selection`` (the report's notes show it)."""
     import mlflow
@@ -275,7 +284,8 @@ def fit(
     trainer = make_trainer(job)
     display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
     try:
-        with BoardReader(board, [display, MlflowCurves(uri, run_id), *(sinks or [])]):
+        sinks = [display, MlflowCurves(uri, run_id), *(sinks or [])]
+        with own_sigint(), BoardReader(board, sinks):  # Ray Train's handler removed after fit
             result = trainer.fit()
     except Exception:
         _mark_run(uri, run_id, "failed")
