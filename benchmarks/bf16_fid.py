@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.run import RESULTS, machine
+from benchmarks import results_dir
+from benchmarks.run import machine
 from pipeline.config import load_config
 
 
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         "shift": shift,
         "bf16_within_seed_noise": within,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"bf16-fid-{device}-{cfg.scale}-{result['date']}.json"
+    out = results_dir() / f"bf16-fid-{device}-{cfg.scale}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"wrote {out}")

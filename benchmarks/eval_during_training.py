@@ -20,25 +20,31 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import results_dir
 from pipeline.atomic import write_json
+from pipeline.cli import entry_point
 from pipeline.config import load_config
+from pipeline.errors import DataError
 from pipeline.layout import reference_dir
 from pipeline.training.checkpoint import read_checkpoint, save_checkpoint
 from pipeline.training.eval_during import driver_weights, score_checkpoint
 from pipeline.training.loop import make_state
 
 
-def main() -> None:
+@entry_point
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="smoke")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--variant", default="eps_fixed_mse")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(scale=args.scale)
     train = dataclasses.replace(cfg.train, eval_every=1, eval_samples=args.samples)
     cfg = dataclasses.replace(cfg, train=train)
     variant = cfg.variant(args.variant)
     reference = reference_dir(cfg.scale) / "train-stats.pt"
+    if not reference.is_file():
+        raise DataError(f"{reference}: missing (run `dvc repro reference` at this scale first)")
     seconds = []
     with tempfile.TemporaryDirectory() as tmp:
         state = make_state(cfg, variant, torch.device("cpu"))  # the cost does not depend on it
@@ -62,7 +68,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     day = datetime.date.today().isoformat()
-    write_json(Path("benchmarks/results") / f"eval-during-training-{cfg.scale}-{day}.json", result)
+    write_json(results_dir() / f"eval-during-training-{cfg.scale}-{day}.json", result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import results_dir
+
 
 def child(mode: str, folder: Path, n: int, block: int) -> dict:
     from benchmarks.shards import merge_to_npz
@@ -101,7 +103,7 @@ def main() -> None:
         "rows": rows,
     }
     day = datetime.date.today().isoformat()
-    path = Path(__file__).parent / "results" / f"memory-merge-{day}.json"
+    path = results_dir() / f"memory-merge-{day}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 

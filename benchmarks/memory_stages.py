@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks import results_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64  # images per synthetic sample shard
 LOAD_START = [round(x, 2) for x in os.getloadavg()]
@@ -293,7 +295,7 @@ def main() -> None:
     day = datetime.date.today().isoformat()
     result["command"] = " ".join(["python -m benchmarks.memory_stages", *sys.argv[1:]])
     name = f"memory-stages-{day}" + (f"-{args.tag}" if args.tag else "")
-    path = Path(__file__).parent / "results" / f"{name}.json"
+    path = results_dir() / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -26,11 +26,11 @@ import json
 import os
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import results_dir
 from benchmarks.run import machine, timed
 from pipeline.config import ModelConfig
 from pipeline.model.unet import build_unet
@@ -135,7 +135,7 @@ def main() -> None:
         "numpy": np.__version__,
     }
     day = datetime.date.today().isoformat()
-    path = Path(__file__).parent / "results" / f"noise-{args.device}-{day}.json"
+    path = results_dir() / f"noise-{args.device}-{day}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import DEFAULT_RESULTS, results_dir
 from benchmarks.baseline import diffusers_scheduler, diffusers_unet
 from benchmarks.table import update_readme
 from pipeline.cli import quiet_environment
@@ -35,7 +36,6 @@ from pipeline.config import ModelConfig
 from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.model.unet import UNet, build_unet
 
-RESULTS = Path(__file__).parent / "results"
 NETS = {  # name: (model section, resolution)
     "paper": (ModelConfig(), 32),
     "smoke": (ModelConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,)), 16),
@@ -323,11 +323,12 @@ def report(args, measured: dict) -> None:
         "rows": rows,
         "raw": measured["raw"],
     }  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{args.device}-{args.net}-{result['date']}{'-bf16' if args.bf16 else ''}.json"
+    results = results_dir()
+    path = results / f"{args.device}-{args.net}-{result['date']}{'-bf16' if args.bf16 else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    update_readme()
-    print(f"wrote {path} and benchmarks/README.md")
+    if results == DEFAULT_RESULTS:  # the table is of the committed results only
+        update_readme()
+    print(f"wrote {path}" + (" and benchmarks/README.md" if results == DEFAULT_RESULTS else ""))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from benchmarks import results_dir
 from pipeline.data.loaders import to_model_input, to_uint8
 from pipeline.data.synthetic import LABEL_NAMES, synthetic_images, synthetic_labels
 from pipeline.evaluation.featurenet import (
@@ -46,7 +47,6 @@ from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.model.unet import UNet
 from pipeline.training.ema import EMA
 
-RESULTS = Path(__file__).parent / "results"
 CLASSIFIER = Path("/tmp/ddpm-smoke-settings-classifier-r{res}.pt")
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     evals = sorted(int(v) for v in a.eval_at.split(","))
     stamp = datetime.date.today().isoformat()
-    log = RESULTS / f"smoke-settings-{stamp}.jsonl"
+    log = results_dir() / f"smoke-settings-{stamp}.jsonl"
     train_s, losses = 0.0, []
     model.train()
     for step in range(1, evals[-1] + 1):

@@ -7,6 +7,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RUN_KEYS = {"date", "machine", "net", "settings", "rows"}
+ROW_KEYS = {"figure", "ours", "diffusers", "ratio", "limit", "projection_hours", "projection",
+            "peak_memory_mb"}  # fmt: skip
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -15,16 +18,35 @@ def _num(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if value < 1000 else f"{value:,.0f}"
 
 
-def table() -> str:
-    """One Markdown row per figure of every results file, newest first."""
+def _run_result(path: Path) -> dict | None:
+    """The results file of ``benchmarks.run`` at ``path``, or None for any other file.
+
+    Other benchmarks write their own JSON beside these (some with ``rows`` of another shape):
+    a file is taken only when it has every key the table reads.
+    """
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(r, dict) or not r.keys() >= RUN_KEYS or not isinstance(r["rows"], list):
+        return None
+    if not isinstance(r["settings"], dict) or not {"batch", "threads"} <= r["settings"].keys():
+        return None
+    if not all(isinstance(row, dict) and row.keys() >= ROW_KEYS for row in r["rows"]):
+        return None
+    return r
+
+
+def table(results: Path = HERE / "results") -> str:
+    """One Markdown row per figure of every ``benchmarks.run`` results file, newest first."""
     head = (
         "| date | device | net | settings | figure | ours | diffusers | ratio | limit | "
         "projection | peak memory (MB) |\n|" + " --- |" * 11
     )
     lines = [head]
-    for path in sorted((HERE / "results").glob("*.json"), reverse=True):
-        r = json.loads(path.read_text())
-        if "rows" not in r:  # another kind of result (bf16_fid.py)
+    for path in sorted(results.glob("*.json"), reverse=True):
+        r = _run_result(path)
+        if r is None:  # another benchmark's result (bf16_fid.py, memory_merge.py, ...)
             continue
         s = r["settings"]
         settings = f"batch {s['batch']}, {s['threads']} thr" + "".join(
@@ -41,9 +63,9 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path = HERE / "README.md") -> None:
+def update_readme(readme: Path = HERE / "README.md", results: Path = HERE / "results") -> None:
     """Replace the text between the results markers of ``readme`` with :func:`table`."""
     text = readme.read_text()
     before, _, rest = text.partition(START)
     _, _, after = rest.partition(END)
-    readme.write_text(f"{before}{START}\n{table()}\n{END}{after}")
+    readme.write_text(f"{before}{START}\n{table(results)}\n{END}{after}")

@@ -145,6 +145,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast
     channels_last: bool = False
     max_failures: int = 3  # Ray Train restarts from the last checkpoint
+    compile: bool = False  # torch.compile the network of each worker (fewer launches a step)
     # Evaluation during training (App. B: "evaluated throughout training ... reported on the
     # minimum FID"): every eval_every steps (0: never) the EMA weights are sampled
     # (eval_samples images) and scored with FID against the training reference; select picks

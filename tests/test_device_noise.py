@@ -64,3 +64,26 @@ def test_cuda_draws_stay_on_the_device_and_keep_the_invariances():
     a = ImageNoise(1, [3, 4, 5], device="cuda")((3, 3, 4, 4))
     b = ImageNoise(1, [4], device="cuda")((1, 3, 4, 4))
     assert a.is_cuda and torch.equal(a[1], b[0])
+
+
+def test_batched_draw_is_rank_invariant_with_constant_launches():
+    """per_row=False (the GPU default): one generator draws the global batch, each rank keeps
+    its rows (any worker count gives the same rows), in the same number of kernels at batch 4
+    and 64 (the per-row draw's grow with the batch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = (8, 3, 4, 4)
+    t_all, noise_all = diffusion_inputs(3, 17, 20, shape, per_row=False)
+    assert t_all.shape == (8,) and noise_all.shape == shape and int(t_all.max()) < 20
+    parts = [diffusion_inputs(3, 17, 20, shape, rank, 4, per_row=False) for rank in range(4)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), t_all)
+    assert torch.equal(torch.cat([p[1] for p in parts]), noise_all)
+    assert not torch.equal(diffusion_inputs(3, 18, 20, shape, per_row=False)[1], noise_all)
+
+    def ops(batch: int, per_row: bool) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            diffusion_inputs(3, 17, 20, (batch, 3, 4, 4), per_row=per_row)
+        return sum(e.cpu_parent is None for e in prof.profiler.function_events)
+
+    assert ops(4, False) == ops(64, False) <= 8
+    assert ops(64, True) > ops(4, True)

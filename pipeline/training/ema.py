@@ -28,15 +28,23 @@ class EMA:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._update = get_ema_multi_avg_fn(decay)
+        self._lists: tuple[nn.Module, list[nn.Parameter], list[nn.Parameter]] | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One step of the average towards ``model``'s current parameters (same architecture)."""
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        if len(ema_params) != len(params):
-            raise ValueError("EMA.update: the model's parameters do not match the average's")
-        self._update(ema_params, params, None)
+        """One step of the average towards ``model``'s current parameters (same architecture).
+
+        The two parameter lists are built once per ``model`` (parameters are updated in place,
+        also by ``load_state_dict``), so a step is the one fused lerp, no per-parameter Python.
+        """
+        if self._lists is None or self._lists[0] is not model:
+            ema_params = list(self.model.parameters())
+            params = list(model.parameters())
+            if len(ema_params) != len(params):
+                raise ValueError("EMA.update: the model's parameters do not match the average's")
+            self._lists = (model, ema_params, params)
+        _, ema_params, params = self._lists
+        self._update(ema_params, params, None)  # under no_grad: no detach needed
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -34,6 +34,7 @@ NOT_IN_IDENTITY = (
     "gpus_per_worker",
     "torch_threads",
     "channels_last",
+    "compile",
     "max_failures",
     "eval_every",
     "eval_samples",

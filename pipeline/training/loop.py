@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ def train_step(
     replica's gradient is clipped before averaging (pipeline.training.replicas), else the whole
     batch's gradient is clipped (the norm returned is then the mean of the replicas' norms).
     """
-    state.optimizer.zero_grad(set_to_none=True)
+    if replicas is None:  # replicas keep .grad as views of their flat buffer
+        state.optimizer.zero_grad(set_to_none=True)
 
     def loss_fn(net: nn.Module, x: Tensor, tt: Tensor, eps: Tensor) -> Tensor:
         with compute_precision(cfg.model.precision, x.device.type, cfg.train.bf16):
@@ -100,7 +102,7 @@ def train_step(
     if replicas is None:
         loss = loss_fn(model, x_start, t, noise)
         loss.backward()
-        grad_norm = clip_gradients(state.model, cfg.train.grad_clip)
+        grad_norm = clip_gradients(_parameters(state.model), cfg.train.grad_clip)
     else:
         loss, grad_norm = replicas.backward(
             model, state.model, loss_fn, x_start, t, noise, state.step
@@ -110,6 +112,19 @@ def train_step(
     state.ema.update(state.model)
     state.step += 1
     return loss.detach(), grad_norm.detach()
+
+
+_PARAMETERS: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
+
+
+def _parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``list(model.parameters())``, built once per model: walking ~80 submodules every step
+    costs more Python than the clip itself. Parameters are updated in place (optimizer,
+    ``load_state_dict``), never replaced, during training."""
+    params = _PARAMETERS.get(model)
+    if params is None:
+        params = _PARAMETERS[model] = list(model.parameters())
+    return params
 
 
 def _float_output(model: nn.Module):
@@ -142,6 +157,8 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
             load_checkpoint(folder, state, job.run)
     start = state.step
     model = session.wrap(state.model)
+    if train.compile:  # the wrapped model: DDP's hooks stay outside the compiled graph
+        model = torch.compile(model)
     diffusion = make_diffusion(job.cfg, job.variant)
     inputs = StepInputs(job, session)
     stats = IntervalStats(session.device)
@@ -201,7 +218,7 @@ class StepInputs:
         t, noise = diffusion_inputs(
             self.seed, step, self.num_timesteps, self.shape, self.rank, self.world_size, self.device
         )  # drawn on the device: no copy, no sync
-        seed_dropout(self.seed, step, self.rank)
+        seed_dropout(self.seed, step, self.rank, self.device)
         return x_start, t, noise.contiguous(memory_format=self._format())
 
     def _to_device(self, x: Tensor) -> Tensor:

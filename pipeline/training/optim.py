@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +31,12 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> tuple[torch.optim.Ad
     return optimizer, schedule
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
+def clip_gradients(model: nn.Module | Iterable[Tensor], max_norm: float) -> Tensor:
     """Clip the global gradient norm to ``max_norm`` (<= 0: no clipping); the norm before it.
 
-    The norm stays on the device (no synchronisation); it is non-finite when any gradient is.
+    ``model`` is a module or its parameters. The norm stays on the device (no
+    synchronisation); it is non-finite when any gradient is.
     """
     limit = max_norm if max_norm > 0 else math.inf
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    return torch.nn.utils.clip_grad_norm_(params, limit)
