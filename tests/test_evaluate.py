@@ -104,6 +104,8 @@ def test_metrics_json(project):
     rate_all = m["table4"]["20"]["rate_bpd"]
     assert rate_all == pytest.approx(m["nll_bpd"] - m["nll_decoder_bpd"], rel=1e-9)
     assert m["table4"]["10"]["rate_bpd"] < rate_all
+    for row in m["table4"].values():  # Table 4's errors over the 8 test images
+        assert min(row["rate_bpd_se"], row["rmse_se"], row["rmse_per_image_se"]) > 0
 
 
 def test_mlflow_run_has_the_reports_metrics_tags_and_artifacts(project):
@@ -120,6 +122,7 @@ def test_mlflow_run_has_the_reports_metrics_tags_and_artifacts(project):
     for n in project.cfg.eval.rd_steps:
         assert logged[tables.rd_metric("rate_bpd", n)] == m["table4"][str(n)]["rate_bpd"]
         assert logged[tables.rd_metric("rmse", n)] == m["table4"][str(n)]["rmse"]
+        assert logged[tables.rd_metric("rate_bpd_se", n)] == m["table4"][str(n)]["rate_bpd_se"]
     assert logged["eval_total_s"] > 0
     assert run.data.tags["stand_in"] == "true"
     assert "stand-in Inception weights" in run.data.tags["stand_in_reason"]

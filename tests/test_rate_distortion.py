@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.rate_distortion import rate_distortion, table4_rows
+from pipeline.evaluation.rate_distortion import rate_distortion, table4_errors, table4_rows
 from pipeline.model.diffusion import GaussianDiffusion, bits_per_dim, linear_beta_schedule
 from pipeline.report.paper import TABLE4
 
@@ -100,3 +100,31 @@ def test_fig5_axis_is_t_rev_and_table4_counts_one_more():
         assert axis[t - 1] == T - t
         assert curve["steps"][t - 1] == T - t + 1
     assert axis.max() == T - 1 and axis.min() == 0
+
+
+def test_table4_errors_are_standard_errors_over_the_images():
+    """Per image: rate = L_T + L_{T-1} .. L_t, RMSE = 127.5 sqrt(MSE); their standard errors of
+    the mean by a loop over images; the RMS's by the delta method, checked against the spread
+    of the RMS over many redrawn image sets of the same distribution."""
+    rng = np.random.default_rng(3)
+    B, T = 9, 6
+    vb, prior = rng.uniform(0, 1, (B, T)), rng.uniform(0, 0.1, B)
+    mse = rng.uniform(0.01, 1, (B, T)) ** 2
+    rows = table4_errors(prior, vb, mse, (T, 3, 1))
+    for row in rows:
+        n = row["steps"]
+        j = T - n
+        rate = [prior[b] + sum(vb[b, k] for k in range(j + 1, T)) for b in range(B)]
+        rmse = [127.5 * math.sqrt(mse[b, j]) for b in range(B)]
+        assert math.isclose(row["rate_bpd_se"], np.std(rate, ddof=1) / math.sqrt(B))
+        assert math.isclose(row["distortion_rmse_per_image_se"], np.std(rmse, ddof=1) / 3.0)
+    # the delta method's error of 127.5 sqrt(mean MSE) against a Monte Carlo of the same
+    draws = rng.uniform(0.01, 1, (4000, 400)) ** 2  # 4000 test sets of 400 images
+    rms = 127.5 * np.sqrt(draws.mean(axis=1))
+    (one,) = table4_errors(np.zeros(400), np.zeros((400, 1)), draws[0][:, None], (1,))
+    assert one["distortion_rmse_se"] == pytest.approx(rms.std(ddof=1), rel=0.1)
+    # one image: no error; steps outside [1, T]: refused
+    (single,) = table4_errors(prior[:1], vb[:1], mse[:1], (T,))
+    assert single["rate_bpd_se"] is None and single["distortion_rmse_se"] is None
+    with pytest.raises(ValueError, match="outside"):
+        table4_errors(prior, vb, mse, (T + 1,))

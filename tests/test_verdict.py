@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.report import verdict
+from pipeline.report import paper, tables, verdict
 from pipeline.report.verdict import (
     INCONCLUSIVE,
     K_ERRORS,
@@ -129,3 +129,26 @@ def test_collect_refuses_a_table_whose_column_disagrees_with_the_rule():
     built["table2"][0].loc[0, "FID verdict"] = NOT_REPRODUCED  # 3.2 +- 0.05 is reproduced
     with pytest.raises(AssertionError):
         verdict.collect(built)
+
+
+def test_table4_judges_rate_and_distortion_with_their_standard_errors():
+    """Table 4's figures carry their standard errors over the test images (the verdict's e):
+    a rate within 2 errors of the paper's reproduces, a distortion off by more does not, and a
+    step count without an error stays inconclusive."""
+
+    v = paper.TABLE4_VARIANT
+    metrics = {
+        "nll_images": 10000.0,
+        tables.rd_metric("rate_bpd", 1000): 1.78,  # paper 1.77581
+        tables.rd_metric("rate_bpd_se", 1000): 0.004,  # |diff| 0.0042 <= 2 x 0.004
+        tables.rd_metric("rmse_per_image", 1000): 1.2,  # paper 0.95136
+        tables.rd_metric("rmse_per_image_se", 1000): 0.01,  # 0.249 > 2 x 0.01
+        tables.rd_metric("rate_bpd", 500): 0.0072,  # paper 0.00716, no error logged
+    }
+    runs = pd.DataFrame([{f"metrics.{k}": x for k, x in metrics.items()}], index=[v])
+    t4 = tables.table4(runs, 1000, (1000, 500)).set_index("steps")
+    assert t4.loc[1000, "rate bpd ours err"] == 0.004 and t4.loc[1000, "rate bpd ours n"] == 1e4
+    assert t4.loc[1000, "rate bpd verdict"] == REPRODUCED
+    assert t4.loc[1000, "RMSE verdict"] == NOT_REPRODUCED
+    assert t4.loc[500, "rate bpd verdict"] == INCONCLUSIVE
+    assert "1.780 ± 0.004 (10000)" in tables.to_markdown(t4.reset_index(), "T4")

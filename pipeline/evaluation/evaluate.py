@@ -37,7 +37,7 @@ from pipeline.evaluation.featurenet import CLASSIFIER_SCORES, classifier_scores
 from pipeline.evaluation.fidelity import check_images, reference_files, stand_in_label
 from pipeline.evaluation.inception_task import InceptionRunner
 from pipeline.evaluation.likelihood import NllResult, compute_nll, eval_network, eval_resources
-from pipeline.evaluation.rate_distortion import rate_distortion, table4_rows
+from pipeline.evaluation.rate_distortion import rate_distortion, table4_errors, table4_rows
 from pipeline.evaluation.reconstruction import FigureSpec, submit_figures
 from pipeline.sampling.draw import ModelInfo, load_model_info
 from pipeline.sampling.job import SamplingJob
@@ -278,13 +278,18 @@ def metrics_json(
         out["nll_prior_bpd"] = s["prior_sum"] / s["count"]
         out["nll_decoder_bpd"] = float(s["vb_bpd"][0])  # L_0, the distortion term in bits
         rows = table4_rows(result.curve, tuple(cfg.eval.rd_steps))
+        t = test.terms
+        errors = table4_errors(t["prior_bpd"], t["vb"], t["xstart_mse"], tuple(cfg.eval.rd_steps))
         out["table4"] = {
             str(r["steps"]): {
                 "rate_bpd": r["rate_bpd"],
                 "rmse": r["distortion_rmse"],
                 "rmse_per_image": r["distortion_rmse_per_image"],
+                "rate_bpd_se": e["rate_bpd_se"],  # standard errors over the nll_images
+                "rmse_se": e["distortion_rmse_se"],
+                "rmse_per_image_se": e["distortion_rmse_per_image_se"],
             }
-            for r in rows
+            for r, e in zip(rows, errors, strict=True)
         }
     out.update({k: fid[k] for k in CLASSIFIER_SCORES if k in fid})
     out.update(result.label)

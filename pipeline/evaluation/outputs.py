@@ -137,10 +137,10 @@ def mlflow_metrics(cfg: Config, result: Evaluation) -> dict[str, float]:
     m = result.metrics
     out = {k: float(m[k]) for k in tables.METRICS if m.get(k) is not None}
     for n, row in m.get("table4", {}).items():
-        out[tables.rd_metric("rate_bpd", int(n))] = row["rate_bpd"]
-        out[tables.rd_metric("rmse", int(n))] = row["rmse"]
-        if row.get("rmse_per_image") is not None:
-            out[tables.rd_metric("rmse_per_image", int(n))] = row["rmse_per_image"]
+        for kind in tables.RD_KINDS:  # the value and its standard error, where there is one
+            for name in (kind, f"{kind}_se"):
+                if row.get(name) is not None:
+                    out[tables.rd_metric(name, int(n))] = row[name]
     for k in ("nll_prior_bpd", "nll_decoder_bpd", *CLASSIFIER_SCORES):
         if k in m:
             out[k] = m[k]

@@ -86,3 +86,56 @@ def table4_rows(curve: dict[str, np.ndarray], steps: tuple[int, ...]) -> list[di
             }
         )
     return rows
+
+
+def table4_errors(
+    prior_bpd: np.ndarray, vb: np.ndarray, xstart_mse: np.ndarray, steps: tuple[int, ...]
+) -> list[dict[str, float | None]]:
+    """Standard errors over the test images of Table 4's figures after ``steps`` reverse steps.
+
+    Args:
+        prior_bpd: [n] each image's prior term L_T (bits/dim).
+        vb: [n, T] each image's KL terms by 0-indexed t (bits/dim), as calc_bpd_loop's ``vb``.
+        xstart_mse: [n, T] each image's MSE of the x_0 estimate from x_t ([-1, 1] units).
+        steps: reverse-step counts (Table 4's rows), each in [1, T].
+
+    Returns, per step count, the standard error of the mean (std with ddof 1 over sqrt(n)) of
+    the per-image rate ``rate_bpd_se`` and per-image RMSE ``distortion_rmse_per_image_se`` (both
+    means over images, as :func:`rate_distortion`), and ``distortion_rmse_se``, the RMS's by the
+    delta method: 127.5 * se(MSE) / (2 sqrt(mean MSE)). None where n < 2 (or the MSE is 0).
+    """
+    vb = np.asarray(vb, dtype=np.float64)
+    mse = np.asarray(xstart_mse, dtype=np.float64)
+    prior = np.asarray(prior_bpd, dtype=np.float64)
+    n, T = vb.shape
+    rows = []
+    for count in steps:
+        if not 1 <= count <= T:
+            raise ValueError(f"reverse steps {count} outside [1, {T}]")
+        j = T - count
+        rate = prior + vb[:, j + 1 :].sum(axis=1)  # [n]: L_T + L_{T-1} .. L_{t}, per image
+        mean_mse = float(mse[:, j].mean()) if n else 0.0
+        mse_se = _standard_error(mse[:, j])
+        rows.append(
+            {
+                "steps": int(count),
+                "rate_bpd_se": _standard_error(rate),
+                "distortion_rmse_per_image_se": _scaled(
+                    _standard_error(np.sqrt(mse[:, j])), HALF_RANGE
+                ),
+                "distortion_rmse_se": (
+                    HALF_RANGE * mse_se / (2.0 * np.sqrt(mean_mse))
+                    if mse_se is not None and mean_mse > 0
+                    else None
+                ),
+            }
+        )
+    return rows
+
+
+def _standard_error(values: np.ndarray) -> float | None:
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) >= 2 else None
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else factor * value

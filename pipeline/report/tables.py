@@ -41,10 +41,26 @@ UNSTABLE = "not reported in the paper (training unstable)"
 PUBLISHED = "published weights"
 
 
+# Table 4's figures: rate, RMS distortion over the images, mean of the per-image RMSEs
+RD_KINDS = ("rate_bpd", "rmse", "rmse_per_image")
+
+
 def rd_metric(kind: str, steps: int) -> str:
     """MLflow metric name of a Table-4 value after ``steps`` steps: kind 'rate_bpd', 'rmse'
-    (RMS over the images) or 'rmse_per_image' (mean of per-image RMSEs)."""
+    (RMS over the images) or 'rmse_per_image' (mean of per-image RMSEs), each also with '_se'
+    (its standard error over the ``nll_images`` test images)."""
     return f"rd_{kind}_{steps}"
+
+
+def error_of(metric: str) -> tuple[str | None, str | None]:
+    """The metrics holding ``metric``'s error and the count it is over (None, None: none)."""
+    if metric in ERRORS:
+        return ERRORS[metric]
+    for kind in RD_KINDS:
+        prefix = f"rd_{kind}_"
+        if metric.startswith(prefix) and metric[len(prefix) :].isdigit():
+            return rd_metric(f"{kind}_se", int(metric[len(prefix) :])), "nll_images"
+    return None, None
 
 
 def read_runs(experiment: str, run_ids: dict[str, str]) -> pd.DataFrame:
@@ -122,7 +138,7 @@ def _figure(
     """One figure's columns: paper (and its error, where the paper states one), ours, our error
     and its count, the difference and the verdict (pipeline.report.verdict)."""
     ours = _value(runs, variant, metric)
-    err_metric, n_metric = ERRORS.get(metric, (None, None))
+    err_metric, n_metric = error_of(metric)
     err = _value(runs, variant, err_metric) if err_metric else None
     n = _value(runs, variant, n_metric) if n_metric else None
     found = judge(
