@@ -120,6 +120,7 @@ SMALLEST = {  # module: the smallest documented setting
     "prepare_data": ["--records", "8", "--workers", "0"],
     "heap_creep": ["--n", "8"],
     "eval_during_training": ["--scale", "tiny", "--samples", "8"],
+    "forward_cpu": ["--nets", "smoke", "--batch", "4", "--repeats", "1", "--calls", "1"],
 }  # fmt: skip
 
 
