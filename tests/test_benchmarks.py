@@ -120,7 +120,8 @@ SMALLEST = {  # module: the smallest documented setting
     "prepare_data": ["--records", "8", "--workers", "0"],
     "heap_creep": ["--n", "8"],
     "eval_during_training": ["--scale", "tiny", "--samples", "8"],
-    "forward_cpu": ["--nets", "smoke", "--batch", "4", "--repeats", "1", "--calls", "1"],
+    "forward_cpu": ["--nets", "smoke", "--batch", "4", "--repeats", "1", "--calls", "1",
+                    "--loop-steps", "2"],
 }  # fmt: skip
 
 
