@@ -36,6 +36,14 @@ A = ("raysubmit_A", "ray job stop raysubmit_A")
 B = ("raysubmit_B", "ray job stop raysubmit_B")
 
 
+def wait_until(condition, what: str, timeout: float = 30) -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds (no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
@@ -75,21 +83,20 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(store):
     first = Lease(store, "tiny", job=A, timeout=0.8, on_lost=lost.append)
     first.acquire()
     first.start_heartbeat()  # every 0.1 s: the lease stays fresh past its timeout
-    time.sleep(1.2)
+    started = first.record["started"]
+    wait_until(lambda: first.read()["heartbeat"] > started + 0.8, "a heartbeat past the timeout")
     with pytest.raises(UserError, match="raysubmit_A"):
         Lease(store, "tiny", job=B, timeout=0.8).acquire()
     first._stop.set()  # the holder dies (no more heartbeat) ...
     first._thread.join()
-    time.sleep(0.9)  # ... for longer than the timeout
+    wait_until(lambda: time.time() - first.read()["heartbeat"] > 0.8, "the lease gone stale")
     second = Lease(store, "tiny", job=B, timeout=0.8)
     second.acquire()
     assert second.read()["job"] == "raysubmit_B"
     first._stop.clear()  # a holder that was only stalled: its next heartbeat finds B's lease
     first.start_heartbeat()
-    deadline = time.monotonic() + 10
-    while not lost and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lost and lost[0]["job"] == "raysubmit_B"
+    wait_until(lambda: lost, "the stalled holder told it lost the lease")
+    assert lost[0]["job"] == "raysubmit_B"
     assert second.read()["job"] == "raysubmit_B"  # the stalled job did not overwrite it
     first.release()  # not its lease any more: left alone
     assert second.read()["job"] == "raysubmit_B"
@@ -168,7 +175,8 @@ def test_one_download_of_the_prepared_data_per_node(endpoint, tmp_path, monkeypa
 
     def slow_get_dir(self, rel, dest):
         downloads.append(1)
-        time.sleep(0.5)  # every rank asks while the first one downloads
+        lock = next((tmp_path / "node").glob(".*.lock"))
+        wait_until(lambda: blocked_on(lock) == 3, "the other ranks waiting for the download")
         return get_dir(self, rel, dest)
 
     monkeypatch.setattr(Store, "get_dir", slow_get_dir)
@@ -184,6 +192,13 @@ def test_one_download_of_the_prepared_data_per_node(endpoint, tmp_path, monkeypa
     np.testing.assert_array_equal(np.load(got[0] / "train.npy"), arr)
     left = sorted(p.name for p in (tmp_path / "node").iterdir())
     assert left == sorted([got[0].name, f".{got[0].name}.lock"])  # no temporary folder
+
+
+def blocked_on(lock: Path) -> int:
+    """How many flock()s of this process wait for ``lock`` (Linux's /proc/locks: ``->``)."""
+    me, inode = f" {os.getpid()} ", f":{lock.stat().st_ino} "
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum("-> FLOCK" in line and me in line and inode in line for line in lines)
 
 
 def test_dvc_lock_is_saved_last(tmp_path, monkeypatch):
@@ -248,10 +263,15 @@ def test_a_stop_under_ray_fits_its_grace_and_is_not_a_remote_failure(tmp_path, m
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
 
     def stop_when_ready() -> None:
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
+        """SIGTERM once the stage ignores it and the driver forwards it (its handler set)."""
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and signal.getsignal(signal.SIGTERM) is not default):
+            if time.monotonic() > deadline:
+                return  # no stop: push() then fails, not Stopped
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    default = signal.getsignal(signal.SIGTERM)
 
     threading.Thread(target=stop_when_ready, daemon=True).start()
     started = time.monotonic()

@@ -119,7 +119,7 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 128 + sig, log.read_text()[-3000:]
     assert {"dvc", "ray"} <= programs  # dvc repro and the private Ray head were running
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a bound only (a loaded 2-core VM): no wait when gone
     while alive(tree) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(tree), [cmdline(p)[:3] for p in alive(tree)]

@@ -300,6 +300,38 @@ def test_a_truncated_checkpoint_is_skipped_then_scored_once_complete(trained, tm
     assert read_checkpoint(folder)["step"] == 8  # the copy kept is step 8's, not step 12's
 
 
+def test_a_checkpoint_first_seen_truncated_at_the_end_is_read_again(
+    trained, tmp_path, monkeypatch, caplog
+):
+    """The last poll (finish(), training over) is the first to see step 8, cut short (its
+    writer just ended; NFS serves the old size): not "never loaded", it is read again a poll
+    later, whole, and scored."""
+    from pipeline.training import checkpoint, eval_during
+
+    root, run_dir = trained
+    real_read, cut = checkpoint.read_checkpoint, []
+
+    def read_checkpoint(folder):
+        if Path(folder).name == ".pending-000000008" and not cut:
+            state = Path(folder) / checkpoint.STATE
+            whole = state.read_bytes()
+            state.write_bytes(whole[: len(whole) // 2])  # the evaluator's copy: half
+            cut.append(len(whole))
+        return real_read(folder)
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", read_checkpoint)
+    monkeypatch.setattr(eval_during, "POLL_S", 0.01)
+    calls: list[int] = []
+    _, evaluator = _evaluator(root, run_dir, calls)
+    evaluator.records = EvalRecords(tmp_path / "records")  # the trained run's own stay clean
+    with caplog.at_level("WARNING", logger=eval_during.__name__):
+        records = evaluator.finish()
+    assert cut and calls == [4, 12, 8]
+    assert [r["step"] for r in records] == [4, 8, 12] and evaluator.records.best()["step"] == 8
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "step 8 not loadable yet" in warned[0], warned
+
+
 def test_a_failing_scorer_or_storage_error_is_a_warning_and_a_retry(trained, tmp_path, monkeypatch):
     """The scorer fails once for step 8 (a lost node), and listing the run fails once (a
     storage outage): each is a warning, progress goes on, and finish() scores step 8."""

@@ -12,6 +12,7 @@ suite keeps the reference and the killed run (two workers, gloo); the rest is ma
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -25,6 +26,7 @@ from pipeline.model.weights import load_weights
 from pipeline.training import faults
 from pipeline.training.divergence import TrainingDivergedError
 from pipeline.training.loop import make_state
+from pipeline.training.selection import EvalRecords
 from pipeline.training.trainer import HEALTH_CHECK_ENV, HEALTH_CHECK_S, train_variant
 
 
@@ -178,7 +180,6 @@ def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch
     from pipeline.data import open_split
     from pipeline.evaluation.feature_weights import resolve_inception_weights
     from pipeline.evaluation.fidelity import compute_reference_stats
-    from pipeline.training.selection import EvalRecords
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     keys = {"num_workers": 1, "eval_every": 4, "eval_samples": 2, "select": "best_fid"}
@@ -204,3 +205,67 @@ def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch
     history = client.get_metric_history(run_id, "fid_during_training")
     assert sorted((m.step, m.value) for m in history) == [(r["step"], r["fid"]) for r in records]
     assert f"step {best['step']} selected" in client.get_run(run_id).data.tags["ddpm.selection"]
+
+
+def test_a_truncated_checkpoint_in_a_ray_train_run_is_scored_later_and_can_be_selected(
+    tmp_path, monkeypatch, caplog
+):
+    """eval_every 4, select best_fid, one Ray Train worker, 8 steps: the first time the
+    evaluator reads the checkpoint of step 4, its state.pt is cut in half (as NFS serves a file
+    Ray Train is still writing). It is skipped with one warning, read again whole at a later
+    poll (while training runs, or in finish()'s retries if the first read was finish()'s),
+    scored and, having the lowest FID, exported. Ray Train's own folder is not touched (a
+    truncation there would race Ray Train's write): the bytes the evaluator reads are cut, in
+    its copy. The scorer is a controlled one (FIDs by step) run as the real Ray task; the real
+    scorer's FID is test_selection's and the slow test above's.
+    """
+    from pipeline.evaluation.inception import InceptionWeights
+    from pipeline.layout import reference_dir
+    from pipeline.training import checkpoint, eval_during, trainer
+
+    fids = {4: 1.5, 8: 3.0}  # the truncated checkpoint is the best one, not the last
+
+    def scorer(cfg, variant, step, ema, reference, weights, weights_file) -> float:
+        assert ema and reference == b"statistics"  # arrived through the object store
+        return fids[step]  # a closure: pickled by value for the Ray task
+
+    real_make, real_read = trainer.make_evaluator, checkpoint.read_checkpoint
+    truncated: list[int] = []
+
+    def make_evaluator(cfg, variant, run_dir, root):
+        evaluator = real_make(cfg, variant, run_dir, root)
+        evaluator.scorer, evaluator.weights = scorer, InceptionWeights(None, "none", True)
+        return evaluator
+
+    def read_checkpoint(folder):
+        state = Path(folder) / checkpoint.STATE
+        if Path(folder).name == ".pending-000000004" and not truncated:
+            whole = state.read_bytes()
+            state.write_bytes(whole[: len(whole) // 2])
+            truncated.append(len(whole))
+            print(f"\nstep 4 cut short at its first read, {'after' if ended else 'in'} training")
+        return real_read(folder)
+
+    ended: list[bool] = []  # fit() returned: the evaluator's finish() is next
+    real_fit = trainer.fit
+    monkeypatch.setattr(trainer, "fit", lambda *a: (real_fit(*a), ended.append(True))[0])
+    monkeypatch.setattr(trainer, "make_evaluator", make_evaluator)
+    monkeypatch.setattr(checkpoint, "read_checkpoint", read_checkpoint)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    keys = {"num_workers": 1, "eval_every": 4, "eval_samples": 2, "select": "best_fid"}
+    cfg = make_project(tmp_path, **keys, steps=8)  # checkpoints 4 and 8, both kept
+    (tmp_path / reference_dir(cfg.scale)).mkdir(parents=True)
+    (tmp_path / reference_dir(cfg.scale) / "train-stats.pt").write_bytes(b"statistics")
+    with caplog.at_level("WARNING", logger=eval_during.__name__):
+        summary = train_variant(cfg, cfg.variant(VARIANT), tmp_path)
+    assert truncated, "the evaluator never read the checkpoint of step 4"
+    warned = [r.getMessage() for r in caplog.records if r.name == eval_during.__name__]
+    assert len(warned) == 1 and "step 4 not loadable yet" in warned[0], warned
+    run_dir = tmp_path / "checkpoints" / VARIANT / summary.run_name
+    records = EvalRecords(run_dir).all()
+    assert [(r["step"], r["fid"]) for r in records] == sorted(fids.items())
+    selection = summary.model_json["selection"]
+    assert selection["selected_step"] == summary.model_json["steps"] == 4
+    exported, _ = load_weights(summary.model_dir / "ema.pt")
+    kept = real_read(EvalRecords(run_dir).best_checkpoint())["ema"]  # step 4's, whole
+    assert all(torch.equal(exported.state_dict()[k], kept[k]) for k in kept)

@@ -90,6 +90,18 @@ def wait_for(predicate, what: str, process: subprocess.Popen, timeout: float = 4
         time.sleep(0.2)
 
 
+def registered(runs: Path, name: str) -> bool:
+    """Whether Ray Train's controller has recorded checkpoint ``name`` in a run's snapshot
+    (``checkpoint_manager_snapshot.json``, written asynchronously: maybe not there yet)."""
+    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if name in snapshot.read_text():
+                return True
+        except FileNotFoundError:  # replaced meanwhile
+            continue
+    return False
+
+
 def test_killed_stage_resumes_and_ends_with_the_same_weights(tmp_path):
     reference = make_repo(tmp_path / "reference")
     out = run(["dvc", "repro", f"train@{VARIANT}"], reference).stdout
@@ -111,8 +123,8 @@ def test_killed_stage_resumes_and_ends_with_the_same_weights(tmp_path):
         try:
             runs = repo / "checkpoints" / VARIANT
             wait_for(lambda: list(runs.glob("*/.test-fault-hang-0-6")), "the hang", process)
-            (snapshot,) = runs.glob("*/checkpoint_manager_snapshot.json")
-            wait_for(lambda: "checkpoint_000000004" in snapshot.read_text(), "step 4", process)
+            # Ray Train's controller writes its snapshot after the hang may have begun
+            wait_for(lambda: registered(runs, "checkpoint_000000004"), "step 4", process)
         finally:
             os.killpg(process.pid, signal.SIGKILL)  # the driver, its Ray cluster and workers
             process.wait()

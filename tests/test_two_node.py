@@ -5,12 +5,13 @@ mount namespace that cannot see the checkout, /tmp or /dev/shm of the head; a re
 server``; DVC with the storage remote. a. (default suite): the job succeeds with one training
 worker on each node and blocks on both, which Ray's own task and actor records (node ids) show;
 MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
-b. and c. (slow): a job stopped during training and resubmitted after an edit continues from
-the stored checkpoint with final EMA weights bit-identical to a.'s (job a. is a module fixture:
-b. runs it when run alone), recomputes no finished stage, a second job submitted while the first
-runs is refused by the storage lease, and a fresh clone gets every output with ``dvc pull`` from
-the storage remote. (slow) a. with the
-storage in an s3:// bucket (a moto server, tests/moto_s3.py).
+b. (default suite, dvc.yaml cut to prepare and train): a job stopped (``ray job stop``) during
+training and resubmitted after an edit restores the state, skips prepare, resumes from the
+stored checkpoint and ends with EMA weights bit-identical to a.'s (job a. is a module fixture:
+b. runs it when run alone). b. and c. (slow, the whole pipeline): the same, and a second job
+submitted while the first runs is refused by the storage lease, and a fresh clone gets every
+output with ``dvc pull`` from the storage remote. (slow) a. with the storage in an s3://
+bucket (a moto server, tests/moto_s3.py).
 """
 
 from __future__ import annotations
@@ -136,6 +137,95 @@ def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, job_a, tracking
     assert "Running stage" in job.stdout
 
 
+def resumable_project(dest: Path) -> Path:
+    """project() with dvc.yaml cut to prepare and train: what a stop during training and its
+    resubmission go through (train's dependency on the training reference is left out: tiny
+    does not evaluate during training, so that stage writes a constant)."""
+    repo = project(dest)
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    stages = {name: dvc["stages"][name] for name in ("prepare", "train")}
+    stages["train"]["do"]["deps"].remove("work/train-reference/${scale}.json")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    return repo
+
+
+def registered(runs: Path, name: str) -> bool:
+    """Whether Ray Train's controller has recorded checkpoint ``name`` in a run's snapshot
+    (``checkpoint_manager_snapshot.json``, written asynchronously: maybe not there yet)."""
+    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if name in snapshot.read_text():
+                return True
+        except FileNotFoundError:  # replaced meanwhile
+            continue
+    return False
+
+
+def wait_for_checkpoint(runs: Path, step: int, job: subprocess.Popen, log: Path) -> None:
+    """Until rank 0 hangs (``hang:0:STEP`` after the checkpoint of ``step``, which its report
+    wrote) and Ray Train's controller has registered that checkpoint (its snapshot names it:
+    what a resubmission resumes from)."""
+    name = f"checkpoint_{step:09d}"
+    deadline = time.monotonic() + 600
+    while not (list(runs.glob("*/.test-fault-hang-0-*")) and registered(runs, name)):
+        assert job.poll() is None, f"the job ended first: {log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {name} in 600 s: {log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def test_b_a_job_stopped_in_training_and_resubmitted_resumes_bit_identical(
+    cluster, job_a, tracking, tmp_path
+):
+    """b. in the default suite: a job stopped (``ray job stop``) during training on the two
+    nodes and resubmitted after an edit restores the state, skips the finished stage (prepare),
+    resumes training from the checkpoint of step 4 in storage and ends with EMA weights
+    bit-identical to job a.'s (the uninterrupted run of the same params: a module fixture, so
+    this test needs no other test). dvc.yaml is cut to prepare and train (CI time); the slow
+    b./c. test runs the whole pipeline, the lease and ``dvc pull``."""
+    repo = resumable_project(tmp_path / "repo")
+    storage = cluster.storage / "resume"
+    shutil.rmtree(storage, ignore_errors=True)
+    env_vars = {
+        "MLFLOW_TRACKING_URI": tracking,
+        "DDPM_CLUSTER_STORAGE": str(storage),
+        "DDPM_TEST_FAULT": "hang:0:6",  # rank 0 hangs before step 6, after the checkpoint at 4
+    }
+    start = time.perf_counter()
+    first = tmp_path / "first.log"
+    hung = submit(cluster, repo, env_vars, first)
+    runs = storage / "checkpoints" / VARIANT
+    try:
+        wait_for_checkpoint(runs, 4, hung, first)
+        stopped_at = time.perf_counter() - start
+        stop_job(cluster, hung)
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+    first_log = first.read_text()
+    assert "Running stage 'prepare'" in first_log, first_log[-4000:]
+    assert f"Running stage 'train@{VARIANT}'" in first_log
+    assert not list(runs.glob("*/checkpoint_000000008"))  # stopped before the end
+    (repo / "README.md").write_text((repo / "README.md").read_text() + "\nedited\n")  # new package
+    second = submit(cluster, repo, env_vars)
+    seconds = time.perf_counter() - start
+    log = second.stdout
+    assert second.returncode == 0 and "succeeded" in log, log[-6000:] + second.stderr
+    assert "restored the state of an earlier run" in log, log[-6000:]
+    assert "Stage 'prepare' didn't change, skipping" in log, log[-6000:]
+    assert "Running stage 'prepare'" not in log
+    assert f"trained {VARIANT} (resumed at step 4): 8 steps" in log, log[-6000:]
+    assert job_a[2].returncode == 0, job_a[2].stdout[-3000:]
+    (ran,), (uninterrupted,) = runs.iterdir(), (job_a[0] / "checkpoints" / VARIANT).iterdir()
+    assert ran.name == uninterrupted.name  # the same run identity (config, data)
+    reference, resumed = final_ema(job_a[0], VARIANT, 8), final_ema(storage, VARIANT, 8)
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    print(
+        f"\ntwo-node b. (default suite): stopped at step 4 after {stopped_at:.0f} s, resumed "
+        f"and finished: {seconds:.0f} s in all"
+    )
+
+
 @pytest.mark.slow
 def test_a_job_with_bucket_storage_runs_on_both_nodes(cluster, tracking, tmp_path):
     """Case a. with ``s3://`` storage (a moto server on 127.0.0.1, which the second node reaches:
@@ -215,10 +305,7 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     first = tmp_path / "first.log"
     hung = submit(cluster, repo, {**env_vars, "DDPM_TEST_FAULT": "hang:0:6"}, first)
     runs = storage / "checkpoints" / VARIANT
-    deadline = time.monotonic() + 600
-    while not list(runs.glob("*/checkpoint_000000004/state.pt")):
-        assert time.monotonic() < deadline and hung.poll() is None, first.read_text()[-4000:]
-        time.sleep(1)
+    wait_for_checkpoint(runs, 4, hung, first)  # registered: what the resubmission resumes from
     rival = submit(cluster, repo, env_vars)  # the same storage while the first job runs
     running = running_job(cluster)
     refused = {line for line in rival.stdout.splitlines() if line.startswith("error: job ")}

@@ -138,6 +138,8 @@ def scorer_resources(cfg: Config) -> dict[str, float]:
 
 
 SETTLE_S = 2.0  # a checkpoint whose files are this old is complete
+UNLOADABLE_WAIT_S = 30.0  # at the end: how long a checkpoint not loadable yet is tried again
+POLL_S = 0.5  # ... and how often (while training: at every progress update)
 
 
 def _settled(folder: Path) -> bool:
@@ -223,9 +225,16 @@ class CheckpointEvaluator:
 
     def finish(self) -> list[dict[str, Any]]:
         """Score every due checkpoint (waiting for them, and retrying any that failed while
-        training ran); returns all the run's records."""
+        training ran); returns all the run's records. A checkpoint not loadable yet (seen
+        half-written, maybe first at this last poll) is tried again every POLL_S for up to
+        UNLOADABLE_WAIT_S: training has ended, so its writer has too (an NFS client sees the
+        whole file once its attribute cache expires)."""
         self.failed.clear()
         self.poll(newest_too=True)
+        deadline = time.monotonic() + UNLOADABLE_WAIT_S
+        while self.unreadable - self.records.done() and time.monotonic() < deadline:
+            time.sleep(POLL_S)  # first seen half-written just now: the writer has ended
+            self.poll(newest_too=True)
         if self.in_flight:
             steps = ", ".join(map(str, sorted(self.in_flight)))
             self.say(f"waiting for {len(self.in_flight)} evaluation(s) of step(s) {steps}")
