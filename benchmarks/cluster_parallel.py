@@ -55,9 +55,10 @@ ALL_VARIANTS = (
     "eps_fixed_kl",
     "eps_fixed_mse",
 )
-# model.json's fields that differ between any two runs: its MLflow run, and with evaluation
-# during training the seconds it took (selection.eval_seconds)
-VOLATILE = (("mlflow_run_id",), ("selection", "eval_seconds"))
+# JSON fields of the outputs that differ between any two runs, serial or not: model.json's
+# MLflow run and, with evaluation during training, the seconds it took; the feature network
+# manifest's training seconds
+VOLATILE = (("mlflow_run_id",), ("selection", "eval_seconds"), ("train_seconds",))
 SPAN = re.compile(r"Stage '([^']+)' exited 0 after [\d.]+ s \(from (.+?) to (.+?) UTC\)")
 
 
@@ -186,9 +187,10 @@ def most_in_flight(spans: list[tuple[float, float]]) -> int:
 
 
 def block_spans(job: Job, name: str) -> list[tuple[float, float]]:
-    """The (start, end) seconds of the job's block tasks of ``name`` (sample_block, nll_block)."""
+    """The (submitted, end) seconds of the job's block tasks of ``name`` (sample_block,
+    nll_block): in flight from submission (the window) to the end, waiting for a GPU or not."""
     return [
-        (t.start_time_ms / 1e3, t.end_time_ms / 1e3)
+        (t.creation_time_ms / 1e3, t.end_time_ms / 1e3)
         for t in job.tasks
         if t.name == name and _timed(t) and t.state == "FINISHED"
     ]
@@ -216,52 +218,90 @@ def lock_of(storage: Path) -> dict[str, Any]:
     return yaml.safe_load((storage / "state" / "tiny" / "dvc.lock").read_text())["stages"]
 
 
-def _listing(remote: Path, md5: str) -> Any:
-    """A directory hash's file list from the DVC remote, model.json's content without its
-    VOLATILE fields."""
-    path = remote / "files" / "md5" / md5[:2] / md5[2:]
+def _json(blob: Path) -> Any:
+    """A JSON file's content without its VOLATILE fields."""
+    value = json.loads(blob.read_text())
+    for path in VOLATILE if isinstance(value, dict) else ():
+        parent = value
+        for key in path[:-1]:
+            parent = parent.get(key) or {}
+        parent.pop(path[-1], None)
+    return value
+
+
+def _blob(store: Path, md5: str) -> Path:
+    return store / "dvc" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _listing(store: Path, md5: str) -> Any:
+    """A directory hash's file list from the storage's DVC remote, every JSON file's content
+    (without its VOLATILE fields) in place of its hash."""
+    path = _blob(store, md5)
     if not path.is_file():
         return md5  # an uncached output: its hash only
     out = {}
     for entry in json.loads(path.read_text()):
-        value = entry["md5"]
-        if entry["relpath"].endswith("model.json"):
-            blob = remote / "files" / "md5" / value[:2] / value[2:]
-            value = json.loads(blob.read_text())
-            for path in VOLATILE:
-                parent = value
-                for key in path[:-1]:
-                    parent = parent.get(key) or {}
-                parent.pop(path[-1], None)
+        value, blob = entry["md5"], _blob(store, entry["md5"])
+        if entry["relpath"].endswith(".json") and blob.is_file():
+            value = _json(blob)
         out[entry["relpath"]] = value
     return out
 
 
-def normalise(stages: dict[str, Any], remote: Path) -> dict[str, Any]:
-    """dvc.lock's stages with every directory hash replaced by its file list (see _listing)."""
+def normalise(stages: dict[str, Any], store: Path) -> dict[str, Any]:
+    """dvc.lock's stages with every directory hash replaced by its file list (see _listing,
+    its total size left out) and every JSON file's hash by its content (the DVC remote, or the
+    saved state for uncached outputs)."""
 
     def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: _listing(remote, v) if k == "md5" and str(v).endswith(".dir") else walk(v)
-                for k, v in node.items()
-            }
         if isinstance(node, list):
             return [walk(v) for v in node]
-        return node
+        if not isinstance(node, dict):
+            return node
+        md5 = str(node.get("md5", ""))
+        if md5.endswith(".dir"):
+            return {**{k: v for k, v in node.items() if k != "size"}, "md5": _listing(store, md5)}
+        name = str(node.get("path", ""))
+        if md5 and name.endswith(".json"):
+            for blob in (store / "state" / "tiny" / name, _blob(store, md5)):
+                if blob.is_file():
+                    rest = {k: v for k, v in node.items() if k not in ("md5", "size")}
+                    return {**rest, "md5": _json(blob)}
+        return {k: walk(v) for k, v in node.items()}
 
     return walk(stages)
 
 
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where two normalised lock entries differ (dotted paths)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += differences(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, f"{where}[{i}]")
+        ]
+    return [] if a == b else [where]
+
+
 def compare_locks(
-    parallel: dict[str, Any], serial: dict[str, Any], par_remote: Path, ser_remote: Path
+    parallel: dict[str, Any], serial: dict[str, Any], par_store: Path, ser_store: Path
 ) -> dict[str, Any]:
     """Stage for stage: byte-equal entries, entries equal once directory hashes are file lists
-    with model.json's VOLATILE fields left out, and the rest (should be none)."""
+    and JSON files their content (VOLATILE fields left out), and the rest with
+    where they differ (should be none)."""
     same = [s for s in serial if parallel.get(s) == serial[s]]
-    a, b = normalise(parallel, par_remote), normalise(serial, ser_remote)
+    a, b = normalise(parallel, par_store), normalise(serial, ser_store)
     normalised = [s for s in serial if s not in same and a.get(s) == b[s]]
-    differ = sorted(set(serial) ^ set(parallel) | {s for s in serial if a.get(s) != b[s]})
+    differ = {
+        s: differences(a.get(s), b.get(s))[:12]
+        for s in sorted(set(serial) | set(parallel))
+        if a.get(s) != b.get(s)
+    }
     return {
         "stages": len(serial),
         "same_order": list(parallel) == list(serial),
@@ -313,6 +353,7 @@ def run_all(
     parallel = parallel or gpus
     port = free_port()
     results: dict[str, Any] = {"variants": variants, "fake_gpus": gpus, "parallel": parallel}
+    results["load_average_before"] = os.getloadavg()
     with two_nodes(node_cpus=gpus, node_gpus=gpus, timeout_s=300) as cluster:
         nodes = list_nodes(address=cluster.dashboard_url, limit=10, detail=True)
         head = {n.node_id for n in nodes if n.is_head_node}
@@ -343,8 +384,12 @@ def run_all(
             results[name]["log_tail"] = job.log[-4000:] if not results[name]["ok"] else ""
         results["resubmitted"]["ran"] = ran_stages(jobs["resubmitted"].log)
         if par_lock and ser_lock:
-            results["locks"] = compare_locks(par_lock, ser_lock, kept / "dvc", storage / "dvc")
+            results["locks"] = compare_locks(par_lock, ser_lock, kept, storage)
+        for name, store in (("parallel", kept), ("serial", storage)):  # kept for a closer look
+            for part in ("state", "dvc"):
+                shutil.copytree(store / part, workdir / "stores" / name / part, dirs_exist_ok=True)
         shutil.rmtree(kept, ignore_errors=True)
+    results["load_average_after"] = os.getloadavg()
     return results
 
 

@@ -185,7 +185,7 @@ def test_cluster_parallel_figures_from_records(tmp_path: Path) -> None:
 
     def remote(name: str, digest: str, model: dict) -> tuple[Path, dict]:
         """A DVC remote holding one models/ dir (hash ``digest``) and a lock naming it."""
-        folder = tmp_path / name / "files" / "md5"
+        folder = tmp_path / name / "dvc" / "files" / "md5"
         listing = [{"relpath": "ema.pt", "md5": "c1"}, {"relpath": "model.json", "md5": "bb2"}]
         for path, content in ((digest[:2] + "/" + digest[2:], json.dumps(listing)),
                               ("bb/2", json.dumps(model))):  # fmt: skip
@@ -198,6 +198,7 @@ def test_cluster_parallel_figures_from_records(tmp_path: Path) -> None:
     ser, ser_lock = remote("s", "aa3.dir", {"steps": 8, "mlflow_run_id": "y"})
     got = compare_locks(par_lock, ser_lock, par, ser)
     assert got["equal"] == ["prepare"] and got["equal_but_volatile"] == ["train@a"]
-    assert got["differ"] == [] and got["same_order"]
+    assert got["differ"] == {} and got["same_order"]
     other, other_lock = remote("o", "aa4.dir", {"steps": 9, "mlflow_run_id": "y"})
-    assert compare_locks(par_lock, other_lock, par, other)["differ"] == ["train@a"]
+    got = compare_locks(par_lock, other_lock, par, other)["differ"]
+    assert got == {"train@a": ["outs[0].md5.model.json.steps"]}

@@ -21,11 +21,15 @@ from benchmarks.cluster_parallel import ALL_VARIANTS, run_all
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
 
 GPUS = 2
+# Three of the six variants: more trainings than fake GPUs (the third waits for a slot), in
+# ~35 min for the three jobs on this loaded 2-core VM; the six take ~20 min for the parallel
+# job alone (`python -m benchmarks.cluster_parallel` runs them).
+VARIANTS = 3
 
 
-@pytest.mark.slow  # about 40 min on the loaded 2-core VM (three jobs of six variants)
-def test_six_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
-    variants = list(ALL_VARIANTS)
+@pytest.mark.slow  # VARIANTS: see below
+def test_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
+    variants = list(ALL_VARIANTS[:VARIANTS])
     r = run_all(tmp_path, variants, GPUS)
     print("\n" + json.dumps(r, indent=1, default=str))
     if os.environ.get("DDPM_BENCH_RESULTS"):  # the benchmark's figures, when asked for
@@ -48,12 +52,13 @@ def test_six_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
     assert par["trainings_at_once"] == GPUS
     # sampling kept one block per fake GPU in flight (num_workers: auto), and so did the bound
     assert par["sample_blocks_in_flight"] == ser["sample_blocks_in_flight"] == GPUS
-    assert ser["nll_blocks_in_flight"] == GPUS
+    assert ser["nll_blocks_in_flight"] == GPUS  # in flight: submitted and not finished
     # the resubmission restored the state and ran no stage
     assert again["ran"] == [], again["ran"]
     # dvc.lock: the same stages in the same order; every entry equal, or equal once the
-    # directories are compared file by file without model.json's MLflow run id and the
-    # seconds evaluation during training took
+    # directories are compared file by file and JSON files by content without the fields
+    # that differ between any two runs (benchmarks.cluster_parallel.VOLATILE: MLflow run ids,
+    # seconds)
     locks = r["locks"]
-    assert locks["same_order"] and locks["differ"] == [], locks
+    assert locks["same_order"] and locks["differ"] == {}, locks
     assert len(locks["equal"]) + len(locks["equal_but_volatile"]) == locks["stages"]
