@@ -59,6 +59,8 @@ ALL_VARIANTS = (
 # MLflow run and, with evaluation during training, the seconds it took; the feature network
 # manifest's training seconds
 VOLATILE = (("mlflow_run_id",), ("selection", "eval_seconds"), ("train_seconds",))
+# and reports/index.html's "written" time (pipeline/report/page.py)
+WRITTEN = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d UTC")
 SPAN = re.compile(r"Stage '([^']+)' exited 0 after [\d.]+ s \(from (.+?) to (.+?) UTC\)")
 
 
@@ -244,14 +246,19 @@ def _listing(store: Path, md5: str) -> Any:
         value, blob = entry["md5"], _blob(store, entry["md5"])
         if entry["relpath"].endswith(".json") and blob.is_file():
             value = _json(blob)
+        elif entry["relpath"].endswith(".html") and blob.is_file():
+            value = WRITTEN.sub(b"<written>", blob.read_bytes()).decode(errors="replace")
         out[entry["relpath"]] = value
     return out
 
 
 def normalise(stages: dict[str, Any], store: Path) -> dict[str, Any]:
     """dvc.lock's stages with every directory hash replaced by its file list (see _listing,
-    its total size left out) and every JSON file's hash by its content (the DVC remote, or the
-    saved state for uncached outputs)."""
+    its total size left out; a folder the remote does not list, made of other stages'
+    outputs, by those outputs) and every JSON file's hash by its content (the DVC remote, or
+    the saved state for uncached outputs)."""
+
+    outs = {o["path"]: o for s in stages.values() for o in s.get("outs", []) if "path" in o}
 
     def walk(node: Any) -> Any:
         if isinstance(node, list):
@@ -259,9 +266,13 @@ def normalise(stages: dict[str, Any], store: Path) -> dict[str, Any]:
         if not isinstance(node, dict):
             return node
         md5 = str(node.get("md5", ""))
+        name = str(node.get("path", ""))
+        inner = {p: o for p, o in outs.items() if p.startswith(name + "/")} if name else {}
+        if md5.endswith(".dir") and not _blob(store, md5).is_file() and inner:
+            # a folder of other stages' outputs (samples/ for the report): those outputs
+            return {**node, "md5": {p: walk(o) for p, o in sorted(inner.items())}}
         if md5.endswith(".dir"):
             return {**{k: v for k, v in node.items() if k != "size"}, "md5": _listing(store, md5)}
-        name = str(node.get("path", ""))
         if md5 and name.endswith(".json"):
             for blob in (store / "state" / "tiny" / name, _blob(store, md5)):
                 if blob.is_file():

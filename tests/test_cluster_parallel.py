@@ -50,9 +50,11 @@ def test_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
     # the trainings ran side by side, as many at once as the fake GPUs hold
     assert set(par["training_spans"]) == {f"train@{v}" for v in variants}
     assert par["trainings_at_once"] == GPUS
-    # sampling kept one block per fake GPU in flight (num_workers: auto), and so did the bound
-    assert par["sample_blocks_in_flight"] == ser["sample_blocks_in_flight"] == GPUS
-    assert ser["nll_blocks_in_flight"] == GPUS  # in flight: submitted and not finished
+    # a sample stage keeps one block per fake GPU in flight (num_workers: auto; in flight:
+    # submitted and not finished), and so does the bound; side by side, two stages' windows
+    # (the running blocks never more than the GPUs: above)
+    assert ser["sample_blocks_in_flight"] == ser["nll_blocks_in_flight"] == GPUS
+    assert par["sample_blocks_in_flight"] >= GPUS and par["nll_blocks_in_flight"] >= GPUS
     # the resubmission restored the state and ran no stage
     assert again["ran"] == [], again["ran"]
     # dvc.lock: the same stages in the same order; every entry equal, or equal once the
