@@ -22,12 +22,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_run() is not None, reason=
 
 GPUS = 2
 # Three of the six variants: more trainings than fake GPUs (the third waits for a slot), in
-# ~35 min for the three jobs on this loaded 2-core VM; the six take ~20 min for the parallel
+# 8-18 min for the three jobs on this shared 2-core VM; the six took ~20 min for the parallel
 # job alone (`python -m benchmarks.cluster_parallel` runs them).
 VARIANTS = 3
 
 
-@pytest.mark.slow  # VARIANTS: see below
+@pytest.mark.slow  # 474 s at load 0.4-5 (three jobs of three variants)
 def test_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
     variants = list(ALL_VARIANTS[:VARIANTS])
     r = run_all(tmp_path, variants, GPUS)
