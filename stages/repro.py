@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli import entry_point
+from pipeline.cluster.blocks import check_gpu_preset
 from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
 from pipeline.cluster.lease import job_lease
 from pipeline.cluster.parallel import max_parallel_stages, run_parallel
@@ -178,10 +179,28 @@ def main(argv: list[str] | None = None) -> None:
     check_job_tracking(cfg, Path.cwd())  # before any work: one error line
     storage = check_storage(cfg)
     check_single_node(cfg.ray, storage is not None)  # several nodes need storage: one line
+    check_cluster_gpus(cfg)  # a GPU preset on a cluster without GPUs: one line
     parallel = max_parallel_stages(cfg, on_cluster=storage is not None)  # bad value: one line
     warn_short_stop_wait()
     with job_lease(storage, cfg.scale):  # one job per storage and scale, else one line
         run(args, cfg, storage, repro_args, parallel)
+
+
+def check_cluster_gpus(cfg: Config) -> None:
+    """On a Ray cluster (``RAY_ADDRESS`` or ``ray.address``), a preset that asks for GPUs needs
+    some: ConfigError before any stage otherwise (pipeline.cluster.blocks.check_gpu_preset)."""
+    address = ray_address(cfg.ray)
+    if not address or not (cfg.train.use_gpu or cfg.sample.use_gpu or cfg.eval.use_gpu):
+        return
+    import logging
+
+    import ray
+
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        check_gpu_preset(cfg)
+    finally:
+        ray.shutdown()
 
 
 def run(

@@ -141,3 +141,66 @@ def test_benchmark_smallest_setting(tmp_path: Path, module: str) -> None:
         files = list((tmp_path / "results").glob("cpu-smoke-*.json"))
         assert len(files) == 1
         assert not json.loads(files[0].read_text())["rows"][0]["errors"]
+
+
+def test_cluster_parallel_figures_from_records(tmp_path: Path) -> None:
+    """benchmarks.cluster_parallel's arithmetic on hand-made records (milliseconds): blocks in
+    flight, GPU slot-seconds held by tasks and by actors, stage spans from the log, and the
+    dvc.lock comparison that leaves out model.json's MLflow run id only."""
+    from types import SimpleNamespace as Rec
+
+    from benchmarks.cluster_parallel import (
+        Job,
+        compare_locks,
+        gpu_share,
+        gpu_work_on,
+        most_in_flight,
+        stage_spans,
+    )
+
+    assert most_in_flight([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
+    task = dict(actor_id=None, state="FINISHED", node_id="n2")
+    tasks = [
+        Rec(**task, name="sample_block", required_resources={"CPU": 1, "GPU": 1},
+            start_time_ms=1000, end_time_ms=6000),
+        Rec(**task, name="prep", required_resources={"CPU": 1}, start_time_ms=1000,
+            end_time_ms=11000),
+        Rec(**{**task, "actor_id": "a"}, name="w.run", required_resources={},
+            start_time_ms=3000, end_time_ms=5000),
+        Rec(**{**task, "actor_id": "a"}, name="w.poll", required_resources={},
+            start_time_ms=10000, end_time_ms=11000),
+    ]  # fmt: skip
+    actor = Rec(actor_id="a", class_name="RayTrainWorker", node_id="n2",
+                required_resources={"GPU_group_abc": 1.0, "CPU_group_abc": 1.0})  # fmt: skip
+    job = Job("s", 0, "", 10.0, 1000, 11000, tasks, [actor])
+    assert gpu_share(job, 2) == (5 + 8) / 20  # the task 5 s, the actor from 3 s to 11 s
+    assert gpu_work_on(job) == {"n2"}
+    log = (
+        "Stage 'train@a' exited 0 after 2.0 s (from 2026-12-02 19:00:00.00 to "
+        "2026-12-02 19:00:02.00 UTC)\nStage 'train@b' exited 0 after 2.0 s (from "
+        "2026-12-02 19:00:01.00 to 2026-12-02 19:00:03.50 UTC)\n"
+    )
+    spans = stage_spans(log)
+    assert most_in_flight(list(spans.values())) == 2 and spans["train@b"][1] - spans["train@b"][
+        0
+    ] == pytest.approx(2.5)
+
+    def remote(name: str, digest: str, model: dict) -> tuple[Path, dict]:
+        """A DVC remote holding one models/ dir (hash ``digest``) and a lock naming it."""
+        folder = tmp_path / name / "dvc" / "files" / "md5"
+        listing = [{"relpath": "ema.pt", "md5": "c1"}, {"relpath": "model.json", "md5": "bb2"}]
+        for path, content in ((digest[:2] + "/" + digest[2:], json.dumps(listing)),
+                              ("bb/2", json.dumps(model))):  # fmt: skip
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_text(content)
+        lock = {"prepare": {"outs": [{"md5": "e"}]}, "train@a": {"outs": [{"md5": digest}]}}
+        return tmp_path / name, lock
+
+    par, par_lock = remote("p", "aa1.dir", {"steps": 8, "mlflow_run_id": "x"})
+    ser, ser_lock = remote("s", "aa3.dir", {"steps": 8, "mlflow_run_id": "y"})
+    got = compare_locks(par_lock, ser_lock, par, ser)
+    assert got["equal"] == ["prepare"] and got["equal_but_volatile"] == ["train@a"]
+    assert got["differ"] == {} and got["same_order"]
+    other, other_lock = remote("o", "aa4.dir", {"steps": 9, "mlflow_run_id": "y"})
+    got = compare_locks(par_lock, other_lock, par, other)["differ"]
+    assert got == {"train@a": ["outs[0].md5.model.json.steps"]}

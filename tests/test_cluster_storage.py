@@ -209,3 +209,26 @@ def test_a_stop_reaches_the_stage_dvc_starts_after_the_signal(tmp_path, monkeypa
         repro.dvc("repro")
     assert stop.value.code == 130
     assert time.monotonic() - started < 10 and not marker.exists()
+
+
+def test_state_save_skips_files_of_a_stage_still_running(tmp_path, monkeypatch):
+    """Side by side (pipeline.cluster.parallel), the state is saved after one stage's commit
+    while another stage writes: its temporaries are skipped and a file that vanishes between
+    the listing and the copy is not an error (the two-node run of issue 24 failed on one)."""
+    project, store, rel = tmp_path / "p", Store(str(tmp_path)), Path("state")
+    fid = project / "work" / "fid" / "v"
+    fid.mkdir(parents=True)
+    (project / "dvc.lock").write_text("schema: '2.0'\n")
+    (fid / "stats.pt").write_bytes(b"s")
+    (fid / ".stats.pt.ab12.tmp.part").write_bytes(b"partial")  # being written
+    listed = durable._files
+
+    def listing_then_vanish(folder, names):
+        found = listed(folder, names)
+        (fid / "stats.pt").unlink()  # the running stage replaces its file meanwhile
+        return found
+
+    monkeypatch.setattr(durable, "_files", listing_then_vanish)
+    assert durable.save_state(project, store, rel) == len("schema: '2.0'\n")
+    saved = sorted(p.name for p in (tmp_path / "state").rglob("*") if p.is_file())
+    assert saved == ["dvc.lock"]

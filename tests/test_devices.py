@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from pipeline.config import config_from_dict, default_params_path, load_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation import fidelity
 from pipeline.evaluation.inception import InceptionWeights
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def gpu_presets() -> list[str]:
@@ -173,3 +177,40 @@ def test_inception_runs_without_tf32_and_restores_the_flags():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_gpu_preset_on_a_cluster_without_gpus_stops_stages_repro_before_any_stage(
+    monkeypatch, tmp_path, capsys
+):
+    """``python -m stages.repro --scale paper`` against a Ray cluster of CPUs only: one
+    ``error:`` line naming the sections that ask for GPUs, before the lease and any stage
+    (Ray's connection faked: ~1 s)."""
+    import ray
+
+    import stages.repro as repro
+    from pipeline.cluster import blocks
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv(blocks.GPU_WAIT_ENV, raising=False)
+    monkeypatch.setattr(repro, "check_single_node", lambda *a: None)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(blocks.ray, "cluster_resources", lambda: {"CPU": 64.0})
+
+    def no_work(*a, **k):
+        raise AssertionError("got past the checks")
+
+    monkeypatch.setattr(repro, "job_lease", no_work)
+    with pytest.raises(SystemExit) as stop:
+        repro.main(["--scale", "paper"])
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert "presets.paper asks for GPUs (train.use_gpu, sample.use_gpu, eval.use_gpu)" in errors[0]
+    assert "but the Ray cluster has {'CPU': 64.0, 'GPU': 0.0}" in errors[0]
+    # with GPUs the check passes (and the run goes on to the lease)
+    monkeypatch.setattr(blocks.ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    with pytest.raises(AssertionError, match="got past the checks"):
+        repro.main(["--scale", "paper"])

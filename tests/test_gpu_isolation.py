@@ -88,7 +88,7 @@ PASSES = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    os.environ["DDPM_TEST_FAKE_GPU"] = "1"  # the Inception task computes on the CPU
+    os.environ["DDPM_FAKE_GPUS"] = "1"  # GPU tasks compute on the CPU (test-only switch)
     import numpy as np, ray, torch, yaml
     from pipeline.cluster import gputasks
     from pipeline.config import config_from_dict
@@ -212,3 +212,104 @@ def test_every_ray_task_that_can_hold_a_gpu_goes_through_gputasks():
             calls = re.findall(r"@?[\w.]*\.(?:remote|options)\([^)]*\)?", line)
             found += [c for c in calls if not any(c.startswith(a) for a in allowed)]
     assert found == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's own GPU task functions under the test-only fake GPUs (DDPM_FAKE_GPUS=1,
+# pipeline.cluster.fakegpu): sample and NLL blocks, Fig. 6's progressive chains, Fig. 7/8's
+# chains, each submitted twice as the pipeline submits them (gputasks.submit, one GPU each).
+
+KINDS = textwrap.dedent(
+    """
+    import json, os, sys, time
+    os.environ["DDPM_FAKE_GPUS"] = "1"
+    import numpy as np, ray, torch, yaml
+    from pathlib import Path
+    from pipeline.cluster import gputasks
+    from pipeline.config import config_from_dict
+    from pipeline.evaluation.likelihood import NllJob, nll_block
+    from pipeline.evaluation.reconstruction import FigureSpec, _figure_task
+    from pipeline.model.diffusion import linear_beta_schedule
+    from pipeline.model.unet import build_unet
+    from pipeline.sampling.draw import _progressive_task, sample_block
+    from pipeline.sampling.job import SamplingJob
+
+    def probe(fn, *args):
+        begin = time.time()
+        out = fn(*args)
+        return {"name": fn.__name__, "pid": os.getpid(), "begin": begin, "end": time.time(),
+                "seen": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "out": out}
+
+    cfg = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()), "tiny")
+    torch.manual_seed(0)
+    net = build_unet(cfg.model, 8)
+    d = cfg.diffusion
+    betas = linear_beta_schedule(d.num_timesteps, d.beta_start, d.beta_end)
+    job = SamplingJob(dict(net.init_kwargs), net.state_dict(), tuple(float(b) for b in betas),
+                      "eps", "fixedlarge", "mse", None, 0, 4, use_gpu=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    spec = FigureSpec(images[:1], (10, 20), 1, images[1:2], images[2:3], 10, 3, 0)
+    calls = {
+        "sample_block": [(sample_block, 0, 4, job), (sample_block, 4, 8, job)],
+        "nll_block": [(nll_block, 0, 4, NllJob(job, images, "test"))] * 2,
+        "_progressive_task": [(_progressive_task, job, [0, 1], 4)] * 2,
+        "_figure_task": [(_figure_task, job, spec)] * 2,
+    }
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+             log_to_driver=False)
+    refs = [gputasks.submit(probe, *c, resources={"num_cpus": 1, "num_gpus": 1})
+            for kind in calls.values() for c in kind]
+    records = ray.get(refs)
+    # the same functions on the CPU in this process (no GPU asked for)
+    cpu = __import__("dataclasses").replace(job, use_gpu=False)
+    local = [sample_block(0, 4, cpu), nll_block(0, 4, NllJob(cpu, images, "test")),
+             _progressive_task(cpu, [0, 1], 4), _figure_task(cpu, spec)]
+    remote = [records[0]["out"], records[2]["out"], records[4]["out"], records[6]["out"]]
+    equal = [all(np.array_equal(a[k], b[k]) for k in a) and set(a) == set(b)
+             for a, b in zip(local, remote)]
+    # a GPU task that Ray gave no GPU stops (fake or real)
+    try:
+        ray.get(gputasks.submit(sample_block, 0, 4, job, resources={"num_cpus": 1}))
+        refused = ""
+    except ray.exceptions.RayTaskError as e:
+        refused = str(e)
+    for r in records:
+        r.pop("out")
+    print(json.dumps({"records": records, "equal": equal, "refused": refused[-300:]}))
+    ray.shutdown()
+    """
+)
+
+
+@pytest.mark.slow  # 60-300 s: nine fresh Ray workers importing torch on the loaded VM
+def test_every_gpu_task_kind_runs_on_a_fake_gpu_in_a_fresh_worker(tmp_path):
+    """Sample and NLL blocks, Fig. 6's and Fig. 7/8's chains, as GPU tasks on a node with two
+    fake GPUs: each holds one fake GPU, runs in a fresh worker, never shares its device with a
+    task running at the same time, and computes exactly what the same function computes on
+    the CPU in the driver; a GPU task that Ray gave no GPU stops."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", KINDS], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads(done.stdout.strip().splitlines()[-1])
+    records = rec["records"]
+    kinds = [r["name"] for r in records]
+    assert (
+        kinds
+        == ["sample_block"] * 2
+        + ["nll_block"] * 2
+        + ["_progressive_task"] * 2
+        + ["_figure_task"] * 2
+    )
+    assert all(r["seen"] in ("0", "1") for r in records), records
+    assert len({r["pid"] for r in records}) == len(records)  # a fresh worker per GPU task
+    for i, a in enumerate(records):
+        for b in records[i + 1 :]:
+            if a["begin"] < b["end"] and b["begin"] < a["end"]:
+                assert a["seen"] != b["seen"], (a, b)
+    assert rec["equal"] == [True] * 4  # fake GPU = the CPU computation, bit for bit
+    assert "gave this task no (fake) GPU" in rec["refused"]

@@ -56,19 +56,22 @@ def can_run() -> str | None:
     return None
 
 
-def node_script(address: str, checkout: Path, venv: Path, temp: str) -> str:
+def node_script(
+    address: str, checkout: Path, venv: Path, temp: str, cpus: int = 1, gpus: int = 0
+) -> str:
     """The second node's shell script (run inside the new mount namespace).
 
     ``temp`` (in its private /tmp) is its Ray temp dir: unique, so that its processes can be
-    found by their command line.
+    found by their command line. ``gpus``: fake GPUs it declares to Ray (``--num-gpus``; the
+    work they get runs on the CPU under DDPM_FAKE_GPUS=1, pipeline.cluster.fakegpu).
     """
     ray = venv / "bin" / "ray"
     keep = "/dev/shm/ddpm-venv"
     agent, metrics, runtime_env = free_ports(3)
     start = [
         str(venv / "bin" / "python"), str(ray), "start", f"--address={address}", "--block",
-        "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-        f"--temp-dir={temp}",
+        f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats", f"--temp-dir={temp}",
         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
         f"--runtime-env-agent-port={runtime_env}", "--min-worker-port=20000",
         "--max-worker-port=29999",
@@ -91,8 +94,11 @@ def node_script(address: str, checkout: Path, venv: Path, temp: str) -> str:
 
 
 @contextlib.contextmanager
-def two_nodes(head_cpus: int = 1, timeout_s: float = 120) -> Iterator[TwoNodes]:
-    """Start the head and the hidden second node; stop both (by pid) on exit."""
+def two_nodes(
+    head_cpus: int = 1, timeout_s: float = 120, node_cpus: int = 1, node_gpus: int = 0
+) -> Iterator[TwoNodes]:
+    """Start the head and the hidden second node (``node_cpus`` CPUs, ``node_gpus`` fake GPUs
+    declared to Ray); stop both (by pid) on exit."""
     storage = Path(tempfile.mkdtemp(prefix="ddpm-storage-", dir=STORAGE_PARENT))
     venv = Path(sys.prefix).resolve()
     proc = None
@@ -100,7 +106,7 @@ def two_nodes(head_cpus: int = 1, timeout_s: float = 120) -> Iterator[TwoNodes]:
         with local_head(head_cpus, env=env(RAY_AUTH_MODE="disabled")) as head:
             node_log = head.temp_dir / "node2.log"
             temp = f"/tmp/ddpm-node2-{os.urandom(6).hex()}"
-            script = node_script(head.address, ROOT, venv, temp)
+            script = node_script(head.address, ROOT, venv, temp, node_cpus, node_gpus)
             with open(node_log, "wb") as log:
                 proc = subprocess.Popen(
                     ["unshare", "--mount", "--propagation", "private", "--fork",
@@ -157,9 +163,10 @@ def wait_for_nodes(
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store in ``folder``; yields its URI."""
-    port = free_port()
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (``port``, default a free one) with a SQLite store
+    in ``folder``; yields its URI."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from pipeline.atomic import save_npz
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.taskprogress import BlockProgress
+from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError
 
 FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
@@ -186,6 +187,21 @@ def check_resources(resources: dict[str, float]) -> None:
         )
 
 
+def check_gpu_preset(cfg: Config) -> None:
+    """A preset whose training, sampling or NLL asks for GPUs (``use_gpu``) on a connected Ray
+    cluster with none (after ``DDPM_GPU_WAIT_S``, as :func:`check_resources`): ConfigError, so
+    that ``stages.repro`` stops before any stage with one line, not at the first GPU stage."""
+    sections = {"train": cfg.train, "sample": cfg.sample, "eval": cfg.eval}
+    asks = {name: s.gpus_per_worker for name, s in sections.items() if s.use_gpu}
+    if not asks:
+        return
+    try:
+        check_resources({"num_gpus": min(asks.values())})
+    except ConfigError as e:
+        names = ", ".join(f"{name}.use_gpu" for name in asks)
+        raise ConfigError(f"presets.{cfg.scale} asks for GPUs ({names}): {e}") from None
+
+
 def cluster_slots(resources: dict[str, float]) -> int:
     """How many tasks of ``resources`` the Ray cluster holds at once now (by its total GPUs,
     and CPUs; at least 1): the window of ``num_workers: auto``."""
@@ -311,6 +327,7 @@ def _launch(
         shared_ref,
         marker,
         progress=progress.handle(block),
+        name=getattr(task_fn, "__name__", "_run_block"),  # sample_block, nll_block in Ray's records
         **options,
     )
 

@@ -207,21 +207,32 @@ def save_state(project: Path, store: Store, state: Path) -> int:
     # dvc.lock last: a save cut short leaves the old lock with new outputs (the stages rerun
     # or are found unchanged), never a new lock beside the outputs of an earlier stage
     for rel in sorted(_files(project, STATE), key=lambda rel: rel == Path("dvc.lock")):
-        if rel.name.startswith(".") and rel.name.endswith(".tmp"):
-            continue
+        if rel.name.startswith(".") and (rel.name.endswith(".tmp") or ".tmp." in rel.name):
+            continue  # a temporary file (pipeline.atomic and the like)
         source = project / rel
-        if store.is_local:
-            if _same(source, store.local_path(state / rel)):
-                continue
-            copy_file_atomic(source, store.local_path(state / rel))
-        else:
-            stat, uri = source.stat(), store.uri(state / rel)
-            if _SAVED.get(uri) == (stat.st_size, stat.st_mtime_ns):
-                continue
-            store.put_file(source, state / rel)
-            _SAVED[uri] = (stat.st_size, stat.st_mtime_ns)
-        copied += source.stat().st_size
+        try:
+            copied += _save_file(source, store, state / rel)
+        except FileNotFoundError:
+            if source.exists():
+                raise
+            # gone since the listing: a file of a stage still running beside the one just
+            # committed (pipeline.cluster.parallel); its own commit saves what it leaves
     return copied
+
+
+def _save_file(source: Path, store: Store, dest: Path) -> int:
+    """``source`` into the store at ``dest`` unless unchanged; bytes copied."""
+    if store.is_local:
+        if _same(source, store.local_path(dest)):
+            return 0
+        copy_file_atomic(source, store.local_path(dest))
+    else:
+        stat, uri = source.stat(), store.uri(dest)
+        if _SAVED.get(uri) == (stat.st_size, stat.st_mtime_ns):
+            return 0
+        store.put_file(source, dest)
+        _SAVED[uri] = (stat.st_size, stat.st_mtime_ns)
+    return source.stat().st_size
 
 
 def restore_state(store: Store, state: Path, project: Path) -> bool:

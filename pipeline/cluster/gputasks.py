@@ -58,8 +58,9 @@ def submit(
         resources: per-task Ray resources, e.g. ``{"num_cpus": 1, "num_gpus": 1}``.
         progress: ``(board, key)`` to report the task's image-steps to
         (pipeline.cluster.taskprogress).
-        options: further task options (``max_retries``, ``retry_exceptions``, ...).
+        options: further task options (``max_retries``, ``retry_exceptions``, ...; ``name``:
+        the task's name in Ray's records, default ``fn``'s).
     """
     remote = _call_on_gpu if uses_gpu(resources) else _call
-    name = getattr(fn, "__name__", "task")
+    name = options.pop("name", None) or getattr(fn, "__name__", "task")
     return remote.options(name=name, **resources, **options).remote(fn, progress, *args)

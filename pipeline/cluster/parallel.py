@@ -193,8 +193,13 @@ def run_parallel(
                 if code is None:
                     continue
                 del running[name]
-                outcome.spans[name] = (r.started, time.time())
-                print(f"Stage '{name}' exited {code} after {time.time() - r.started:.1f} s")
+                end = time.time()
+                outcome.spans[name] = (r.started, end)
+                print(
+                    f"Stage '{name}' exited {code} after {end - r.started:.1f} s "
+                    f"(from {_utc(r.started)} to {_utc(end)} UTC)",
+                    flush=True,
+                )
                 if code == 0:
                     finished.append(name)
                     done.add(name)
@@ -220,6 +225,12 @@ def run_parallel(
         print(f"stage '{failed[0]}' failed (status {failed[1]}); rerun to resume", file=sys.stderr)
         raise SystemExit(failed[1])
     return outcome
+
+
+def _utc(epoch: float) -> str:
+    """``2026-12-02 19:20:01.25``: a stage's start or end in the run's log."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+    return f"{stamp}.{int(epoch % 1 * 100):02d}"
 
 
 def _start(stage: Stage, env: dict[str, str] | None) -> subprocess.Popen:

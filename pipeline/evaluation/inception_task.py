@@ -17,16 +17,14 @@ GPU, through pipeline.cluster.gputasks (a fresh worker per GPU task):
   (``cache_dir(cache_root, weights, "cuda")``), so a rerun finds them exactly as if the driver
   had computed on its own GPU.
 
-Test-only hook: with ``DDPM_TEST_FAKE_GPU=1`` in the task's environment (a node that declares
-fake GPUs to Ray), a task that sees no CUDA device computes on the CPU instead of stopping. It
-exists for the fake-GPU tests; never set it in real runs.
+Test-only: under ``DDPM_FAKE_GPUS=1`` (pipeline.cluster.fakegpu; a node that declares fake GPUs
+to Ray) the task computes on the CPU instead of stopping. Never set it in real runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +35,7 @@ import ray
 import torch
 
 from pipeline.atomic import atomic_path
+from pipeline.cluster import fakegpu
 from pipeline.cluster.blocks import check_resources
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.raycluster import init_ray
@@ -45,7 +44,6 @@ from pipeline.evaluation import fidelity
 from pipeline.evaluation.inception import InceptionWeights
 
 CHUNK_BYTES = 64 << 20  # images per object-store chunk: ~64 MB (1365 at 32x32, 341 at 256x256)
-FAKE_GPU_ENV = "DDPM_TEST_FAKE_GPU"  # test-only, see the module docstring
 
 
 def needs_gpu_task(device: str) -> bool:
@@ -240,10 +238,9 @@ def _task(what, images, key, weights, weights_file, refs, cached, kwargs, option
     if weights.extractor != fidelity.EXTRACTOR:  # the feature network's: registered on import
         import pipeline.evaluation.featurenet  # noqa: F401
     device = "cuda"
-    if not torch.cuda.is_available() and os.environ.get(FAKE_GPU_ENV) == "1":
-        if not os.environ.get("CUDA_VISIBLE_DEVICES"):
-            raise RuntimeError("test hook: this Inception task holds no (fake) GPU")
-        device = "cpu"  # test-only: a fake GPU (see the module docstring)
+    if fakegpu.enabled():  # test-only: a fake GPU (see the module docstring)
+        fakegpu.check_task_device(True, "eval.inception_device: cuda")
+        device = "cpu"
     options = {**options, "device": device}
     with tempfile.TemporaryDirectory(prefix="ddpm-inception-") as tmp:
         root = Path(tmp)

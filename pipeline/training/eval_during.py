@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import fakegpu
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, Variant
 from pipeline.evaluation.inception import InceptionWeights
@@ -79,6 +80,10 @@ def score_checkpoint(
         import pipeline.evaluation.featurenet  # noqa: F401
 
     s, n = cfg.sample, cfg.train.eval_samples
+    options = inception_options(cfg.eval)
+    if fakegpu.enabled():  # test-only fake GPUs: everything on the CPU (pipeline.cluster.fakegpu)
+        fakegpu.check_task_device(s.use_gpu, "sample.use_gpu")
+        options["device"] = "cpu"
     use_gpu = s.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
     if device.type == "cpu":
@@ -108,7 +113,7 @@ def score_checkpoint(
             weights,
             cache_root=Path(tmp) / "cache",
             is_splits=1,
-            **inception_options(cfg.eval),
+            **options,
         )
     return float(fid["fid_train"])
 

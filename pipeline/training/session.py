@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pipeline.cluster import fakegpu
+
 
 class Session(Protocol):
     rank: int
@@ -50,12 +52,18 @@ class RaySession:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.fake_gpu = fakegpu.enabled()  # test-only: GPU workers compute on the CPU
+        if self.fake_gpu:
+            fakegpu.check_task_device(True, "train.use_gpu")  # Ray gave this worker a fake GPU
+            self.device = torch.device("cpu")
+        else:
+            self.device = ray.train.torch.get_device()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+        move: bool | torch.device = self.device if self.fake_gpu else True
+        return ray.train.torch.prepare_model(model, move_to_device=move, parallel_strategy="ddp")
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cluster import fakegpu
 from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
@@ -119,7 +120,7 @@ def make_trainer(job: TrainJob) -> Any:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=fakegpu.train_backend(t.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
