@@ -286,6 +286,11 @@ class Config:
         variant's name for the main seed (today's paths), ``<variant>-s<seed>`` for the others."""
         return seed_key(variant, self.train.seed, self.main_seed)
 
+    def stage_name(self, stage: str, variant: str) -> str:
+        """dvc.yaml's name of ``stage`` (train, sample, evaluate) of ``variant`` at this seed."""
+        seed = self.train.seed
+        return f"{stage}@{variant}" if seed == self.main_seed else f"{stage}_seed@{variant}-{seed}"
+
     def variant(self, name: str) -> Variant:
         """The named variant, or a ConfigError listing the known ones."""
         if name not in self.variants:

@@ -40,6 +40,7 @@ def test_default_is_one_seed_and_todays_paths():
     cfg = config_from_dict(params())
     assert cfg.seeds == (0,) and cfg.main_seed == 0 == cfg.train.seed
     assert cfg.run_key("eps_fixed_mse") == "eps_fixed_mse"
+    assert cfg.stage_name("train", "eps_fixed_mse") == "train@eps_fixed_mse"
     assert cfg.with_seed(None) is cfg and cfg.with_seed(0) is cfg
 
 
@@ -47,6 +48,7 @@ def test_a_further_seed_trains_with_it_under_its_own_name():
     cfg = config_from_dict(params(seeds=[0, 3], extra_seeds=[3])).with_seed(3)
     assert cfg.train.seed == 3 and cfg.main_seed == 0
     assert cfg.run_key("eps_fixed_mse") == "eps_fixed_mse-s3"
+    assert cfg.stage_name("sample", "eps_fixed_mse") == "sample_seed@eps_fixed_mse-3"
 
 
 @pytest.mark.parametrize(

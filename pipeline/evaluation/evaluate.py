@@ -80,16 +80,21 @@ def check_eval_config(cfg: Config) -> None:
 
 
 def load_samples(
-    variant: str, info: ModelInfo, root: Path = Path("."), precision: str | None = None
+    variant: str,
+    info: ModelInfo,
+    root: Path = Path("."),
+    precision: str | None = None,
+    stage: str | None = None,
 ) -> tuple[SampleShards, dict]:
-    """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest.
+    """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest; ``stage``
+    is the DVC stage that draws them (default sample@<variant>), for the errors' hint.
 
     DataError when the manifest or a shard is missing, unreadable or altered, or when the
     samples were drawn from other weights or (``precision`` given) in another model.precision.
     """
     folder = root / layout.samples_dir(variant)
     manifest_path = folder / "manifest.json"
-    hint = f"run `dvc repro sample@{variant}`"
+    hint = f"run `dvc repro {stage or f'sample@{variant}'}`"
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: not found ({hint})")
     try:
@@ -163,12 +168,6 @@ class _Clock:
             self.add("ray_init", started)
 
 
-def sample_stage(cfg: Config, variant: str) -> str:
-    """The DVC stage that draws this seed's samples of ``variant``."""
-    seed = cfg.train.seed
-    return f"sample@{variant}" if seed == cfg.main_seed else f"sample_seed@{variant}-{seed}"
-
-
 def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> Evaluation:
     """Compute every metric and figure of ``variant`` (see the module docstring).
 
@@ -177,11 +176,12 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     clock, started = _Clock(cfg), time.perf_counter()
     key = cfg.run_key(variant.name)  # <V>, or <V>-s<k> for a further training seed
     info = load_model_info(root / layout.model_dir(key), variant, cfg.scale)
-    samples, sample_manifest = load_samples(key, info, root, cfg.model.precision)
-    hint = f"rerun `dvc repro {sample_stage(cfg, variant.name)}`"
+    stage = cfg.stage_name("sample", variant.name)
+    samples, sample_manifest = load_samples(key, info, root, cfg.model.precision, stage)
+    hint = f"rerun `dvc repro {stage}`"
     check_images(samples, f"samples/{key}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)
-    check_resolution(cfg, network, samples, variant.name, root)
+    check_resolution(cfg, network, samples, variant.name, root)  # names the main stages
     weights = project_inception_weights(cfg, root)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic), key=key)
