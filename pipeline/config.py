@@ -260,6 +260,36 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     variants: dict[str, Variant] = field(default_factory=dict)
+    # params.yaml's ``seeds``: the training seeds of every variant, the first the main stages'
+    # (train@<V>: train.seed); the others run as train_seed@<V>-<k> (docs/report-and-mlflow.md)
+    seeds: tuple[int, ...] = (0,)
+
+    @property
+    def main_seed(self) -> int:
+        """The seed of the main stages (train@<V>, sample@<V>, evaluate@<V>)."""
+        return self.seeds[0]
+
+    def with_seed(self, seed: int | None) -> Config:
+        """This configuration training with ``seed`` (one of ``seeds``; None: the main seed)."""
+        if seed is None or seed == self.train.seed:
+            return self
+        if seed not in self.seeds:
+            listed = ", ".join(map(str, self.seeds))
+            raise ConfigError(
+                f"--seed {seed} is not one of params.yaml's seeds [{listed}]; add it there "
+                f"(and to extra_seeds) or pick one of them"
+            )
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, seed=seed))
+
+    def run_key(self, variant: str) -> str:
+        """The name of this seed's outputs of ``variant`` (pipeline.layout's folders): the
+        variant's name for the main seed (today's paths), ``<variant>-s<seed>`` for the others."""
+        return seed_key(variant, self.train.seed, self.main_seed)
+
+    def stage_name(self, stage: str, variant: str) -> str:
+        """dvc.yaml's name of ``stage`` (train, sample, evaluate) of ``variant`` at this seed."""
+        seed = self.train.seed
+        return f"{stage}@{variant}" if seed == self.main_seed else f"{stage}_seed@{variant}-{seed}"
 
     def variant(self, name: str) -> Variant:
         """The named variant, or a ConfigError listing the known ones."""
@@ -324,7 +354,8 @@ def load_config(path: str | os.PathLike | None = None, scale: str | None = None)
 
 def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
     """Resolve a params dict (the content of params.yaml) into a :class:`Config`."""
-    _check_keys("params.yaml", raw, {"scale", "presets", "variants", "ray", "mlflow", "cluster"})
+    top = {"scale", "presets", "variants", "ray", "mlflow", "cluster", "seeds", "extra_seeds"}
+    _check_keys("params.yaml", raw, top)
     presets = raw.get("presets") or {}
     scale = scale or raw.get("scale")
     if not scale:
@@ -352,7 +383,8 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
     if data.random_flip is None:
         flips = data.dataset not in FLIPS_OFF[data.flip_source]
         sections["data"] = dataclasses.replace(data, random_flip=flips)
-    cfg = Config(scale=scale, variants=variants, **sections)
+    seeds = _seeds(raw, sections["train"], scale)
+    cfg = Config(scale=scale, variants=variants, seeds=seeds, **sections)
     validate(cfg)
     return cfg
 
@@ -362,6 +394,65 @@ FLIPS_OFF = {
     "official": ("lsun_cat",),  # run_lsun.py: randflip=1 by default, `--randflip 0` for cat
     "paper": ("lsun_bedroom",),  # App. B: "random horizontal flips ... except LSUN Bedroom"
 }
+
+
+def seed_key(variant: str, seed: int, main_seed: int) -> str:
+    """``variant`` for the main seed, ``<variant>-s<seed>`` for a further training seed."""
+    return variant if seed == main_seed else f"{variant}-s{seed}"
+
+
+def _seeds(raw: dict[str, Any], train: TrainConfig, scale: str) -> tuple[int, ...]:
+    """params.yaml's ``seeds``, checked against ``extra_seeds`` (what dvc.yaml's matrix reads:
+    DVC cannot slice a list) and the main stages' ``train.seed``; one ConfigError naming the
+    ``-S`` that fixes a disagreement. Absent: the preset's train.seed alone."""
+    seeds = raw.get("seeds", [train.seed])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(
+            f"params.yaml: seeds must be a non-empty list of distinct integers >= 0 (got {seeds!r})"
+        )
+    extra = raw.get("extra_seeds", [])
+    if extra != seeds[1:]:
+        want = _yaml_list(seeds[1:])
+        raise ConfigError(
+            f"params.yaml: extra_seeds ({extra!r}) must be seeds[1:] = {want}: dvc.yaml makes "
+            f"the further seeds' stages from extra_seeds; pass -S 'extra_seeds={want}' "
+            f"(with -S 'seeds={_yaml_list(seeds)}') or edit params.yaml"
+        )
+    if seeds[0] != train.seed:
+        raise ConfigError(
+            f"params.yaml: seeds[0] ({seeds[0]}) is the main stages' training seed, but "
+            f"presets.{scale}.train.seed is {train.seed}; pass -S "
+            f"presets.{scale}.train.seed={seeds[0]} or put {train.seed} first in seeds"
+        )
+    return tuple(seeds)
+
+
+def _yaml_list(values: list[int]) -> str:
+    return "[" + ", ".join(map(str, values)) + "]"
+
+
+def _check_seed_keys(cfg: Config) -> None:
+    """Further seeds: trained weights only, and no variant named like another's seed outputs."""
+    if len(cfg.seeds) == 1:
+        return
+    if cfg.model.source == "checkpoint":
+        raise ConfigError(
+            f"params.yaml: seeds {_yaml_list(list(cfg.seeds))}: presets.{cfg.scale} imports "
+            f"published weights (model.source: checkpoint), which have no training seed; "
+            f"pass -S 'seeds=[{cfg.main_seed}]' -S 'extra_seeds=[]'"
+        )
+    keys = {seed_key(v, s, cfg.main_seed) for v in cfg.variants for s in cfg.seeds[1:]}
+    clash = sorted(keys & set(cfg.variants))
+    if clash:
+        raise ConfigError(
+            f"variants: {', '.join(clash)} is also the name of another variant's further "
+            f"training seed (<variant>-s<seed>); rename the variant"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -431,6 +522,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.max_parallel_stages must be at least 1 (got {parallel})")
     _validate_official_semantics(cfg, where)
     check_across_sections(cfg)
+    _check_seed_keys(cfg)
 
 
 def _validate_official_semantics(cfg: Config, where: str) -> None:

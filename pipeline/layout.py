@@ -2,6 +2,11 @@
 
 One function per output so that stages, tests and dvc.yaml agree. Ray workers run in another
 directory: pass them ``.resolve()``d paths.
+
+The per-variant functions take the name of a variant's outputs: the variant's own name for its
+main training seed (params.yaml ``seeds[0]``), ``<variant>-s<k>`` for a further seed k
+(``Config.run_key``): models/eps_fixed_mse-s1/ beside models/eps_fixed_mse/, never inside it
+(DVC refuses an output inside another stage's).
 """
 
 from __future__ import annotations

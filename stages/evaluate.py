@@ -1,11 +1,12 @@
 """Stage ``evaluate``: FID, IS, the NLL bound, rate-distortion and figures of one variant.
 
-python -m stages.evaluate --variant NAME [--params params.yaml]
+python -m stages.evaluate --variant NAME [--seed K] [--params params.yaml]
 
 Reads models/<V>/, samples/<V>/samples.npz, reference/<scale>/ and data/<scale>/; writes
 metrics/<V>.json, plots/<V>/rate_distortion.csv and figures/<V>/*.png, and logs them to the
 variant's MLflow run. NLL blocks and figure pixels are cached in work/nll/<V>/ (a rerun or an
-interrupted run resumes), Inception statistics in work/fid/<V>/.
+interrupted run resumes), Inception statistics in work/fid/<V>/. ``--seed K`` (a further
+training seed, stage evaluate_seed@V-K): every <V> above is <V>-sK.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", required=True, help="a variant of params.yaml")
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="a further training seed of params.yaml's seeds (default: the main seed)",
+    )
     args = parser.parse_args(argv)
-    cfg = load_config(args.params)
+    cfg = load_config(args.params).with_seed(args.seed)
     variant = cfg.variant(args.variant)
     if reason := skip_reason(cfg, variant.name):
         skip_evaluate(cfg, variant.name, reason)

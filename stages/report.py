@@ -21,17 +21,20 @@ import pandas as pd
 from pipeline import layout
 from pipeline.atomic import write_text
 from pipeline.cli import entry_point, run_stage
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, seed_key
 from pipeline.errors import UserError
 from pipeline.report import html, page, tables, tracking, verdict
 from pipeline.training.published import is_skipped
 
 
-def variant_run_ids(variants: list[str]) -> dict[str, str]:
-    """The MLflow run id of each variant that ran, from models/<variant>/model.json."""
+def variant_run_ids(variants: list[str], seeds: tuple[int, ...] = (0,)) -> dict[str, str]:
+    """The MLflow run id of each variant and training seed that ran, from models/<key>/model.json,
+    by key (Config.run_key: the variant's name for the main seed ``seeds[0]``, <V>-s<k> else),
+    each variant's main seed first."""
     ids = {}
-    for name in variants:
-        path = layout.model_dir(name) / "model.json"
+    for name, seed in ((n, s) for n in variants for s in seeds):
+        key = seed_key(name, seed, seeds[0])
+        path = layout.model_dir(key) / "model.json"
         if not path.is_file():
             raise UserError(f"{path}: missing; run the pipeline first (dvc repro)")
         meta = json.loads(path.read_text())
@@ -39,7 +42,7 @@ def variant_run_ids(variants: list[str]) -> dict[str, str]:
             continue
         if not meta.get("mlflow_run_id"):
             raise UserError(f"{path}: no mlflow_run_id; rerun the train stage")
-        ids[name] = meta["mlflow_run_id"]
+        ids[key] = meta["mlflow_run_id"]
     if not ids:
         raise UserError("no variant has run at this scale; nothing to report")
     return ids
@@ -113,15 +116,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.params, args.scale)
-    run_ids = variant_run_ids(list(cfg.variants))
+    run_ids = variant_run_ids(list(cfg.variants), cfg.seeds)
     tracking.setup(cfg)
-    runs = tables.read_runs(cfg.mlflow.experiment, run_ids)
-    missing = sorted(set(run_ids) - set(runs.index))
+    per_seed = tables.read_runs(cfg.mlflow.experiment, run_ids)
+    found = set(per_seed["run_id"]) if "run_id" in per_seed else set()
+    missing = sorted(k for k, r in run_ids.items() if r not in found)
     if missing:
         raise UserError(
             f"MLflow store {tracking.tracking_uri(cfg)} has no run for: {', '.join(missing)} "
             "(was MLFLOW_TRACKING_URI changed since training?)"
         )
+    runs = tables.by_variant(per_seed)  # several seeds: mean ± std of the seeds
     built = build_tables(cfg, runs, real_data(cfg.scale))
     files = []
     for stem, (table, title) in built.items():
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         tables.write_table(table, path, f"{title} ({cfg.scale} scale)")
         files += [path.with_suffix(".md"), path.with_suffix(".csv")]
     headline = (layout.REPORTS / f"{next(iter(built))}.md").read_text()
-    index = write_index(cfg, runs, run_ids, [p for p in files if p.suffix == ".md"])
+    main_ids = {k: r for k, r in run_ids.items() if k in cfg.variants}  # the page: main seed's
+    index = write_index(cfg, runs, main_ids, [p for p in files if p.suffix == ".md"])
     entries = verdict.collect(built)
     path = layout.REPORTS / "verdict.md"
     write_text(path, verdict.to_markdown(entries, f"Verdict ({cfg.scale} scale)"))

@@ -1,6 +1,10 @@
 """Stage ``train``: train one variant with Ray Train and write its weights to models/<variant>/.
 
-python -m stages.train --variant NAME [--params params.yaml]
+python -m stages.train --variant NAME [--seed K] [--params params.yaml]
+
+``--seed K`` (one of params.yaml's ``seeds`` after the first; stage train_seed@NAME-K) trains
+with train.seed K into models/NAME-sK/ and checkpoints/NAME-sK/, its own MLflow run tagged
+``ddpm.seed`` K; without it, the main seed (seeds[0] = train.seed) into models/NAME/.
 
 Resumes the variant's run from its last checkpoint in checkpoints/<variant>/ when the params are
 unchanged; set RAY_ADDRESS (or ray.address) to train on an existing Ray cluster. With
@@ -21,8 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", required=True, help="a variant of params.yaml (Table 2 row)")
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="a further training seed of params.yaml's seeds (default: the main seed)",
+    )
     args = parser.parse_args(argv)
-    cfg = load_config(args.params)
+    cfg = load_config(args.params).with_seed(args.seed)
     variant = cfg.variant(args.variant)
     if reason := skip_reason(cfg, variant.name):
         skip_train(cfg, variant.name, reason)

@@ -80,16 +80,21 @@ def check_eval_config(cfg: Config) -> None:
 
 
 def load_samples(
-    variant: str, info: ModelInfo, root: Path = Path("."), precision: str | None = None
+    variant: str,
+    info: ModelInfo,
+    root: Path = Path("."),
+    precision: str | None = None,
+    stage: str | None = None,
 ) -> tuple[SampleShards, dict]:
-    """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest.
+    """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest; ``stage``
+    is the DVC stage that draws them (default sample@<variant>), for the errors' hint.
 
     DataError when the manifest or a shard is missing, unreadable or altered, or when the
     samples were drawn from other weights or (``precision`` given) in another model.precision.
     """
     folder = root / layout.samples_dir(variant)
     manifest_path = folder / "manifest.json"
-    hint = f"run `dvc repro sample@{variant}`"
+    hint = f"run `dvc repro {stage or f'sample@{variant}'}`"
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: not found ({hint})")
     try:
@@ -139,6 +144,10 @@ class Evaluation:
     spec: FigureSpec | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds
     run_id: str | None = None
+    key: str = ""  # the outputs' name (Config.run_key): the variant's, or <V>-s<k>; "": variant
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.variant
 
 
 class _Clock:
@@ -165,15 +174,17 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     Every input is checked (one-line DataError) before any long computation starts.
     """
     clock, started = _Clock(cfg), time.perf_counter()
-    info = load_model_info(root / layout.model_dir(variant.name), variant, cfg.scale)
-    samples, sample_manifest = load_samples(variant.name, info, root, cfg.model.precision)
-    hint = f"rerun `dvc repro sample@{variant.name}`"
-    check_images(samples, f"samples/{variant.name}", max(2, cfg.sample.n_samples), hint=hint)
+    key = cfg.run_key(variant.name)  # <V>, or <V>-s<k> for a further training seed
+    info = load_model_info(root / layout.model_dir(key), variant, cfg.scale)
+    stage = cfg.stage_name("sample", variant.name)
+    samples, sample_manifest = load_samples(key, info, root, cfg.model.precision, stage)
+    hint = f"rerun `dvc repro {stage}`"
+    check_images(samples, f"samples/{key}", max(2, cfg.sample.n_samples), hint=hint)
     network = eval_network(cfg, variant, info.weights)
-    check_resolution(cfg, network, samples, variant.name, root)
+    check_resolution(cfg, network, samples, variant.name, root)  # names the main stages
     weights = project_inception_weights(cfg, root)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
-    result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic))
+    result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic), key=key)
     result.run_id = info.meta.get("mlflow_run_id")
     t0 = time.perf_counter()
     # here, or as a GPU task when the preset asks for cuda and this driver has no GPU
@@ -181,7 +192,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
         ImagePrefix(samples, len(samples)),  # read in chunks, mapped pages released as it goes
         reference_files(root / layout.reference_dir(cfg.scale)),
         weights,
-        root / layout.work_dir("fid", variant.name),
+        root / layout.work_dir("fid", key),
         cfg.eval.is_splits,
         expected=cfg.sample.n_samples,
         bootstrap=cfg.eval.fid_bootstrap,
@@ -190,7 +201,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     fid.update(classifier_scores(weights, samples))
     clock.add("fid_is", t0)
     t0 = time.perf_counter()
-    run_on_ray(cfg, variant.name, network, result, clock, root)
+    run_on_ray(cfg, key, network, result, clock, root)
     clock.add("nll_and_figures", t0)
     result.metrics = metrics_json(cfg, variant, fid, result, sample_manifest)
     clock.add("total", started)
@@ -199,7 +210,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
 
 
 def run_on_ray(
-    cfg: Config, variant: str, network: SamplingJob, result: Evaluation, clock: _Clock, root: Path
+    cfg: Config, key: str, network: SamplingJob, result: Evaluation, clock: _Clock, root: Path
 ) -> None:
     """The figures' task and the NLL blocks (test, then train), sharing the Ray workers.
 
@@ -207,13 +218,13 @@ def run_on_ray(
     """
     digest = network.weights_digest()  # reads every weight: once
     result.spec = figure_spec(cfg, root)
-    work = root / layout.work_dir("nll", variant)
+    work = root / layout.work_dir("nll", key)  # key: Config.run_key of the variant
     resources = eval_resources(cfg)
     pending = submit_figures(network, digest, result.spec, work, resources, clock.connect)
     for split, count in (("test", cfg.eval.nll_images), ("train", cfg.eval.nll_train_images)):
         if count > 0:
             result.nll[split] = compute_nll(
-                cfg, variant, network, digest, split, count, root, clock.connect
+                cfg, key, network, digest, split, count, root, clock.connect
             )
     result.figures = pending.result()
     if "test" in result.nll:

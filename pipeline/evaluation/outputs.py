@@ -117,7 +117,7 @@ def write_curve_csv(path: Path, result: Evaluation) -> None:
 
 def write_outputs(cfg: Config, result: Evaluation, root: Path = Path(".")) -> None:
     """figures/, plots/ and metrics/ of the variant, and its MLflow run, all or nothing."""
-    name = result.variant
+    name = result.key  # the variant's name, or <V>-s<k> for a further training seed
     with (
         atomic_dir(root / layout.figures_dir(name)) as figures,
         atomic_dir(root / layout.plots_dir(name)) as plots,
@@ -185,7 +185,7 @@ def log_to_mlflow(cfg: Config, result: Evaluation, figures: list[Path], plots: l
             mlflow.log_dict(result.metrics, f"metrics/{result.variant}.json")
     except MlflowException as e:
         raise DataError(
-            f"MLflow run {result.run_id} of models/{result.variant}/model.json cannot be logged "
+            f"MLflow run {result.run_id} of models/{result.key}/model.json cannot be logged "
             f"to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point MLFLOW_TRACKING_URI "
             f"at the store the train stage used, or rerun it"
         ) from None

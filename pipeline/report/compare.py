@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from pipeline.errors import UserError
-from pipeline.report.tables import ERRORS, read_runs_by_parent
+from pipeline.report.tables import error_metrics, read_runs_by_parent
 from pipeline.report.tracking import TAG_SCALE, TAG_STAND_IN
 from pipeline.report.verdict import K_ERRORS, TAG_PREFIX, agree
 
@@ -101,11 +101,11 @@ def side_by_side(a: Reproduction, b: Reproduction) -> pd.DataFrame:
     variants = list(dict.fromkeys([*a.runs.index, *b.runs.index]))
     for variant in variants:
         for metric, figure in FIGURES.items():
-            err_metric, n_metric = ERRORS[metric]
+            (err_a, n_a), (err_b, n_b) = (error_metrics(r.runs, variant, metric) for r in (a, b))
             va, vb = _get(a.runs, variant, metric), _get(b.runs, variant, metric)
             if va is None and vb is None:
                 continue
-            ea, eb = _get(a.runs, variant, err_metric), _get(b.runs, variant, err_metric)
+            ea, eb = _get(a.runs, variant, err_a), _get(b.runs, variant, err_b)
             diff = None if va is None or vb is None else vb - va
             err = None if ea is None or eb is None else math.hypot(ea, eb)
             within = "—" if diff is None or err is None else ("yes" if agree(diff, err) else "no")
@@ -113,8 +113,8 @@ def side_by_side(a: Reproduction, b: Reproduction) -> pd.DataFrame:
                 {
                     "variant": variant,
                     "figure": figure,
-                    "A": _cell(va, ea, _get(a.runs, variant, n_metric)),
-                    "B": _cell(vb, eb, _get(b.runs, variant, n_metric)),
+                    "A": _cell(va, ea, _get(a.runs, variant, n_a)),
+                    "B": _cell(vb, eb, _get(b.runs, variant, n_b)),
                     "B - A": "—" if diff is None else f"{diff:+.3f}",
                     "combined error": "—" if err is None else f"{err:.3f}",
                     f"within {K_ERRORS:g} errors": within,

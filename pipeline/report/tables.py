@@ -4,7 +4,9 @@
 and ``tags.*`` columns). Each table builder takes that frame, indexed by variant, and returns a
 DataFrame with, for every figure, the paper's number, ours and the difference (ours - paper).
 Rows whose runs carry ``stand_in = true`` are labelled with STAND_IN_NOTE; rows the paper leaves
-empty (unstable training) say so; rows from published weights say so.
+empty (unstable training) say so; rows from published weights say so. A variant trained with
+several seeds (params.yaml ``seeds``) is one row (:func:`by_variant`): the mean over the seeds,
+with the std of the seeds as its error and the number of seeds as its n.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pandas as pd
 from pipeline.atomic import write_text
 from pipeline.config import STAND_IN_NOTE
 from pipeline.report import paper
-from pipeline.report.tracking import TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
+from pipeline.report.tracking import TAG_SEED, TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
 from pipeline.report.verdict import direction, judge
 
 TAG_SELECTION = "ddpm.selection"  # = pipeline.training.selection.TAG_SELECTION (no torch here)
@@ -38,6 +40,8 @@ ERRORS = {
     "nll_train_bpd": ("nll_train_bpd_se", "nll_train_images"),
 }
 UNSTABLE = "not reported in the paper (training unstable)"
+SEEDS_TAG = "ddpm.seeds"  # by_variant's: the seeds a row's means are over ("0, 1")
+SEED_STD, SEED_N = "_seed_std", "_seed_n"  # by_variant's columns: metrics.<m>_seed_std ...
 PUBLISHED = "published weights"
 
 
@@ -64,7 +68,9 @@ def error_of(metric: str) -> tuple[str | None, str | None]:
 
 
 def read_runs(experiment: str, run_ids: dict[str, str]) -> pd.DataFrame:
-    """The variants' runs (``mlflow.search_runs``) as a DataFrame indexed by variant name."""
+    """The runs (``mlflow.search_runs``) as a DataFrame indexed by variant name, in the order of
+    ``run_ids`` (a variant's main seed first); several seeds of a variant: one row each
+    (:func:`by_variant` makes them one)."""
     import mlflow
 
     ids = ", ".join(f"'{r}'" for r in run_ids.values())
@@ -73,7 +79,46 @@ def read_runs(experiment: str, run_ids: dict[str, str]) -> pd.DataFrame:
     )
     if runs.empty:
         return pd.DataFrame(index=pd.Index([], name="variant"))
+    order = {r: i for i, r in enumerate(run_ids.values())}
+    runs = runs.sort_values("run_id", key=lambda ids: ids.map(order), ignore_index=True)
     return runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant")
+
+
+def by_variant(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant. A variant with runs of several training seeds (tag ``ddpm.seed``)
+    becomes one row: every metric the mean over the seeds that have it, beside it
+    ``metrics.<m>_seed_std`` (the std of the seeds, ddof 1: the spread of one training run) and
+    ``metrics.<m>_seed_n`` (how many seeds), the tags of the variant's first run (its main seed in
+    :func:`read_runs`' order) and ``tags.ddpm.seeds`` ("0, 1"). One run per variant: unchanged."""
+    if runs.index.is_unique:
+        return runs
+    metrics = [
+        c
+        for c in runs.columns
+        if c.startswith("metrics.") and not c.endswith((SEED_STD, SEED_N))
+        and pd.api.types.is_numeric_dtype(runs[c])
+    ]  # fmt: skip
+    rows = []
+    for _, group in runs.groupby(level=0, sort=False):
+        row = group.iloc[0].copy()
+        if len(group) > 1:
+            for c in metrics:
+                values = group[c].dropna().to_numpy(dtype=float)
+                row[c] = values.mean() if len(values) else math.nan
+                row[c + SEED_STD] = values.std(ddof=1) if len(values) > 1 else math.nan
+                row[c + SEED_N] = float(len(values))
+            seeds = group.get(f"tags.{TAG_SEED}", pd.Series(["?"] * len(group)))
+            row[f"tags.{SEEDS_TAG}"] = ", ".join(str(s) for s in seeds)
+        rows.append(row)
+    return pd.DataFrame(rows).rename_axis("variant")
+
+
+def error_metrics(runs: pd.DataFrame, variant: str, metric: str) -> tuple[str | None, str | None]:
+    """The metrics that are ``metric``'s error and count for ``variant``: the seeds' std and
+    number where the variant ran with several seeds (:func:`by_variant`), else ERRORS'."""
+    if (_value(runs, variant, metric + SEED_N) or 0) > 1:
+        return metric + SEED_STD, metric + SEED_N
+    return error_of(metric)
 
 
 def read_runs_by_parent(experiment_id: str, parent_id: str) -> pd.DataFrame:
@@ -85,7 +130,16 @@ def read_runs_by_parent(experiment_id: str, parent_id: str) -> pd.DataFrame:
     )
     if runs.empty or f"tags.{TAG_VARIANT}" not in runs.columns:
         return pd.DataFrame(index=pd.Index([], name="variant"))
-    return runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant")
+    runs = (
+        runs.sort_values(f"tags.{TAG_SEED}", key=_seed_order)
+        if f"tags.{TAG_SEED}" in runs
+        else runs
+    )
+    return by_variant(runs.set_index(f"tags.{TAG_VARIANT}", drop=False).rename_axis("variant"))
+
+
+def _seed_order(seeds: pd.Series) -> pd.Series:
+    return pd.to_numeric(seeds, errors="coerce")
 
 
 def _value(runs: pd.DataFrame, variant: str, metric: str) -> float | None:
@@ -110,6 +164,9 @@ def _note(runs: pd.DataFrame, variant: str, *, paper_empty: bool = False) -> str
     selection = tags.get(f"tags.{TAG_SELECTION}")  # which checkpoint (train.select)
     if isinstance(selection, str) and selection != "last checkpoint":
         notes.append(selection)
+    seeds = tags.get(f"tags.{SEEDS_TAG}")  # several training seeds (by_variant)
+    if isinstance(seeds, str):
+        notes.append(f"{SEEDS_NOTE} over {len(seeds.split(','))} training seeds ({seeds})")
     if str(tags.get(f"tags.{TAG_STAND_IN}", "")).lower() == "true":
         reason = tags.get("tags.stand_in_reason")
         notes.append(STAND_IN_NOTE + (f" ({reason})" if isinstance(reason, str) else ""))
@@ -138,7 +195,7 @@ def _figure(
     """One figure's columns: paper (and its error, where the paper states one), ours, our error
     and its count, the difference and the verdict (pipeline.report.verdict)."""
     ours = _value(runs, variant, metric)
-    err_metric, n_metric = error_of(metric)
+    err_metric, n_metric = error_metrics(runs, variant, metric)
     err = _value(runs, variant, err_metric) if err_metric else None
     n = _value(runs, variant, n_metric) if n_metric else None
     found = judge(
@@ -285,7 +342,10 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
     for _, row in table.iterrows():
         cells = [_merged(row, c) for c in columns] + [_cell(row.get("note") or "")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "diff = ours - paper; — = no value; value ± error (n): " + ERROR_NOTE, ""]
+    note = ERROR_NOTE
+    if table["note"].str.contains(SEEDS_NOTE, regex=False).any():
+        note += SEEDS_ERROR_NOTE
+    lines += ["", "diff = ours - paper; — = no value; value ± error (n): " + note, ""]
     if table["note"].str.contains(STAND_IN_NOTE, regex=False).any():
         lines.append(f"**Rows noted stand-in are {STAND_IN_NOTE.removeprefix('stand-in, ')}.**")
     return "\n".join(lines) + "\n"
@@ -294,6 +354,11 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
 ERROR_NOTE = (
     "FID: bootstrap standard error over the n samples' features; IS: std over n splits; "
     "NLL: standard error over n images; verdict: docs/report-and-mlflow.md, Reading the verdict."
+)
+SEEDS_NOTE = "mean ± std"  # a row over several training seeds (its note says which)
+SEEDS_ERROR_NOTE = (
+    " Rows noted mean ± std over training seeds: the mean over the seeds ± the std of the seeds "
+    "(ddof 1), n = seeds; that std is the verdict's error for them."
 )
 
 

@@ -111,7 +111,7 @@ def start_variant_run(
     experiment_id = setup(cfg, root)
     with mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=f"{cfg.scale}/{variant.name}",
+        run_name=f"{cfg.scale}/{cfg.run_key(variant.name)}",  # <V>-s<k>: a further seed
         tags={**run_tags(cfg, variant), **(tags or {})},
     ) as run:
         params: dict[str, Any] = {k: _param(v) for k, v in cfg.flat().items()}

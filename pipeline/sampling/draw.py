@@ -274,7 +274,7 @@ def draw_samples(
     job = make_job(cfg, variant, info.weights)
     s = cfg.sample
     key = block_key(job, s.block_size)
-    work = shared_path(cfg, root, layout.work_dir("sample", variant.name)) / key
+    work = shared_path(cfg, root, layout.work_dir("sample", cfg.run_key(variant.name))) / key
     resources = task_resources(cfg)
     with synced(cfg, root, work, ("block-*.npz", "progressive-*.npz")):  # a bucket: uploads
         run = run_blocks(

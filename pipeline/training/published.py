@@ -69,29 +69,32 @@ def _marker(cfg: Config, variant: str, reason: str) -> dict[str, Any]:
 
 def skip_train(cfg: Config, variant: str, reason: str) -> None:
     """The train stage's outputs for a variant that is not run: a marker model.json."""
-    with atomic_dir(layout.model_dir(variant)) as tmp:
+    key = cfg.run_key(variant)  # this training seed's folders
+    with atomic_dir(layout.model_dir(key)) as tmp:
         write_json(tmp / "model.json", _marker(cfg, variant, reason))
-    _mark_folder(layout.checkpoint_dir(variant), reason)
+    _mark_folder(layout.checkpoint_dir(key), reason)
 
 
 def skip_sample(cfg: Config, variant: str, reason: str) -> None:
     """The sample stage's outputs for a variant that is not run."""
-    with atomic_dir(layout.samples_dir(variant)) as tmp:
+    key = cfg.run_key(variant)  # this training seed's folders
+    with atomic_dir(layout.samples_dir(key)) as tmp:
         write_json(tmp / "manifest.json", _marker(cfg, variant, reason))
-    _mark_folder(layout.work_dir("sample", variant), reason)
+    _mark_folder(layout.work_dir("sample", key), reason)
 
 
 def skip_evaluate(cfg: Config, variant: str, reason: str) -> None:
     """The evaluate stage's outputs for a variant that is not run (DVC needs every one)."""
     from pipeline.evaluation.outputs import CSV_COLUMNS
 
-    with atomic_dir(layout.figures_dir(variant)) as tmp:
+    key = cfg.run_key(variant)  # this training seed's folders
+    with atomic_dir(layout.figures_dir(key)) as tmp:
         write_text(tmp / SKIPPED_FILE, reason + "\n")
-    with atomic_dir(layout.plots_dir(variant)) as tmp:  # header only: what DVC plots can read
+    with atomic_dir(layout.plots_dir(key)) as tmp:  # header only: what DVC plots can read
         write_text(tmp / "rate_distortion.csv", ",".join(CSV_COLUMNS) + "\n")
     for stage in ("nll", "fid"):
-        _mark_folder(layout.work_dir(stage, variant), reason)
-    write_json(layout.metrics_path(variant), _marker(cfg, variant, reason))
+        _mark_folder(layout.work_dir(stage, key), reason)
+    write_json(layout.metrics_path(key), _marker(cfg, variant, reason))
 
 
 def _check_schedule(cfg: Config, scheduler: dict[str, Any] | None, where: str) -> None:

@@ -164,7 +164,7 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     check_data(cfg, root / data_dir(cfg.scale))
     data = shared_data(cfg, root / data_dir(cfg.scale))  # in cluster storage when set
     run = run_identity(cfg, variant, root / data_dir(cfg.scale))
-    run_dir = shared_path(cfg, root, checkpoint_dir(variant.name)) / run["name"]
+    run_dir = shared_path(cfg, root, checkpoint_dir(cfg.run_key(variant.name))) / run["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     ray_run_dir = _pull_records(cfg, root, run_dir)  # a bucket: its URI, else run_dir
     write_identity(run_dir, cfg, variant, root / data_dir(cfg.scale))
@@ -180,7 +180,7 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     if result.return_value["status"] == "diverged":
         _mark_run(uri, run_id, "diverged")
         raise TrainingDivergedError(_diverged_message(result, cfg.train.steps))
-    out = root / model_dir(variant.name)
+    out = root / model_dir(cfg.run_key(variant.name))  # models/<V>-s<k>/ for a further seed
     with result.checkpoint.as_directory() as last:
         folder, selection = Path(last), {"select": "last", "evaluations": 0}
         if evaluator is not None:
