@@ -41,6 +41,8 @@ def tiny_params(**train: Any) -> dict[str, Any]:
     raw = copy.deepcopy(_repo_params())
     raw["scale"] = "tiny"
     raw["presets"]["tiny"]["train"].update({**TRAIN, **train})
+    if "seed" in train:  # the main seed is seeds[0] (params check): one seed, this one
+        raw["seeds"], raw["extra_seeds"] = [train["seed"]], []
     return raw
 
 
