@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_project import ROOT, VARIANT, tiny_params
+from train_project import ROOT, VARIANT, registered, tiny_params
 
 from pipeline.model.weights import load_weights
 from pipeline.training import faults
@@ -88,18 +88,6 @@ def wait_for(predicate, what: str, process: subprocess.Popen, timeout: float = 4
         assert process.poll() is None, f"the stage exited ({process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-def registered(runs: Path, name: str) -> bool:
-    """Whether Ray Train's controller has recorded checkpoint ``name`` in a run's snapshot
-    (``checkpoint_manager_snapshot.json``, written asynchronously: maybe not there yet)."""
-    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if name in snapshot.read_text():
-                return True
-        except FileNotFoundError:  # replaced meanwhile
-            continue
-    return False
 
 
 def test_killed_stage_resumes_and_ends_with_the_same_weights(tmp_path):

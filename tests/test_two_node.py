@@ -27,6 +27,7 @@ import torch
 import yaml
 from repo_copy import BIN, copy_repo, env
 from test_end_to_end import check_results, variant_runs
+from train_project import registered
 from two_node import TwoNodes, can_run, mlflow_server, two_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
@@ -147,18 +148,6 @@ def resumable_project(dest: Path) -> Path:
     stages["train"]["do"]["deps"].remove("work/train-reference/${scale}.json")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     return repo
-
-
-def registered(runs: Path, name: str) -> bool:
-    """Whether Ray Train's controller has recorded checkpoint ``name`` in a run's snapshot
-    (``checkpoint_manager_snapshot.json``, written asynchronously: maybe not there yet)."""
-    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if name in snapshot.read_text():
-                return True
-        except FileNotFoundError:  # replaced meanwhile
-            continue
-    return False
 
 
 def wait_for_checkpoint(runs: Path, step: int, job: subprocess.Popen, log: Path) -> None:

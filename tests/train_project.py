@@ -58,3 +58,15 @@ def make_project(root: Path, **train: Any) -> Config:
     cfg = config_from_dict(raw)
     prepare(cfg, root / data_dir(cfg.scale))
     return cfg
+
+
+def registered(runs: Path, name: str) -> bool:
+    """Whether Ray Train's controller has recorded checkpoint ``name`` in a run's snapshot
+    (``checkpoint_manager_snapshot.json``, written asynchronously: maybe not there yet)."""
+    for snapshot in runs.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if name in snapshot.read_text():
+                return True
+        except FileNotFoundError:  # replaced meanwhile
+            continue
+    return False
