@@ -299,6 +299,14 @@ def test_grid_tiles_enlarged_images_in_order(tmp_path):
     np.testing.assert_array_equal(tile_1, images[1].repeat(2, axis=0).repeat(2, axis=1))
     save_sample_grid(tmp_path / "g.png", images, "a title")
     saved = Image.open(tmp_path / "g.png")
+    # the layout torchvision's make_grid gives (what the figures used before, for 1..7 images)
+    from torchvision.utils import make_grid
+
+    for n, nrow in ((1, 4), (3, 2), (5, 3), (7, 7), (4, 1)):
+        x = np.random.default_rng(n).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+        big = torch.from_numpy(x.repeat(4, axis=1).repeat(4, axis=2)).permute(0, 3, 1, 2)
+        want = make_grid(big, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(np.asarray(tile(x, nrow=nrow)), want)
     assert saved.height > grid.shape[0] and saved.width >= grid.shape[1]  # a caption above
 
 

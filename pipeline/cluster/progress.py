@@ -39,14 +39,49 @@ class Sink(Protocol):
     def show(self, update: dict[str, Any]) -> None: ...
 
 
+class Sinks:
+    """Hands each update to every sink; a sink's failure is one warning line (per sink and kind
+    of error), never the end of the caller: the next update retries that sink.
+
+    It is also the board of a loop that runs in the driver's own process (``train.backend:
+    process``): rank 0's :class:`~pipeline.training.monitor.Monitor` calls :meth:`show` directly.
+    """
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+        self._warned: set[tuple[int, str]] = set()
+
+    def show(self, update: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.show(update)
+            except Exception as e:  # a sink's failure must not end the caller
+                self.warn(sink, e)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+    def warn(self, sink: object, error: Exception) -> None:
+        """One warning line per sink and kind of error."""
+        key = (id(sink), type(error).__name__)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(
+                "progress sink %s failed: %s: %s (shown once; it gets every next update)",
+                type(sink).__name__, type(error).__name__, str(error)[:200],
+            )  # fmt: skip
+
+
 class BoardReader:
     """While in its ``with`` block, feeds the board's updates to ``sinks`` (and once at exit)."""
 
     def __init__(self, board: Any, sinks: list[Sink], every: float = 0.5):
-        self.board, self.sinks, self.every = board, sinks, every
+        self.board, self.sinks, self.every = board, Sinks(sinks), every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._warned: set[tuple[int, str]] = set()
 
     def __enter__(self) -> BoardReader:
         self._thread.start()
@@ -56,17 +91,14 @@ class BoardReader:
         self._stop.set()
         self._thread.join(timeout=30)
         self.poll()
-        for sink in self.sinks:
-            close = getattr(sink, "close", None)
-            if close is not None:
-                close()
+        self.sinks.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             try:
                 self.poll()
             except Exception as e:  # never the end of the thread: the next poll retries
-                self._warn(self, e)
+                self.sinks.warn(self, e)
 
     def poll(self) -> None:
         """Take the board's updates and hand them to every sink."""
@@ -76,21 +108,7 @@ class BoardReader:
             log.debug("progress board unavailable: %s", e)
             return
         for update in updates:
-            for sink in self.sinks:
-                try:
-                    sink.show(update)
-                except Exception as e:  # a sink's failure must not end this thread
-                    self._warn(sink, e)
-
-    def _warn(self, sink: Sink, error: Exception) -> None:
-        """One warning line per sink and kind of error (the next update retries the sink)."""
-        key = (id(sink), type(error).__name__)
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(
-                "progress sink %s failed: %s: %s (shown once; it gets every next update)",
-                type(sink).__name__, type(error).__name__, str(error)[:200],
-            )  # fmt: skip
+            self.sinks.show(update)
 
 
 def format_eta(seconds: float) -> str:

@@ -1,6 +1,7 @@
 """PNG figures: the sample grid and the progressive generation strip (paper Fig. 6).
 
-Images are tiled with torchvision.utils.make_grid and captioned with Pillow; small images are
+Images are tiled as torchvision.utils.make_grid tiles them (numpy here: importing torchvision
+costs a stage ~1.5 s) and captioned with Pillow; small images are
 enlarged (nearest neighbour) to at least ``MIN_SIDE`` pixels so that a 16x16 sample is visible.
 Every figure is written atomically. (The evaluate stage adds Fig. 7/8 and rate-distortion here.)
 """
@@ -12,9 +13,7 @@ import os
 import textwrap
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 
 from pipeline.atomic import atomic_path
 
@@ -23,19 +22,30 @@ PAD = 2  # pixels between tiles
 MIN_CAPTION_WIDTH = 320  # narrower figures get white margins so the caption stays readable
 
 
-def _enlarge(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, R, R, 3] -> uint8 [N, 3, R*k, R*k] with k = ceil(MIN_SIDE / R)."""
+def _enlarge(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, R, R, 3] -> uint8 [N, R*k, R*k, 3] with k = ceil(MIN_SIDE / R)."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise TypeError(f"expected uint8 images [N, R, R, 3], got {images.dtype} {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     k = max(1, math.ceil(MIN_SIDE / images.shape[1]))
-    return x.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+    return images.repeat(k, axis=1).repeat(k, axis=2)
 
 
 def tile(images: np.ndarray, nrow: int) -> Image.Image:
-    """A grid of uint8 images [N, R, R, 3], ``nrow`` images per row, as a Pillow image."""
-    grid = make_grid(_enlarge(images), nrow=nrow, padding=PAD, pad_value=255)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+    """A grid of uint8 images [N, R, R, 3], ``nrow`` images per row, as a Pillow image: white
+    ``PAD``-pixel gaps and border, the layout of ``torchvision.utils.make_grid(padding=PAD,
+    pad_value=255)``, one image alone unpadded (tests/test_sampling.py compares them)."""
+    x = _enlarge(images)
+    n, h, w, _ = x.shape
+    if n == 1:  # make_grid returns a single image as it is
+        return Image.fromarray(np.ascontiguousarray(x[0]))
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + PAD) + PAD, cols * (w + PAD) + PAD, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top, left = r * (h + PAD) + PAD, c * (w + PAD) + PAD
+        grid[top : top + h, left : left + w] = x[i]
+    return Image.fromarray(grid)
 
 
 def captioned(image: Image.Image, caption: str) -> Image.Image:

@@ -2,11 +2,13 @@
 
 The run name is ``<variant>-<hash>``, the hash taken over everything that changes the trained
 weights: the training images (the train split's checksums) and the flip setting, the model and
-diffusion sections, the train section less the keys that only shape the cluster or the
-logging (:data:`NOT_IN_IDENTITY`), and the variant. Ray Train stores the run in
-``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()`` resume from the
-run's last checkpoint, so the same params after a crash continue, and changed params start a
-new run (they never continue stale weights). The MLflow run id lives in that folder too
+diffusion sections, the train section less the keys that only shape the cluster or the logging
+(:data:`NOT_IN_IDENTITY`), and the variant. ``train.backend`` does not change the weights (a one-
+worker run is bit-identical through Ray Train and in process) but names the run when it is not
+``ray``: each backend resumes only from its own checkpoints, so each has its own run folder. Ray
+Train stores the run in ``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()``
+resume from the run's last checkpoint, so the same params after a crash continue, and changed params
+start a new run (they never continue stale weights). The MLflow run id lives in that folder too
 (``mlflow_run.json``), so a resumed run logs into the same MLflow run.
 """
 
@@ -49,6 +51,8 @@ def identity_payload(cfg: Config, variant: Variant, data_dir: str | Path) -> dic
     """What the run name hashes (JSON-able)."""
     train_split = read_manifest(data_dir)["splits"].get("train", {})
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in NOT_IN_IDENTITY}
+    if train["backend"] == "ray":  # Ray Train runs keep their names; another backend's run
+        del train["backend"]  # folder is its own (its checkpoints are not in Ray Train's records)
     sections = cfg.section_dict("model", "diffusion")
     if sections["model"]["precision"] == "fp32":  # the default: fp32 runs keep their names
         del sections["model"]["precision"]

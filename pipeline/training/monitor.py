@@ -5,7 +5,8 @@ Per interval: ``loss`` (mean over the interval and the global batch), ``lr``, ``
 step = optimiser steps done. They go to the driver's progress board (a Ray actor, see
 :mod:`pipeline.cluster.progress`), which shows them and logs them to the variant's MLflow run:
 the workers never need to reach the tracking store (a SQLite file on the driver's machine, by
-default).
+default). A loop in the driver's own process (``train.backend: process``) is given the driver's
+:class:`~pipeline.cluster.progress.Sinks` as its board instead: the updates go to them directly.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pipeline.cluster.progress import Sinks
 from pipeline.training.divergence import Interval
 
 
 class Monitor:
-    """Sends interval metrics to ``board`` when ``enabled`` (rank 0); a no-op elsewhere."""
+    """Sends interval metrics to ``board`` (a Ray actor, or the driver's sinks) when ``enabled``
+    (rank 0); a no-op elsewhere."""
 
     def __init__(self, enabled: bool, global_batch: int, board: Any = None):
         self.enabled, self.global_batch = enabled, global_batch
@@ -53,5 +56,7 @@ class Monitor:
             ray.wait([self._last], timeout=timeout)
 
     def _push(self, update: dict[str, Any]) -> None:
-        if self.board is not None:
+        if isinstance(self.board, Sinks):  # this process is the driver
+            self.board.show(update)
+        elif self.board is not None:
             self._last = self.board.push.remote(update)

@@ -1,4 +1,5 @@
-"""The train stage's driver: one variant trained with Ray Train, resumable, then exported.
+"""The train stage's driver: one variant trained with Ray Train (or in this process), resumable,
+then exported.
 
 :func:`train_variant` checks the params and the prepared data, names the run
 (:mod:`pipeline.training.identity`), opens (or reopens) the variant's MLflow run, connects to Ray
@@ -6,9 +7,10 @@
 (DistributedDataParallel over ``train.num_workers`` workers; gloo on CPU, NCCL on GPU) whose
 ``RunConfig`` keeps the last ``keep_checkpoints`` checkpoints in ``checkpoints/<variant>/`` and
 restarts failed workers from the latest one up to ``max_failures`` times, shows progress, and
-writes the final weights to ``models/<variant>/``. A diverged run raises
-:class:`~pipeline.training.divergence.TrainingDivergedError` naming the step and the last good
-checkpoint.
+writes the final weights to ``models/<variant>/``. With ``train.backend: process`` the same loop
+runs in this process instead, without Ray (:mod:`pipeline.training.inprocess`). A diverged run
+raises :class:`~pipeline.training.divergence.TrainingDivergedError` naming the step and the last
+good checkpoint.
 
 With ``cluster.storage`` set (:mod:`pipeline.cluster.storage`), the run folder (Ray Train's
 storage_path) and the prepared data the ranks map are in cluster storage, so ranks on any node find
@@ -26,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster import fakegpu
 from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
@@ -41,7 +43,6 @@ from pipeline.report import tracking
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
 from pipeline.training.divergence import TrainingDivergedError
-from pipeline.training.eval_during import TAG_EVAL_SAMPLER, CheckpointEvaluator, eval_sampler
 from pipeline.training.export import export_weights
 from pipeline.training.identity import (
     IDENTITY_RECORD,
@@ -54,6 +55,9 @@ from pipeline.training.identity import (
 from pipeline.training.loop import TrainJob, train_loop_per_worker
 from pipeline.training.selection import TAG_SELECTION, select_checkpoint, selection_note
 from pipeline.training.signals import own_sigint
+
+if TYPE_CHECKING:  # imported where used: it pulls in torch-fidelity and torchvision (~1.6 s)
+    from pipeline.training.eval_during import CheckpointEvaluator
 
 # Each ray.train.report waits about this long for the controller (Ray's default is 2 s).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -175,7 +179,10 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
         evaluator.mlflow = (uri, run_id)
     start = time.perf_counter()
     job = TrainJob(cfg, variant, data, ray_run_dir, run, fault=faults.from_environment())
-    result, starts = fit(job, uri, run_id, [evaluator] if evaluator else [])
+    if cfg.train.backend == "process":
+        result, starts = _fit_here(job, uri, run_id)
+    else:
+        result, starts = fit(job, uri, run_id, [evaluator] if evaluator else [])
     seconds = time.perf_counter() - start
     if result.return_value["status"] == "diverged":
         _mark_run(uri, run_id, "diverged")
@@ -190,6 +197,8 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
         info = export_weights(folder, out, cfg, variant, run, run_id, {"selection": selection})
     _log_selection(uri, run_id, selection)
     if evaluator is not None:  # which sampler the FID that selected the checkpoint came from
+        from pipeline.training.eval_during import TAG_EVAL_SAMPLER, eval_sampler
+
         mlflow_client(uri).set_tag(run_id, TAG_EVAL_SAMPLER, eval_sampler(cfg))
     _mark_run(uri, run_id, "finished")
     _record_workers(uri, run_id, result.metrics.get("world_size"), starts[1:])
@@ -252,6 +261,8 @@ def make_evaluator(
             f"{stats}; run the reference stage first (dvc repro reference)"
         )
     bucket = _bucket_run(cfg, root, run_dir)  # a bucket: the evaluator lists the run there
+    from pipeline.training.eval_during import CheckpointEvaluator
+
     return CheckpointEvaluator(cfg, variant, run_dir, stats, root, bucket=bucket)
 
 
@@ -294,6 +305,22 @@ def fit(
     finally:
         ray.kill(board)
     return result, display.starts or [result.return_value["start"]]
+
+
+def _fit_here(job: TrainJob, uri: str, run_id: str) -> tuple[Any, list[int]]:
+    """``train.backend: process``: the loop in this process (:mod:`pipeline.training.inprocess`)."""
+    from pipeline.training.inprocess import fit_in_process
+
+    if "://" in job.run_dir:
+        raise ConfigError(
+            f"presets.{job.cfg.scale}.train.backend: process keeps its checkpoints in a local "
+            f"folder, but the run is in bucket storage ({job.run_dir}); use backend: ray"
+        )
+    try:
+        return fit_in_process(job, uri, run_id)
+    except Exception:
+        _mark_run(uri, run_id, "failed")
+        raise
 
 
 def _diverged_message(result: Any, steps: int) -> str:
