@@ -1,5 +1,8 @@
 """Training throughput through the real train stage: Ray Train workers, DDP, the paper's step.
 
+(``--backend process`` or a scale whose preset trains in process, smoke: the stage's in-process
+loop instead of Ray Train.)
+
     python -m benchmarks.train_speed --scale smoke --workers 1 --threads 1 --steps 60
     python -m benchmarks.train_speed --scale paper --workers 2 --steps 3 --log-every 1
 
@@ -47,6 +50,8 @@ def params(scale: str, args: argparse.Namespace) -> dict:
         bf16=args.bf16,
         channels_last=args.channels_last,
     )
+    if args.backend:
+        train["backend"] = args.backend
     if args.batch:
         train["batch_size"] = args.batch
     raw["presets"] = {scale: preset}
@@ -66,6 +71,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--backend", choices=("ray", "process"), default=None, help="default: the scale's"
+    )
     args = parser.parse_args()
     quiet_environment()
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
@@ -88,6 +96,7 @@ def main() -> None:
                 "scale": args.scale,
                 "workers": args.workers,
                 "threads": args.threads,
+                "backend": cfg.train.backend,
                 "batch": cfg.train.batch_size,
                 "steps": args.steps,
                 "steps_per_s": round(steps_per_s, 4),

@@ -130,7 +130,7 @@ SMALLEST = {  # module: the smallest documented setting
 def test_benchmark_smallest_setting(tmp_path: Path, module: str) -> None:
     """Each benchmark of benchmarks/README.md at its smallest setting ends without an error
     (noise_cost and smoke_settings have fixed cases of minutes, memory_stages builds DVC
-    projects, bf16_fid needs a finished `make repro`: not here, see benchmarks/README.md).
+    projects, bf16_fid and side_by_side need a finished `make repro`: not here, see benchmarks/README.md).
     eval_during_training needs the tiny scale's reference statistics: without them (a fresh
     checkout) it must end in one error line naming the stage to run."""
     error = ""
@@ -204,3 +204,26 @@ def test_cluster_parallel_figures_from_records(tmp_path: Path) -> None:
     other, other_lock = remote("o", "aa4.dir", {"steps": 9, "mlflow_run_id": "y"})
     got = compare_locks(par_lock, other_lock, par, other)["differ"]
     assert got == {"train@a": ["outs[0].md5.model.json.steps"]}
+
+
+def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:
+    """benchmarks.side_by_side's arithmetic on a hand-made stages.repro log (milliseconds)."""
+    from benchmarks.side_by_side import parse_repro
+
+    log = [
+        (12.0, "Running stage 'train@eps_fixed_mse':\n"),
+        (20.0, "train eps_fixed_mse: step 100/1000 loss 0.3349 9.00 steps/s 291 img/s ETA 1m\n"),
+        (30.0, "train eps_fixed_mse: step 200/1000 loss 0.0829 15.00 steps/s 327 img/s ETA 1m\n"),
+        (31.0, "train eps_fixed_mse: step 300/1000 loss 0.0829 16.00 steps/s 327 img/s ETA 1m\n"),
+        (80.0, "Running stage 'sample@eps_fixed_mse':\n"),
+        (90.0, "Running stage 'evaluate@eps_fixed_mse':\n"),
+        (99.0, "eps_fixed_mse: FID train 62.0, ...; seconds: fid_is 0.1, ray_init 0.0, "
+               "nll_and_figures 6.5, total 6.6\n"),
+    ]  # fmt: skip
+    result = parse_repro(log, 10.0, 101.0)
+    assert result["seconds"] == {
+        "ray_head": 2.0, "train": 68.0, "sample": 10.0, "evaluate": 11.0,
+        "evaluate_bound_and_figures": 6.5, "evaluate_fid_is_part": 4.5,
+    }  # fmt: skip
+    assert result["train_steps_per_s"] == 15.5  # the first interval (start-up) left out
+    assert result["variant_s"] == 82.5
