@@ -7,7 +7,8 @@ logging (:data:`NOT_IN_IDENTITY`), and the variant. Ray Train stores the run in
 ``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()`` resume from the
 run's last checkpoint, so the same params after a crash continue, and changed params start a
 new run (they never continue stale weights). The MLflow run id lives in that folder too
-(``mlflow_run.json``), so a resumed run logs into the same MLflow run.
+(``mlflow_run.json``), so a resumed run logs into the same MLflow run, and the later stages
+find it there (pipeline.cluster.runrecord: model.json keeps only the run's name).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
+from pipeline.cluster.runrecord import MLFLOW_RECORD
 from pipeline.config import Config, Variant, config_hash
 from pipeline.data import read_manifest
 
@@ -41,7 +43,6 @@ NOT_IN_IDENTITY = (
     "select",
     "variants",
 )
-MLFLOW_RECORD = "mlflow_run.json"
 IDENTITY_RECORD = "identity.json"
 
 
