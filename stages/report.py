@@ -2,12 +2,12 @@
 
 ``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (found from
 models/<variant>/model.json's run name: pipeline.cluster.runrecord) with mlflow.search_runs and
-writes, by dataset, Table 3 (LSUN
-256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10) otherwise, as
-reports/table<N>.{md,csv}, each of the paper's numbers with a verdict (pipeline.report.verdict)
-listed in reports/verdict.md, and reports/index.html (one self-contained page with the tables,
-every variant's figures and the curves), then logs them to a parent MLflow run for the whole
-reproduction, Table 2 (or 3) as its description, the verdicts as its ``ddpm.verdict.*`` tags.
+writes, by dataset, Table 3 (LSUN 256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10)
+otherwise, as reports/table<N>.{md,csv}, each of the paper's numbers with a verdict
+(pipeline.report.verdict) listed in reports/verdict.md, and reports/index.html (one
+self-contained page with the tables, every variant's figures and the curves), then logs them to
+a parent MLflow run for the whole reproduction, Table 2 (or 3) as its description, the verdicts
+as its ``ddpm.verdict.*`` tags.
 A number is only ever set beside the paper's number for the same dataset.
 """
 
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.params, args.scale)
-    tracking.setup(cfg)
     run_ids = variant_run_ids(cfg)
+    tracking.setup(cfg)
     per_seed = tables.read_runs(cfg.mlflow.experiment, run_ids)
     found = set(per_seed["run_id"]) if "run_id" in per_seed else set()
     missing = sorted(k for k, r in run_ids.items() if r not in found)
