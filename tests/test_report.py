@@ -87,18 +87,15 @@ def test_tables_put_paper_ours_and_difference_side_by_side(project):
     assert "| eps prediction | \\|\\|eps - eps_theta\\|\\|^2 (L_simple) |" in md
     assert "Rows noted stand-in are not comparable to published numbers" in md
 
-
-def test_a_second_report_writes_the_same_bytes(project):
-    """dvc.lock hashes reports/: the page holds no time of writing (nor run ids)."""
-    report.main(["--scale", "tiny"])
+    # dvc.lock hashes reports/: a second report writes the same bytes (the page holds no time
+    # of writing, nor run ids)
     first = {p.name: p.read_bytes() for p in (project / "reports").iterdir()}
     report.main(["--scale", "tiny"])
     assert {p.name: p.read_bytes() for p in (project / "reports").iterdir()} == first
     page = first["index.html"].decode()
     assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", page)
-    assert not any(
-        run_id in page for run_id in json.loads((project / "run_ids.json").read_text()).values()
-    )
+    run_ids = json.loads((project / "run_ids.json").read_text()).values()
+    assert not any(run_id in page for run_id in run_ids)
 
 
 def test_a_run_missing_from_the_store_is_one_clear_line(project, monkeypatch, capsys):
