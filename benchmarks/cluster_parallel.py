@@ -55,12 +55,6 @@ ALL_VARIANTS = (
     "eps_fixed_kl",
     "eps_fixed_mse",
 )
-# JSON fields of the outputs that differ between any two runs, serial or not: model.json's
-# MLflow run and, with evaluation during training, the seconds it took; the feature network
-# manifest's training seconds
-VOLATILE = (("mlflow_run_id",), ("selection", "eval_seconds"), ("train_seconds",))
-# and reports/index.html's "written" time (pipeline/report/page.py)
-WRITTEN = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d UTC")
 SPAN = re.compile(r"Stage '([^']+)' exited 0 after [\d.]+ s \(from (.+?) to (.+?) UTC\)")
 
 
@@ -220,71 +214,21 @@ def lock_of(storage: Path) -> dict[str, Any]:
     return yaml.safe_load((storage / "state" / "tiny" / "dvc.lock").read_text())["stages"]
 
 
-def _json(blob: Path) -> Any:
-    """A JSON file's content without its VOLATILE fields."""
-    value = json.loads(blob.read_text())
-    for path in VOLATILE if isinstance(value, dict) else ():
-        parent = value
-        for key in path[:-1]:
-            parent = parent.get(key) or {}
-        parent.pop(path[-1], None)
-    return value
-
-
 def _blob(store: Path, md5: str) -> Path:
     return store / "dvc" / "files" / "md5" / md5[:2] / md5[2:]
 
 
-def _listing(store: Path, md5: str) -> Any:
-    """A directory hash's file list from the storage's DVC remote, every JSON file's content
-    (without its VOLATILE fields) in place of its hash."""
+def _files(store: Path, md5: str) -> dict[str, str] | None:
+    """A directory hash's file list from the storage's DVC remote ({relpath: md5}), or None (an
+    uncached output: the remote holds no list)."""
     path = _blob(store, md5)
-    if not path.is_file():
-        return md5  # an uncached output: its hash only
-    out = {}
-    for entry in json.loads(path.read_text()):
-        value, blob = entry["md5"], _blob(store, entry["md5"])
-        if entry["relpath"].endswith(".json") and blob.is_file():
-            value = _json(blob)
-        elif entry["relpath"].endswith(".html") and blob.is_file():
-            value = WRITTEN.sub(b"<written>", blob.read_bytes()).decode(errors="replace")
-        out[entry["relpath"]] = value
-    return out
-
-
-def normalise(stages: dict[str, Any], store: Path) -> dict[str, Any]:
-    """dvc.lock's stages with every directory hash replaced by its file list (see _listing,
-    its total size left out; a folder the remote does not list, made of other stages'
-    outputs, by those outputs) and every JSON file's hash by its content (the DVC remote, or
-    the saved state for uncached outputs)."""
-
-    outs = {o["path"]: o for s in stages.values() for o in s.get("outs", []) if "path" in o}
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        md5 = str(node.get("md5", ""))
-        name = str(node.get("path", ""))
-        inner = {p: o for p, o in outs.items() if p.startswith(name + "/")} if name else {}
-        if md5.endswith(".dir") and not _blob(store, md5).is_file() and inner:
-            # a folder of other stages' outputs (samples/ for the report): those outputs
-            return {**node, "md5": {p: walk(o) for p, o in sorted(inner.items())}}
-        if md5.endswith(".dir"):
-            return {**{k: v for k, v in node.items() if k != "size"}, "md5": _listing(store, md5)}
-        if md5 and name.endswith(".json"):
-            for blob in (store / "state" / "tiny" / name, _blob(store, md5)):
-                if blob.is_file():
-                    rest = {k: v for k, v in node.items() if k not in ("md5", "size")}
-                    return {**rest, "md5": _json(blob)}
-        return {k: walk(v) for k, v in node.items()}
-
-    return walk(stages)
+    if not md5.endswith(".dir") or not path.is_file():
+        return None
+    return {e["relpath"]: e["md5"] for e in json.loads(path.read_text())}
 
 
 def differences(a: Any, b: Any, where: str = "") -> list[str]:
-    """Where two normalised lock entries differ (dotted paths)."""
+    """Where two lock entries differ (dotted paths)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
@@ -299,25 +243,38 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [where]
 
 
+def _explained(a: dict, b: dict, path: str, par_store: Path, ser_store: Path) -> str:
+    """``path`` of a differing md5, with the files that differ where both remotes list the
+    directory (a diagnosis: which file to look at)."""
+    if not path.endswith(".md5"):
+        return path
+    node_a, node_b = a, b
+    for part in re.findall(r"[^.\[\]]+", path.removesuffix(".md5")):
+        key = int(part) if part.isdigit() else part
+        node_a, node_b = node_a[key], node_b[key]
+    files = _files(par_store, str(node_a["md5"])), _files(ser_store, str(node_b["md5"]))
+    if None in files:
+        return path
+    names = sorted(n for n in set(files[0]) | set(files[1]) if files[0].get(n) != files[1].get(n))
+    return f"{path} ({', '.join(names)})"
+
+
 def compare_locks(
     parallel: dict[str, Any], serial: dict[str, Any], par_store: Path, ser_store: Path
 ) -> dict[str, Any]:
-    """Stage for stage: byte-equal entries, entries equal once directory hashes are file lists
-    and JSON files their content (VOLATILE fields left out), and the rest with
-    where they differ (should be none)."""
+    """Stage for stage, the entries as DVC wrote them: equal (the same hashes), or where they
+    differ (should be none), naming a directory's differing files from the two DVC remotes."""
     same = [s for s in serial if parallel.get(s) == serial[s]]
-    a, b = normalise(parallel, par_store), normalise(serial, ser_store)
-    normalised = [s for s in serial if s not in same and a.get(s) == b[s]]
-    differ = {
-        s: differences(a.get(s), b.get(s))[:12]
-        for s in sorted(set(serial) | set(parallel))
-        if a.get(s) != b.get(s)
-    }
+    differ = {}
+    for s in sorted(set(serial) | set(parallel)):
+        a, b = parallel.get(s), serial.get(s)
+        if a != b:
+            paths = differences(a, b) if a and b else ["(missing)"]
+            differ[s] = [_explained(a, b, p, par_store, ser_store) for p in paths[:12]]
     return {
         "stages": len(serial),
         "same_order": list(parallel) == list(serial),
         "equal": same,
-        "equal_but_volatile": normalised,
         "differ": differ,
     }
 

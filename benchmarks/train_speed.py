@@ -85,7 +85,7 @@ def main() -> None:
         summary = train_variant(cfg, cfg.variant(args.variant), root)
         wall = time.perf_counter() - start
         client = mlflow.MlflowClient()
-        history = client.get_metric_history(summary.model_json["mlflow_run_id"], "steps_per_s")
+        history = client.get_metric_history(summary.mlflow_run_id, "steps_per_s")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     steady = rates[1:] or rates
     steps_per_s = sum(steady) / len(steady)

@@ -48,7 +48,8 @@ def model_dir(variant: str) -> Path:
 
 
 def checkpoint_dir(variant: str) -> Path:
-    """Ray Train storage of a variant (persistent DVC out: a rerun resumes from it)."""
+    """Ray Train storage of a variant (no DVC output: its files differ from run to run; a
+    rerun resumes from it by the run's name)."""
     return CHECKPOINTS / variant
 
 

@@ -2,8 +2,10 @@
 
 ``python -m stages.featurenet [--scale NAME]`` writes ``featurenet/<scale>/``: with
 ``eval.inception_weights: classifier``, ``classifier.pt`` (trained on the training split's
-labels, seeded) and ``manifest.json`` (its sha256, training time, train and test accuracy, the
-class names, the stand-in note); otherwise only a manifest saying that no network is used.
+labels, seeded) and ``manifest.json`` (its sha256, train and test accuracy, the class names,
+the stand-in note; no training time: dvc.lock records the folder's hash, so it holds only what
+params and data determine, and the seconds are in the stage's output line); otherwise only a
+manifest saying that no network is used.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
             "n_test": len(test),
             "train_accuracy": trained.train_accuracy,
             "test_accuracy": trained.test_accuracy,
-            "train_seconds": round(trained.train_seconds, 2),
             "stand_in": True,
             "stand_in_note": featurenet.NOTE,
         })  # fmt: skip

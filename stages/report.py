@@ -1,12 +1,13 @@
 """Stage ``report``: the paper's tables of the scale's dataset beside ours, read from MLflow.
 
-``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (its id is in
-models/<variant>/model.json) with mlflow.search_runs and writes, by dataset, Table 3 (LSUN
-256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10) otherwise, as
-reports/table<N>.{md,csv}, each of the paper's numbers with a verdict (pipeline.report.verdict)
-listed in reports/verdict.md, and reports/index.html (one self-contained page with the tables,
-every variant's figures and the curves), then logs them to a parent MLflow run for the whole
-reproduction, Table 2 (or 3) as its description, the verdicts as its ``ddpm.verdict.*`` tags.
+``python -m stages.report [--scale NAME]`` reads each variant's MLflow run (found from
+models/<variant>/model.json's run name: pipeline.cluster.runrecord) with mlflow.search_runs and
+writes, by dataset, Table 3 (LSUN 256x256 FIDs) for an LSUN scale or Tables 1, 2 and 4 (CIFAR10)
+otherwise, as reports/table<N>.{md,csv}, each of the paper's numbers with a verdict
+(pipeline.report.verdict) listed in reports/verdict.md, and reports/index.html (one
+self-contained page with the tables, every variant's figures and the curves), then logs them to
+a parent MLflow run for the whole reproduction, Table 2 (or 3) as its description, the verdicts
+as its ``ddpm.verdict.*`` tags.
 A number is only ever set beside the paper's number for the same dataset.
 """
 
@@ -21,18 +22,20 @@ import pandas as pd
 from pipeline import layout
 from pipeline.atomic import write_text
 from pipeline.cli import entry_point, run_stage
+from pipeline.cluster.runrecord import model_run_id
 from pipeline.config import Config, load_config, seed_key
 from pipeline.errors import UserError
 from pipeline.report import html, page, tables, tracking, verdict
 from pipeline.training.published import is_skipped
 
 
-def variant_run_ids(variants: list[str], seeds: tuple[int, ...] = (0,)) -> dict[str, str]:
-    """The MLflow run id of each variant and training seed that ran, from models/<key>/model.json,
-    by key (Config.run_key: the variant's name for the main seed ``seeds[0]``, <V>-s<k> else),
-    each variant's main seed first."""
-    ids = {}
-    for name, seed in ((n, s) for n in variants for s in seeds):
+def variant_run_ids(cfg: Config) -> dict[str, str]:
+    """The MLflow run id of each variant and training seed that ran, found from
+    models/<key>/model.json (pipeline.cluster.runrecord), by key (Config.run_key: the
+    variant's name for the main seed ``seeds[0]``, <V>-s<k> else), each variant's main seed
+    first."""
+    ids, seeds = {}, cfg.seeds
+    for name, seed in ((n, s) for n in cfg.variants for s in seeds):
         key = seed_key(name, seed, seeds[0])
         path = layout.model_dir(key) / "model.json"
         if not path.is_file():
@@ -40,9 +43,10 @@ def variant_run_ids(variants: list[str], seeds: tuple[int, ...] = (0,)) -> dict[
         meta = json.loads(path.read_text())
         if is_skipped(meta):  # not run at this scale (published weights of another variant)
             continue
-        if not meta.get("mlflow_run_id"):
-            raise UserError(f"{path}: no mlflow_run_id; rerun the train stage")
-        ids[key] = meta["mlflow_run_id"]
+        run_id = model_run_id(cfg, key, meta)
+        if not run_id:
+            raise UserError(f"{path}: names no training run (run_name); rerun the train stage")
+        ids[key] = run_id
     if not ids:
         raise UserError("no variant has run at this scale; nothing to report")
     return ids
@@ -101,7 +105,7 @@ def write_index(
 ) -> pathlib.Path:
     """reports/index.html: the tables, every variant's figures and the curves, one page."""
     built = page.build_page(
-        cfg, runs, run_ids, [p.read_text() for p in tables_md], tracking.tracking_uri(cfg),
+        cfg, runs, run_ids, [p.read_text() for p in tables_md], tracking.shown_uri(cfg),
         tracking.git_commit(),
     )  # fmt: skip
     path = layout.REPORTS / page.INDEX
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.params, args.scale)
-    run_ids = variant_run_ids(list(cfg.variants), cfg.seeds)
+    run_ids = variant_run_ids(cfg)
     tracking.setup(cfg)
     per_seed = tables.read_runs(cfg.mlflow.experiment, run_ids)
     found = set(per_seed["run_id"]) if "run_id" in per_seed else set()

@@ -39,22 +39,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{variant.name}: not run ({reason})")
         return
     if cfg.model.source == "checkpoint":
-        info = import_checkpoint(cfg, variant)
+        info, run_id = import_checkpoint(cfg, variant)
         print(
             f"{variant.name}: published weights from {info['checkpoint']} (sha256 "
-            f"{info['checkpoint_sha256'][:12]}) in models/{variant.name}; MLflow run "
-            f"{info['mlflow_run_id']}"
+            f"{info['checkpoint_sha256'][:12]}) in models/{variant.name}; MLflow run {run_id}"
         )
         return
     from pipeline.training.trainer import train_variant  # torch and Ray: only when training
 
     summary = train_variant(cfg, variant)
-    info = summary.model_json
     began = f"resumed at step {summary.start}" if summary.start else "from scratch"
+    waited = "" if summary.eval_seconds is None else f" (+ {summary.eval_seconds:.0f} s scoring)"
     print(
-        f"trained {summary.variant} ({began}): {summary.steps} steps in {summary.seconds:.0f} s; "
-        f"EMA weights in {summary.model_dir / 'ema.pt'}; run {summary.run_name}, "
-        f"MLflow run {info['mlflow_run_id']}"
+        f"trained {summary.variant} ({began}): {summary.steps} steps in {summary.seconds:.0f} s"
+        f"{waited}; EMA weights in {summary.model_dir / 'ema.pt'}; run {summary.run_name}, "
+        f"MLflow run {summary.mlflow_run_id}"
     )
 
 

@@ -130,7 +130,8 @@ SMALLEST = {  # module: the smallest documented setting
 def test_benchmark_smallest_setting(tmp_path: Path, module: str) -> None:
     """Each benchmark of benchmarks/README.md at its smallest setting ends without an error
     (noise_cost and smoke_settings have fixed cases of minutes, memory_stages builds DVC
-    projects, bf16_fid and side_by_side need a finished `make repro`: not here, see benchmarks/README.md).
+    projects, bf16_fid and side_by_side need a finished `make repro`: not here, see
+    benchmarks/README.md).
     eval_during_training needs the tiny scale's reference statistics: without them (a fresh
     checkout) it must end in one error line naming the stage to run."""
     error = ""
@@ -196,14 +197,18 @@ def test_cluster_parallel_figures_from_records(tmp_path: Path) -> None:
         lock = {"prepare": {"outs": [{"md5": "e"}]}, "train@a": {"outs": [{"md5": digest}]}}
         return tmp_path / name, lock
 
-    par, par_lock = remote("p", "aa1.dir", {"steps": 8, "mlflow_run_id": "x"})
-    ser, ser_lock = remote("s", "aa3.dir", {"steps": 8, "mlflow_run_id": "y"})
+    # the same hashes: equal; any difference (a file's content, a run id alike) is one
+    par, par_lock = remote("p", "aa1.dir", {"steps": 8})
+    ser, ser_lock = remote("s", "aa1.dir", {"steps": 8})
     got = compare_locks(par_lock, ser_lock, par, ser)
-    assert got["equal"] == ["prepare"] and got["equal_but_volatile"] == ["train@a"]
-    assert got["differ"] == {} and got["same_order"]
-    other, other_lock = remote("o", "aa4.dir", {"steps": 9, "mlflow_run_id": "y"})
-    got = compare_locks(par_lock, other_lock, par, other)["differ"]
-    assert got == {"train@a": ["outs[0].md5.model.json.steps"]}
+    assert got["equal"] == ["prepare", "train@a"] and got["differ"] == {} and got["same_order"]
+    other, other_lock = remote("o", "aa4.dir", {"steps": 8, "mlflow_run_id": "y"})
+    (other / "dvc/files/md5/aa/4.dir").write_text(
+        json.dumps([{"relpath": "ema.pt", "md5": "c1"}, {"relpath": "model.json", "md5": "bb3"}])
+    )
+    got = compare_locks(par_lock, other_lock, par, other)
+    assert got["equal"] == ["prepare"]
+    assert got["differ"] == {"train@a": ["outs[0].md5 (model.json)"]}
 
 
 def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:

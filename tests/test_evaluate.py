@@ -48,7 +48,7 @@ def run_main(module, capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def project(ray_session, tmp_path_factory):
-    from pipeline.report.tracking import start_variant_run
+    from pipeline.report.tracking import TAG_RUN, start_variant_run
     from stages import evaluate, reference, report, sample
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -60,8 +60,10 @@ def project(ray_session, tmp_path_factory):
         params = yaml.safe_load((root / "params.yaml").read_text())
         params["variants"] = {VARIANT: params["variants"][VARIANT]}  # the report's one row
         (root / "params.yaml").write_text(yaml.safe_dump(params))
-        run_id = start_variant_run(load_config(), cfg.variant(VARIANT))
-        make_model(root, run_id=run_id)
+        # as the train stage leaves it: model.json names the run, the MLflow run has the tag
+        tags = {TAG_RUN: f"{VARIANT}-r"}
+        run_id = start_variant_run(load_config(), cfg.variant(VARIANT), tags=tags)
+        make_model(root, run_name=f"{VARIANT}-r")
         outputs = {}
         for name, module, argv in [
             ("sample", sample, ["--variant", VARIANT]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pipeline.report import tables, tracking
 from stages import report
 
 ROOT = Path(__file__).resolve().parents[1]
+TAG = tracking.TAG_RUN
 OURS = {"fid_train": 30.5, "fid_test": 31.25, "is_mean": 1.5, "is_std": 0.25, "nll_bpd": 5.5}
 
 
@@ -28,8 +30,10 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = load_config(scale="tiny")
+    ids = {}
     for name, variant in cfg.variants.items():
-        run_id = tracking.start_variant_run(cfg, variant)
+        # as the train stage leaves it: the run tagged with the name model.json keeps
+        ids[name] = run_id = tracking.start_variant_run(cfg, variant, tags={TAG: f"{name}-r"})
         if name != "xprev_learned_kl":  # one variant has no metrics yet
             client = mlflow.MlflowClient()
             for key, value in OURS.items():
@@ -43,8 +47,13 @@ def project(tmp_path, monkeypatch):
             mlflow.MlflowClient().set_tag(run_id, tables.TAG_SELECTION, note)
         folder = tmp_path / "models" / name
         folder.mkdir(parents=True)
-        (folder / "model.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+        (folder / "model.json").write_text(json.dumps({"variant": name, "run_name": f"{name}-r"}))
+    (tmp_path / "run_ids.json").write_text(json.dumps(ids))
     return tmp_path
+
+
+def run_id_of(project: Path, name: str) -> str:
+    return json.loads((project / "run_ids.json").read_text())[name]
 
 
 def test_tables_put_paper_ours_and_difference_side_by_side(project):
@@ -77,6 +86,29 @@ def test_tables_put_paper_ours_and_difference_side_by_side(project):
     md = (project / "reports" / "table2.md").read_text()
     assert "| eps prediction | \\|\\|eps - eps_theta\\|\\|^2 (L_simple) |" in md
     assert "Rows noted stand-in are not comparable to published numbers" in md
+
+    # dvc.lock hashes reports/: a second report writes the same bytes (the page holds no time
+    # of writing, nor run ids)
+    first = {p.name: p.read_bytes() for p in (project / "reports").iterdir()}
+    report.main(["--scale", "tiny"])
+    assert {p.name: p.read_bytes() for p in (project / "reports").iterdir()} == first
+    page = first["index.html"].decode()
+    assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", page)
+    run_ids = json.loads((project / "run_ids.json").read_text()).values()
+    assert not any(run_id in page for run_id in run_ids)
+
+
+def test_a_run_missing_from_the_store_is_one_clear_line(project, monkeypatch, capsys):
+    """model.json names a run this store does not hold (another MLFLOW_TRACKING_URI)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'other.db'}")
+    with pytest.raises(SystemExit) as stop:
+        report.main(["--scale", "tiny"])
+    [line] = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and line.startswith(
+        "error: models/xprev_learned_kl/model.json: no MLflow run of xprev_learned_kl-r (tag "
+        "ddpm.ray_run) in sqlite:///"
+    )
+    assert not (project / "reports").exists()
 
 
 def test_lsun_report_is_table3_with_no_cifar10_number(project):
@@ -150,8 +182,9 @@ def test_real_data_row_and_classifier_confidence(project):
     manifest["stand_in_reasons"] = ["synthetic data"]
     (project / "reference" / "tiny").mkdir(parents=True)
     (project / "reference" / "tiny" / "manifest.json").write_text(json.dumps(manifest))
-    run_id = json.loads((project / "models" / "eps_fixed_mse" / "model.json").read_text())
-    mlflow.MlflowClient().log_metric(run_id["mlflow_run_id"], "classifier_confidence", 0.5)
+    mlflow.MlflowClient().log_metric(
+        run_id_of(project, "eps_fixed_mse"), "classifier_confidence", 0.5
+    )
     report.main(["--scale", "tiny"])
     t2 = pd.read_csv(project / "reports" / "table2.csv")
     row = t2[t2["mean"] == tables.REAL_DATA].iloc[0]
@@ -171,8 +204,7 @@ def test_errors_and_verdicts_in_tables_verdict_md_and_parent_tags(project):
     """eps_fixed_mse made comparable (stand_in false) with errors: FID 3.2 +- 0.05 reproduces
     3.17, IS 9.0 +- 0.1 misses 9.46 +- 0.11, NLL 3.9 +- 0.5 is too noisy; the other variants
     stay stand-in (n/a). The cells show value +- error (n)."""
-    run_id = json.loads((project / "models" / "eps_fixed_mse" / "model.json").read_text())
-    run_id = run_id["mlflow_run_id"]
+    run_id = run_id_of(project, "eps_fixed_mse")
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "stand_in", "false")
     logged = {"fid_train": 3.2, "fid_train_se": 0.05, "n_samples": 50000, "is_mean": 9.0}

@@ -52,7 +52,7 @@ def make_model(
     folder.mkdir(parents=True, exist_ok=True)
     out = channels or (6 if types["var_type"] == "learned" else 3)
     save_weights(folder / "ema.pt", tiny_unet(out, seed), {"variant": variant})
-    info = {"variant": variant, **types, "scale": "tiny", "mlflow_run_id": None}
+    info = {"variant": variant, **types, "scale": "tiny"}  # no run_name: no MLflow run
     info.update(ema_sha256=sha256_file(folder / "ema.pt"), resolution=8, source="test")
     info.update(meta)
     (folder / "model.json").write_text(json.dumps(info))
@@ -342,12 +342,13 @@ def test_stage_writes_samples_figures_and_logs_to_mlflow(
     from PIL import Image
 
     from pipeline.config import load_config
-    from pipeline.report.tracking import start_variant_run
+    from pipeline.report.tracking import TAG_RUN, start_variant_run
 
     stage_project(tmp_path, monkeypatch, n_samples=8, block_size=4, batch_size=4)
     cfg = load_config()
-    run_id = start_variant_run(cfg, cfg.variant(VARIANT))
-    make_model(tmp_path, mlflow_run_id=run_id)
+    # the train stage's way: model.json names the run, the MLflow run carries it as a tag
+    run_id = start_variant_run(cfg, cfg.variant(VARIANT), tags={TAG_RUN: "r-1"})
+    make_model(tmp_path, run_name="r-1")
     code, err = run_stage(capsys)
     assert code == 0, err
     out = tmp_path / "samples" / VARIANT
@@ -363,7 +364,8 @@ def test_stage_writes_samples_figures_and_logs_to_mlflow(
     assert manifest["count"] == 8 and manifest["shape"] == [8, 8, 8, 3]
     assert manifest["format"] == "ddpm-repro/samples-v2"
     assert manifest["sha256"] == __import__("hashlib").sha256(images.tobytes()).hexdigest()
-    assert manifest["mlflow_run_id"] == run_id and "stand_in" in manifest  # synthetic data
+    assert "stand_in" in manifest  # synthetic data
+    assert not any("mlflow" in k or "seconds" in k for k in manifest)  # dvc.lock hashes it
     assert manifest["sampler"] == "Algorithm 2, 20 steps"
     assert Image.open(out / "grid.png").size[0] >= 3 * 32
     assert Image.open(out / "progressive.png").size[0] >= 4 * 32  # 4 frames of >= 32 px
@@ -457,3 +459,20 @@ def test_stage_with_an_unknown_mlflow_run_is_one_line_exit_2(
     assert err.endswith(line + "\n")  # the progress bar, then one error line
     assert "MLflow run 0123456789abcdef0123456789abcdef" in err and "MLFLOW_TRACKING_URI" in err
     assert list((tmp_path / "samples").iterdir()) == []  # nothing half-written
+
+
+def test_stage_whose_training_run_is_not_in_the_store_stops_before_drawing(
+    tmp_path, monkeypatch, capsys
+):
+    """model.json names its run (run_name); a store without a run of that name (e.g. a fresh
+    clone after dvc pull, MLFLOW_TRACKING_URI elsewhere): one error line, no block drawn."""
+    stage_project(tmp_path, monkeypatch, n_samples=4, block_size=4, progressive_seeds=[])
+    make_model(tmp_path, run_name=f"{VARIANT}-0123abcd")
+    code, err = run_stage(capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        f"error: models/{VARIANT}/model.json: no MLflow run of {VARIANT}-0123abcd (tag "
+        "ddpm.ray_run) in sqlite:///"
+    )
+    assert "MLFLOW_TRACKING_URI" in err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "samples").exists()

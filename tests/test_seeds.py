@@ -270,7 +270,7 @@ def test_two_seeds_two_variants_end_to_end(tmp_path):
         main, seed1 = (json.loads((repo / f"metrics/{k}.json").read_text()) for k in (v, f"{v}-s1"))
         assert main["fid_train"] != seed1["fid_train"]  # another network, other samples
         models = (json.loads((repo / f"models/{k}/model.json").read_text()) for k in (v, f"{v}-s1"))
-        assert len({m["mlflow_run_id"] for m in models}) == 2
+        assert len({m["run_name"] for m in models}) == 2  # two runs (two MLflow runs: the report)
     table = pd.read_csv(repo / "reports/table2.csv").set_index("variant")
     for v in variants:
         fids = [json.loads((repo / f"metrics/{k}.json").read_text())["fid_train"]

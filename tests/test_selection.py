@@ -86,7 +86,7 @@ def test_best_fid_selects_the_lowest_fid_checkpoint_and_resume_redoes_nothing(
     assert "step 8 selected (lowest FID 2.5 of 3 evaluated" in selection_note(selection)
     run = {"name": "run", "config_hash": "0"}
     extra = {"selection": selection}
-    info = export_weights(folder, tmp_path / "model", cfg, cfg.variant(VARIANT), run, None, extra)
+    info = export_weights(folder, tmp_path / "model", cfg, cfg.variant(VARIANT), run, extra)
     assert info["steps"] == 8 and info["selection"]["selected_step"] == 8
     ema = torch.load(tmp_path / "model" / "ema.pt", weights_only=False)
     want = read_checkpoint(run_dir / "checkpoint_000000008")["ema"]

@@ -90,7 +90,7 @@ def test_in_process_training_is_bit_identical_to_ray_train(ray_run, process_run)
 def test_in_process_run_logs_curves_and_tags_as_ray_does(process_run):
     summary, root = process_run
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    run = client.get_run(summary.model_json["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert run.data.tags["ddpm.train_status"] == "finished"
     assert (run.data.tags["ddpm.world_size"], run.data.tags["ddpm.restarts"]) == ("1", "none")
     assert run.data.params["train.backend"] == "process"

@@ -97,7 +97,7 @@ def test_export_writes_the_ema_weights_and_model_json(data, tmp_path):
     j = job(data, tmp_path, steps=4, checkpoint_every=4)
     run_worker(j, session)
     folder = session.folder / "checkpoint_000000004"
-    info = export_weights(folder, tmp_path / "models" / VARIANT, j.cfg, j.variant, RUN, "abc")
+    info = export_weights(folder, tmp_path / "models" / VARIANT, j.cfg, j.variant, RUN)
     out = tmp_path / "models" / VARIANT
     assert json.loads((out / "model.json").read_text()) == info
     assert info["ema_sha256"] == sha256_file(out / "ema.pt")
@@ -108,7 +108,8 @@ def test_export_writes_the_ema_weights_and_model_json(data, tmp_path):
         "loss_type": "mse",
         "steps": 4,
     }
-    assert (info["mlflow_run_id"], info["source"], info["resolution"]) == ("abc", "trained", 8)
+    assert (info["run_name"], info["source"], info["resolution"]) == (RUN["name"], "trained", 8)
+    assert not any("mlflow" in k or "seconds" in k for k in info)  # dvc.lock hashes model.json
     payload = read_checkpoint(folder)
     for name, key in (("ema.pt", "ema"), ("model.pt", "model")):
         model, meta = load_weights(out / name)

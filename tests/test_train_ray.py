@@ -18,9 +18,10 @@ import mlflow
 import pytest
 import ray
 import torch
-from train_project import VARIANT, make_project
+from train_project import VARIANT, make_project, tiny_config
 
 from pipeline.cluster.raycluster import init_ray
+from pipeline.cluster.runrecord import model_run_id
 from pipeline.config import RayConfig
 from pipeline.model.weights import load_weights
 from pipeline.training import faults
@@ -57,7 +58,7 @@ def train(root, monkeypatch, fault: str | None = None, dropout: float = 0.1, **t
 
 def mlflow_run(summary):
     client = mlflow.MlflowClient(f"sqlite:///{summary.model_dir.parents[1] / 'mlflow.db'}")
-    return client.get_run(summary.model_json["mlflow_run_id"])
+    return client.get_run(summary.mlflow_run_id)
 
 
 def weights(summary, name: str = "model.pt") -> dict[str, torch.Tensor]:
@@ -81,7 +82,12 @@ def test_two_workers_train_logs_and_export(reference, monkeypatch):
     run = mlflow_run(reference)
     client = mlflow.MlflowClient(f"sqlite:///{reference.model_dir.parents[1] / 'mlflow.db'}")
     assert run.data.tags["ddpm.variant"] == VARIANT
+    assert run.data.tags["ddpm.ray_run"] == reference.run_name
     assert run.data.tags["ddpm.train_status"] == "finished"
+    # model.json names no MLflow run; the later stages find it (the run folder's record)
+    assert not any("mlflow" in k or "seconds" in k for k in info)
+    root = reference.model_dir.parents[1]
+    assert model_run_id(tiny_config(), VARIANT, info, root) == run.info.run_id
     assert (run.data.tags["ddpm.world_size"], run.data.tags["ddpm.restarts"]) == ("2", "none")
     assert run.data.params["train.batch_size"] == "8"
     history = client.get_metric_history(run.info.run_id, "loss")
@@ -106,6 +112,10 @@ def test_a_sigkilled_worker_is_restarted_from_the_checkpoint_and_changes_nothing
     for name in ("model.pt", "ema.pt"):
         a, b = weights(reference, name), weights(killed, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    # two runs of the same params (one of them interrupted, each with its own MLflow run and
+    # seconds): the same models/ bytes, so the same hash in dvc.lock
+    for name in ("model.json", "ema.pt", "model.pt"):
+        assert (killed.model_dir / name).read_bytes() == (reference.model_dir / name).read_bytes()
 
 
 @pytest.mark.slow
@@ -201,7 +211,7 @@ def test_evaluation_during_training_selects_the_lowest_fid(tmp_path, monkeypatch
     assert selection["selected_step"] == best["step"] == summary.model_json["steps"]
     assert selection["evaluations"] == 3
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = summary.model_json["mlflow_run_id"]
+    run_id = summary.mlflow_run_id
     history = client.get_metric_history(run_id, "fid_during_training")
     assert sorted((m.step, m.value) for m in history) == [(r["step"], r["fid"]) for r in records]
     assert f"step {best['step']} selected" in client.get_run(run_id).data.tags["ddpm.selection"]

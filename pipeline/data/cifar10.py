@@ -194,5 +194,8 @@ def prepare_cifar10(data: DataConfig, out: Path, archive: Path) -> dict[str, Any
         "synthetic": False,
         "resolution": 32,
         "splits": splits,
-        "source": {"kind": "archive", "file": str(archive.resolve()), "md5": found},
+        # the archive as named (data.source, or .cache/downloads/ in the project): no absolute
+        # path, which would change with the project's folder (a Ray job's working directory)
+        # and with it the hash dvc.lock records of data/<scale>/
+        "source": {"kind": "archive", "file": str(archive), "md5": found},
     }

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.cluster.raycluster import init_ray
+from pipeline.cluster.runrecord import model_run_id
 from pipeline.config import Config, Variant
 from pipeline.data import open_split, read_manifest
 from pipeline.data.imageviews import ImagePrefix
@@ -185,7 +186,7 @@ def evaluate_variant(cfg: Config, variant: Variant, root: Path = Path(".")) -> E
     weights = project_inception_weights(cfg, root)
     synthetic = bool(read_manifest(root / layout.data_dir(cfg.scale)).get("synthetic"))
     result = Evaluation(variant.name, {}, stand_in_label(cfg, weights, synthetic), key=key)
-    result.run_id = info.meta.get("mlflow_run_id")
+    result.run_id = model_run_id(cfg, key, info.meta, root)  # before any work: DataError if none
     t0 = time.perf_counter()
     # here, or as a GPU task when the preset asks for cuda and this driver has no GPU
     fid = InceptionRunner(cfg).fid_is(

@@ -15,7 +15,6 @@ Everything is labelled stand-in where the run (tag ``stand_in``) or the scale is
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import logging
 from pathlib import Path
@@ -200,8 +199,7 @@ def build_page(
         ("sampling", f"{cfg.sample.n_samples} samples, {sampler}"),
         ("variants", ", ".join(run_ids)),
         ("MLflow", f"{tracking_uri}, experiment {cfg.mlflow.experiment}"),
-        ("written", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
-    ]
+    ]  # no time of writing: DVC hashes the page into dvc.lock, equal for equal inputs
     if commit:
         facts.append(("git commit", commit))
     return Page(

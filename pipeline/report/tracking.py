@@ -2,9 +2,10 @@
 
 The store is MLFLOW_TRACKING_URI when set, else params' ``mlflow.tracking_uri``, else a SQLite
 database ``mlflow.db`` in the project root with artifacts under ``mlartifacts/``. The train
-stage creates the variant's run and stores its id in models/<variant>/model.json; later stages
-log into that run. Runs carry tags ``ddpm.scale``, ``ddpm.variant``, the variant's types, the git
-commit, the DVC experiment name and ``stand_in``.
+stage creates the variant's run, tags it ``ddpm.ray_run`` with model.json's ``run_name`` and
+records its id in the Ray run folder; later stages find it from there or by that tag
+(pipeline.cluster.runrecord) and log into it. Runs carry tags ``ddpm.scale``, ``ddpm.variant``,
+the variant's types, the git commit, the DVC experiment name and ``stand_in``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ TAG_VARIANT = "ddpm.variant"
 TAG_STAND_IN = "stand_in"
 TAG_SOURCE = "ddpm.source"  # trained | published weights
 TAG_SEED = "ddpm.seed"
+# the run's name: model.json's run_name (pipeline.training.identity: the Ray Train run's
+# name; published weights: <variant>-published-<sha256[:12]>). Later stages find the MLflow run
+# by it (pipeline.cluster.runrecord): model.json holds no run id, its hash is in dvc.lock
+TAG_RUN = "ddpm.ray_run"
 # MLflow 3's experiment kind (the UI's "Machine learning" type): its experiment page opens on
 # the training runs, not on the GenAI overview (traces). Values: mlflow/server/js ExperimentKind.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -39,6 +44,15 @@ def tracking_uri(cfg: Config, root: Path | None = None) -> str:
         return cfg.mlflow.tracking_uri
     root = (root or Path.cwd()).resolve()
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def shown_uri(cfg: Config, root: Path | None = None) -> str:
+    """The tracking URI as reports/index.html shows it: the default store relative to the
+    project (its absolute path would make the page, and its hash in dvc.lock, depend on where
+    the project folder is)."""
+    uri = tracking_uri(cfg, root)
+    default = f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
+    return "sqlite:///mlflow.db (in the project folder)" if uri == default else uri
 
 
 def setup(cfg: Config, root: Path | None = None) -> str:

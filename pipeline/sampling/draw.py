@@ -38,6 +38,7 @@ from pipeline.cluster import fakegpu
 from pipeline.cluster.blocks import BlockRun, run_blocks
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.raycluster import init_ray
+from pipeline.cluster.runrecord import model_run_id
 from pipeline.cluster.storage import shared_path, synced
 from pipeline.config import STAND_IN_NOTE, Config, Variant, config_hash
 from pipeline.data import to_uint8
@@ -265,12 +266,17 @@ class SampleSet:
     manifest: dict[str, Any]
     run: BlockRun  # blocks computed and reused now, and the time it took
     work_dir: Path  # the shard folder
+    run_id: str | None = None  # the variant's MLflow run (pipeline.cluster.runrecord), if any
 
 
 def draw_samples(
     cfg: Config, variant: Variant, info: ModelInfo, root: Path = Path(".")
 ) -> SampleSet:
-    """Compute (or reuse) every block of the variant's samples on Ray; map them (no merge)."""
+    """Compute (or reuse) every block of the variant's samples on Ray; map them (no merge).
+
+    The variant's MLflow run is found first: a store without it is a one-line DataError
+    before any block is drawn."""
+    run_id = model_run_id(cfg, cfg.run_key(variant.name), info.meta, root)
     job = make_job(cfg, variant, info.weights)
     s = cfg.sample
     key = block_key(job, s.block_size)
@@ -294,7 +300,7 @@ def draw_samples(
         stale.unlink(missing_ok=True)
     images = map_blocks(work, s.n_samples, s.block_size)  # checked, memory-mapped
     manifest = make_manifest(cfg, variant, info, job, images, key)
-    return SampleSet(images, progressive, manifest, run, work)
+    return SampleSet(images, progressive, manifest, run, work, run_id)
 
 
 def _progressive(
@@ -332,7 +338,8 @@ def make_manifest(
     key: str,
     sha256: str | None = None,
 ) -> dict[str, Any]:
-    """What the sample shards hold and how they were drawn (deterministic: no timings).
+    """What the sample shards hold and how they were drawn (deterministic: no timings, no
+    MLflow run id; DVC hashes it into dvc.lock).
 
     ``sha256``: that of the images' bytes when already known; None until
     :func:`write_outputs` hashes the published shards (and adds their list, ``shards``)."""
@@ -353,7 +360,6 @@ def make_manifest(
         "seeding": f"sample i: torch {job.device_type} generator seeded by SeedSequence([seed, i])",
         "weights_sha256": info.sha256,
         "weights_digest": job.weights_digest(),
-        "mlflow_run_id": info.meta.get("mlflow_run_id"),
         "block_size": cfg.sample.block_size,
         "block_key": key,
         "device": job.device_type,
@@ -385,8 +391,9 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
     The shards are the blocks themselves, hard-linked (copied only across file systems) and
     hashed into the manifest (pipeline.sampling.shards.publish_shards): no merged second copy.
 
-    The figures and sampling metrics go to the variant's MLflow run (when model.json names
-    one) before the folder is put in place, so a tracking error leaves no partial output.
+    The figures and sampling metrics go to the variant's MLflow run (when there is one:
+    ``result.run_id``) before the folder is put in place, so a tracking error leaves no
+    partial output.
     """
     title = f"{result.manifest['variant']}: {result.manifest['sampler']}"
     if "stand_in" in result.manifest:
@@ -407,7 +414,7 @@ def write_outputs(cfg: Config, out_dir: Path, result: SampleSet) -> None:
 
 def log_to_mlflow(cfg: Config, result: SampleSet, figures: list[Path]) -> bool:
     """Log figures, the sampler tag and samples/s to the variant's run; False if it has none."""
-    run_id = result.manifest.get("mlflow_run_id")
+    run_id = result.run_id
     if not run_id:
         return False
     import mlflow

@@ -5,10 +5,15 @@
     models/<variant>/
       ema.pt      the EMA weights (what sampling and evaluation load, pipeline.model.weights)
       model.pt    the raw weights at the same step
-      model.json  variant, types, scale, steps, resolution, mlflow_run_id, ema_sha256, ...
+      model.json  variant, types, scale, steps, resolution, run_name, ema_sha256, ...
 
 The folder is written to a temporary sibling and renamed into place (pipeline.atomic), so an
-interrupted export never leaves a folder that looks complete.
+interrupted export never leaves a folder that looks complete. Its bytes are a function of the
+checkpoint, the params and the run's name only: DVC records their hash in dvc.lock, and two runs
+of the same params (serial or side by side on a cluster) must record the same. So no MLflow run
+id and no seconds here: the run id is in the run folder's ``mlflow_run.json`` and on the MLflow
+run as the tag ``ddpm.ray_run`` = ``run_name`` (later stages find it from model.json's
+``run_name``: pipeline.cluster.runrecord), the seconds in MLflow and the stage's output line.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ def export_weights(
     cfg: Config,
     variant: Variant,
     run: dict[str, str],
-    mlflow_run_id: str | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ema.pt, model.pt and model.json from a checkpoint folder; returns model.json.
@@ -59,7 +63,6 @@ def export_weights(
             "scale": cfg.scale,
             "resolution": cfg.data.resolution,
             "steps": step,
-            "mlflow_run_id": mlflow_run_id,
             "ema_sha256": sha256_file(tmp / "ema.pt"),
             "model_sha256": sha256_file(tmp / "model.pt"),
             "source": "trained",

@@ -2,6 +2,7 @@
 
 The run name is ``<variant>-<hash>``, the hash taken over everything that changes the trained
 weights: the training images (the train split's checksums) and the flip setting, the model and
+<<<<<<< HEAD
 diffusion sections, the train section less the keys that only shape the cluster or the logging
 (:data:`NOT_IN_IDENTITY`), and the variant. ``train.backend`` does not change the weights (a one-
 worker run is bit-identical through Ray Train and in process) but names the run when it is not
@@ -10,6 +11,15 @@ Train stores the run in ``checkpoints/<variant>/<name>/``; the same name and fol
 resume from the run's last checkpoint, so the same params after a crash continue, and changed params
 start a new run (they never continue stale weights). The MLflow run id lives in that folder too
 (``mlflow_run.json``), so a resumed run logs into the same MLflow run.
+=======
+diffusion sections, the train section less the keys that only shape the cluster or the
+logging (:data:`NOT_IN_IDENTITY`), and the variant. Ray Train stores the run in
+``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()`` resume from the
+run's last checkpoint, so the same params after a crash continue, and changed params start a
+new run (they never continue stale weights). The MLflow run id lives in that folder too
+(``mlflow_run.json``), so a resumed run logs into the same MLflow run, and the later stages
+find it there (pipeline.cluster.runrecord: model.json keeps only the run's name).
+>>>>>>> lock24
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
+from pipeline.cluster.runrecord import MLFLOW_RECORD
 from pipeline.config import Config, Variant, config_hash
 from pipeline.data import read_manifest
 
@@ -43,7 +54,6 @@ NOT_IN_IDENTITY = (
     "select",
     "variants",
 )
-MLFLOW_RECORD = "mlflow_run.json"
 IDENTITY_RECORD = "identity.json"
 
 

@@ -72,7 +72,6 @@ def skip_train(cfg: Config, variant: str, reason: str) -> None:
     key = cfg.run_key(variant)  # this training seed's folders
     with atomic_dir(layout.model_dir(key)) as tmp:
         write_json(tmp / "model.json", _marker(cfg, variant, reason))
-    _mark_folder(layout.checkpoint_dir(key), reason)
 
 
 def skip_sample(cfg: Config, variant: str, reason: str) -> None:
@@ -145,8 +144,9 @@ def _check_variance(
         )
 
 
-def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
-    """Convert ``cfg.model.checkpoint`` into models/<variant>/; returns its model.json."""
+def import_checkpoint(cfg: Config, variant: Variant) -> tuple[dict[str, Any], str]:
+    """Convert ``cfg.model.checkpoint`` into models/<variant>/; returns its model.json and the
+    MLflow run id (tagged with model.json's run_name, not written into it: dvc.lock hashes it)."""
     from pipeline.model.convert import SCHEDULER_DEFAULTS, load_diffusers_unet, scheduler_info
     from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
     from pipeline.model.weights import save_weights, sha256_file
@@ -180,12 +180,16 @@ def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
             f"{variant.mean_type!r}; use a variant whose mean_type matches (eps for 'epsilon')"
         )
     _check_variance(cfg, variant, scheduler, where)
+    # the run's name (model.json's run_name, the MLflow tag ddpm.ray_run): how the later
+    # stages find the MLflow run (pipeline.cluster.runrecord; model.json holds no run id)
+    run_name = f"{variant.name}-published-{info['sha256'][:12]}"
     run_id = tracking.start_variant_run(
         cfg,
         variant,
         tags={
             "ddpm.checkpoint": str(Path(source).resolve()),
             "ddpm.checkpoint_sha256": info["sha256"],
+            tracking.TAG_RUN: run_name,
         },
     )
     meta = {
@@ -199,14 +203,13 @@ def import_checkpoint(cfg: Config, variant: Variant) -> dict[str, Any]:
         model_json = {
             **meta,
             "resolution": model.resolution,
-            "mlflow_run_id": run_id,
+            "run_name": run_name,
             "ema_sha256": sha256_file(tmp / "ema.pt"),
-            "checkpoint": str(Path(source).resolve()),
+            "checkpoint": str(source),  # as params say it (resolved: the MLflow tag)
             "checkpoint_weights": info["weights"],
             "checkpoint_sha256": info["sha256"],
             "scheduler": {k: v for k, v in (scheduler or {}).items() if not k.startswith("_")},
             "stand_in": cfg.stand_in_reasons(),
         }
         write_json(tmp / "model.json", model_json)
-    layout.checkpoint_dir(variant.name).mkdir(parents=True, exist_ok=True)
-    return model_json
+    return model_json, run_id

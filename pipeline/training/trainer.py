@@ -76,6 +76,10 @@ class TrainSummary:
     seconds: float  # wall time of fit(), start-up included
     model_dir: Path
     model_json: dict[str, Any]
+    # the MLflow run (also in the run folder's mlflow_run.json and the run's ddpm.ray_run tag;
+    # model.json holds only what params and data determine: pipeline.training.export)
+    mlflow_run_id: str = ""
+    eval_seconds: float | None = None  # waiting for evaluations after fit() (eval_every > 0)
 
 
 def check_train_config(cfg: Config) -> None:
@@ -151,8 +155,7 @@ def open_mlflow_run(cfg: Config, variant: Variant, run_dir: Path, root: Path) ->
             return uri, run_id
         except mlflow.exceptions.MlflowException:
             pass  # the store was reset: start a new MLflow run for this Ray run
-    run_id = tracking.start_variant_run(cfg, variant, root)
-    mlflow.MlflowClient(uri).set_tag(run_id, "ddpm.ray_run", run_dir.name)
+    run_id = tracking.start_variant_run(cfg, variant, root, {tracking.TAG_RUN: run_dir.name})
     record_mlflow_run(run_dir, uri, run_id)
     return uri, run_id
 
@@ -188,14 +191,15 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
         _mark_run(uri, run_id, "diverged")
         raise TrainingDivergedError(_diverged_message(result, cfg.train.steps))
     out = root / model_dir(cfg.run_key(variant.name))  # models/<V>-s<k>/ for a further seed
+    eval_seconds = None
     with result.checkpoint.as_directory() as last:
         folder, selection = Path(last), {"select": "last", "evaluations": 0}
         if evaluator is not None:
             evaluator.finish()
             folder, selection = select_checkpoint(cfg.train.select, evaluator.records, folder)
-            selection["eval_seconds"] = round(time.perf_counter() - start - seconds, 3)
-        info = export_weights(folder, out, cfg, variant, run, run_id, {"selection": selection})
-    _log_selection(uri, run_id, selection)
+            eval_seconds = round(time.perf_counter() - start - seconds, 3)
+        info = export_weights(folder, out, cfg, variant, run, {"selection": selection})
+    _log_selection(uri, run_id, selection, eval_seconds)
     if evaluator is not None:  # which sampler the FID that selected the checkpoint came from
         from pipeline.training.eval_during import TAG_EVAL_SAMPLER, eval_sampler
 
@@ -203,8 +207,9 @@ def train_variant(cfg: Config, variant: Variant, root: str | Path | None = None)
     _mark_run(uri, run_id, "finished")
     _record_workers(uri, run_id, result.metrics.get("world_size"), starts[1:])
     return TrainSummary(
-        variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info
-    )
+        variant.name, run["name"], starts[0], starts[1:], info["steps"], seconds, out, info,
+        run_id, eval_seconds,
+    )  # fmt: skip
 
 
 def _ray_storage(run_dir: str) -> tuple[str, Any]:
@@ -272,12 +277,18 @@ def mlflow_client(uri: str) -> Any:
     return mlflow.MlflowClient(uri)
 
 
-def _log_selection(uri: str, run_id: str, selection: dict[str, Any]) -> None:
-    """The chosen checkpoint as MLflow tag ``ddpm.selection`` (the report's notes show it)."""
+def _log_selection(
+    uri: str, run_id: str, selection: dict[str, Any], eval_seconds: float | None
+) -> None:
+    """The chosen checkpoint as MLflow tag ``ddpm.selection`` (the report's notes show it) and,
+    with evaluation during training, the seconds waited for it after fit() as the metric
+    ``eval_wait_s`` (a timing: never in model.json, whose hash is in dvc.lock)."""
     import mlflow
 
-    text = selection_note(selection)
-    mlflow.MlflowClient(uri).set_tag(run_id, TAG_SELECTION, text)
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, TAG_SELECTION, selection_note(selection))
+    if eval_seconds is not None:
+        client.log_metric(run_id, "eval_wait_s", eval_seconds)
 
 
 def fit(
