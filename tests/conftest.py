@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,13 @@ import torch
 from pipeline.cli import quiet_environment
 
 quiet_environment()
+
+# A suite started in the background of a script (`make test-slow &`, nohup) inherits SIGINT
+# ignored, and so would every stage process a test starts: the tests that stop a stage with
+# SIGINT (Ctrl-C) would find it ignored. A handled signal is reset to the default in a child, and
+# Python then installs KeyboardInterrupt there, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -50,6 +50,9 @@ def tracking(tmp_path_factory):
 def project(dest: Path) -> Path:
     """A copy of the repo at the tiny scale, one variant, two training workers (one a node)."""
     repo = copy_repo(dest, variants={VARIANT})
+    # Ray reuses the extracted working directory of an identical package (an earlier job's,
+    # outputs and all: DVC then finds everything done), so every project is a package of its own
+    (repo / "README.md").write_text((repo / "README.md").read_text() + f"\nproject {dest}\n")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["presets"]["tiny"]["train"]["num_workers"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -285,9 +288,7 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
 ):
     """b. stop during training, edit, resubmit: resumes, skips, same weights as job a.; while
     the first job runs, a second on the same storage is refused (the lease); c. dvc pull."""
-    repo = project(tmp_path / "repo")
-    # Ray reuses the working directory of an identical package (a.'s, outputs and all): differ.
-    (repo / "README.md").write_text((repo / "README.md").read_text() + "\ncase b\n")
+    repo = project(tmp_path / "repo")  # a package of its own (project())
     storage = cluster.storage / "b"
     env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
     start = time.perf_counter()
