@@ -5,7 +5,9 @@
 
 Each round runs, one after the other, "ours":
 ``python -m stages.repro --local-ray -f -s train@V sample@V evaluate@V`` (the three stages of one
-variant forced, the reference statistics and the feature network kept), and "bare":
+variant forced, the reference statistics and the feature network kept; the variant's training
+run and its sample, bound and FID caches under work/ removed first, so that every stage does its
+whole work), and "bare":
 ``python -m benchmarks.bare_loop`` (diffusers + torch-fidelity in one process, the preset's
 settings). Ours' stage times are the wall-clock time from each ``Running stage`` line of
 ``dvc repro`` to the next (the last to the end of ``dvc repro``), so they include DVC's own work
@@ -27,6 +29,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -37,8 +40,16 @@ STEPS = re.compile(r"step \d+/\d+ loss \S+ ([\d.]+) steps/s")
 BOUND = re.compile(r"seconds: .*nll_and_figures ([\d.]+)")  # the evaluate stage's summary line
 
 
+def clear_variant(variant: str, root: Path) -> None:
+    """Remove what lets a forced stage skip its work: the variant's training run (a forced train
+    stage would resume at its last step) and its sample, bound and FID caches under work/."""
+    for folder in (root / "checkpoints" / variant, *root.glob(f"work/*/{variant}")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_ours(variant: str, root: Path) -> dict:
     """Wall seconds of each stage of one forced variant, and the train stage's steps/s."""
+    clear_variant(variant, root)
     stages = [f"{s}@{variant}" for s in ("train", "sample", "evaluate")]
     command = [sys.executable, "-m", "stages.repro", "--local-ray", "-f", "-s", *stages]
     start = time.perf_counter()
