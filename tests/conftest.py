@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import numpy as np
@@ -29,6 +30,18 @@ def _seed_everything():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_store_leak():
+    """``mlflow.set_tracking_uri`` (``tracking.setup`` calls it) also sets MLFLOW_TRACKING_URI in
+    os.environ, where the project reads it first: a test must not hand its store to the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None unsets the variable
 
 
 @pytest.fixture(scope="session")
