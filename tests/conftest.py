@@ -32,16 +32,29 @@ def _seed_everything():
     torch.set_num_threads(threads)
 
 
+def _restore_tracking_uri(before: str | None) -> None:
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None unsets the variable
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_store_leak():
     """``mlflow.set_tracking_uri`` (``tracking.setup`` calls it) also sets MLFLOW_TRACKING_URI in
     os.environ, where the project reads it first: a test must not hand its store to the next."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    if os.environ.get("MLFLOW_TRACKING_URI") != before:
-        import mlflow
+    _restore_tracking_uri(before)
 
-        mlflow.set_tracking_uri(before)  # None unsets the variable
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_module_tracking_store_leak():
+    """The same for a module-scoped fixture that sets the store (test_compare's): autouse
+    module fixtures start before the module's other fixtures and end after them."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    _restore_tracking_uri(before)
 
 
 @pytest.fixture(scope="session")
