@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_environment()
     raw = params(args.scale, argparse.Namespace(
         steps=args.steps, workers=1, threads=args.threads or 1, log_every=args.log_every,
-        gpu=False, bf16=False, channels_last=False, batch=None))  # fmt: skip
+        gpu=False, bf16=False, channels_last=False, batch=None, backend=None))  # fmt: skip
     if args.threads is None:  # the scale's own thread count
         del raw["presets"][args.scale]["train"]["torch_threads"]
         preset_threads = _preset_threads(args.scale)
