@@ -104,6 +104,7 @@ def submit(cluster: Any, repo: Path, env_vars: dict[str, str], submission_id: st
     done = subprocess.run(cmd, env=env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True)
     job = Job(submission_id, done.returncode, done.stdout + done.stderr, 0.0)
     job.wall_s = time.perf_counter() - start
+    (repo.parent / f"job-{submission_id}.log").write_text(job.log)  # whole, for a closer look
     _records(cluster, job)
     return job
 
