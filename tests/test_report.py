@@ -147,6 +147,27 @@ def test_parent_run_holds_the_tables_and_nests_the_variants(project):
     assert experiment.tags[tracking.TAG_EXPERIMENT_KIND] == tracking.MODEL_TRAINING
 
 
+def test_an_experiment_created_by_another_stage_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two stages side by side on a fresh store (the first trainings of a cluster run): both
+    look the experiment up, find none, and create it; the second gets RESOURCE_ALREADY_EXISTS
+    (seen in a real two-node run: the train stage exited 1) and must use the first one's."""
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config(ROOT / "params.yaml", "tiny")
+    mlflow.set_tracking_uri(uri)
+    created = mlflow.create_experiment(cfg.mlflow.experiment)  # the other stage, just now
+    real = mlflow.get_experiment_by_name
+    lookups = []
+
+    def not_there_yet(name):  # this stage's lookup ran before the other stage's create
+        lookups.append(name)
+        return None if len(lookups) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", not_there_yet)
+    assert tracking.setup(cfg) == created
+    assert len(lookups) == 2
+
+
 def test_a_store_made_before_the_experiment_kind_gets_it(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'old.db'}"
     mlflow.set_tracking_uri(uri)

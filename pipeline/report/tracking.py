@@ -71,11 +71,21 @@ def setup(cfg: Config, root: Path | None = None) -> str:
     location = None
     if uri.startswith("sqlite:"):  # keep artifacts beside the database, not under the cwd
         location = ((root or Path.cwd()).resolve() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(
-        cfg.mlflow.experiment,
-        artifact_location=location,
-        tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING},
-    )
+    try:
+        return mlflow.create_experiment(
+            cfg.mlflow.experiment,
+            artifact_location=location,
+            tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING},
+        )
+    except mlflow.exceptions.MlflowException as e:
+        # Another stage created it since the lookup: stages run side by side on a cluster
+        # (pipeline.cluster.parallel), and the first trainings reach a fresh store together.
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def git_commit(root: Path | None = None) -> str | None:
