@@ -311,6 +311,15 @@ def summary(job: Job, declared: int, head: set[str]) -> dict[str, Any]:
     }
 
 
+def failure_excerpt(log: str, size: int = 6000) -> str:
+    """What a failed job's log says about the failure: from its last traceback (a stage's, which
+    other stages' output running beside it can push far from the end), then the log's end."""
+    at = log.rfind("Traceback (most recent call last)")
+    if at < 0 or at >= len(log) - size:
+        return log[-size:]
+    return log[at : at + size // 2] + "\n[...]\n" + log[-size // 2 :]
+
+
 def run_all(
     workdir: Path, variants: list[str], gpus: int, parallel: int | None = None
 ) -> dict[str, Any]:
@@ -335,7 +344,7 @@ def run_all(
             jobs["parallel"] = submit(cluster, repo, {**fake, "MLFLOW_TRACKING_URI": uri}, "par")
             if jobs["parallel"].returncode:  # nothing to compare: say why at once
                 return {**results, "parallel": summary(jobs["parallel"], gpus, head),
-                        "log_tail": jobs["parallel"].log[-6000:]}  # fmt: skip
+                        "log_tail": failure_excerpt(jobs["parallel"].log)}  # fmt: skip
             readme = repo / "README.md"
             readme.write_text(readme.read_text() + "\nresubmitted\n")  # a new working directory
             jobs["resubmitted"] = submit(
@@ -350,7 +359,7 @@ def run_all(
         ser_lock = lock_of(storage) if jobs["serial"].returncode == 0 else {}
         for name, job in jobs.items():
             results[name] = summary(job, gpus, head)
-            results[name]["log_tail"] = job.log[-4000:] if not results[name]["ok"] else ""
+            results[name]["log_tail"] = failure_excerpt(job.log) if not results[name]["ok"] else ""
         results["resubmitted"]["ran"] = ran_stages(jobs["resubmitted"].log)
         if par_lock and ser_lock:
             results["locks"] = compare_locks(par_lock, ser_lock, kept, storage)
@@ -377,11 +386,19 @@ def main(argv: list[str] | None = None) -> None:
     import tempfile
 
     before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="ddpm-cluster-parallel-") as tmp:
-        results = run_all(Path(tmp), list(ALL_VARIANTS[: args.variants]), args.gpus, args.parallel)
+    tmp = Path(tempfile.mkdtemp(prefix="ddpm-cluster-parallel-"))
+    results = run_all(tmp, list(ALL_VARIANTS[: args.variants]), args.gpus, args.parallel)
     results["load_average"] = {"before": before, "after": os.getloadavg()}
     results["date"] = datetime.date.today().isoformat()
     results["cpus"] = os.cpu_count()
+    failed = [n for n in ("parallel", "serial", "resubmitted") if not results.get(n, {}).get("ok")]
+    if failed:  # the jobs' whole logs stay for a look; no figures to write
+        print(results.get("log_tail") or results[failed[0]].get("log_tail", ""), file=sys.stderr)
+        raise SystemExit(
+            f"error: the {failed[0]} job failed; its log and projects are kept in {tmp} "
+            f"(job-<id>.log)"
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
     for name in ("parallel", "serial", "resubmitted"):
         r = results[name]
         print(

@@ -211,6 +211,19 @@ def test_cluster_parallel_figures_from_records(tmp_path: Path) -> None:
     assert got["differ"] == {"train@a": ["outs[0].md5 (model.json)"]}
 
 
+def test_cluster_parallel_failure_excerpt_keeps_the_stage_traceback() -> None:
+    """A failed job's excerpt shows the failing stage's traceback even when the stages running
+    beside it wrote far more after it (the tail alone had hidden the cause of a real failure)."""
+    from benchmarks.cluster_parallel import failure_excerpt
+
+    trace = "Traceback (most recent call last)\nRestException: RESOURCE_ALREADY_EXISTS\n"
+    log = "start\n" * 500 + trace + "other stage\n" * 2000 + "Job failed"
+    excerpt = failure_excerpt(log, size=1000)
+    assert excerpt.startswith(trace) and excerpt.endswith("Job failed")
+    assert failure_excerpt("short log") == "short log"
+    assert failure_excerpt("x" * 5000 + trace, size=1000).endswith(trace)  # within the tail
+
+
 def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:
     """benchmarks.side_by_side's arithmetic on a hand-made stages.repro log (milliseconds)."""
     from benchmarks.side_by_side import parse_repro
