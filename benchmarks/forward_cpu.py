@@ -16,6 +16,11 @@ of them, in this thread's CPU time (``time.thread_time``) with ``--threads`` tor
 shared machine CPU time moves less than wall time (cache and frequency effects remain; give the
 load average, printed, beside any figure). Prints one JSON line and writes
 ``results/forward-cpu-<date>.json``.
+
+``--train`` adds a training step's network part, forward and backward of an MSE loss in train
+mode, for the same three networks (wall-clock ms, best of the rounds, ``--threads`` torch
+threads): whether the train stage's step can reach the bare loop's speed with our network
+(issue 27), apart from everything around the step.
 """
 
 from __future__ import annotations
@@ -111,6 +116,41 @@ def measure(net: str, batch: int, repeats: int, calls: int, loop_steps: int) -> 
     return {"net": net, "batch": batch, "loop_steps": loop_steps, **row}
 
 
+def measure_train(net: str, batch: int, repeats: int, calls: int) -> dict:
+    """Best wall ms of forward + MSE backward (train mode, gradients cleared) per call: ours,
+    ours with the standard kernels, diffusers; and ours' speed relative to diffusers'."""
+    cfg = load_config("params.yaml", scale=net)
+    torch.manual_seed(0)
+    ours = build_unet(cfg.model, cfg.data.resolution).train()
+    theirs = diffusers_unet(ours).train()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, cfg.data.resolution, cfg.data.resolution, generator=generator)
+    t = torch.randint(0, cfg.diffusion.num_timesteps, (batch,), generator=generator)
+
+    def step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> None:
+        F.mse_loss(forward(), x).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    cases = {
+        "ours": (ours, lambda: ours(x, t)),
+        "ours_standard_kernels": (ours, lambda: ours(x, t)),
+        "diffusers": (theirs, lambda: theirs(x, t).sample),
+    }
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeats):
+        for name, (model, forward) in cases.items():
+            with standard_kernels() if name == "ours_standard_kernels" else nullcontext():
+                step(model, forward)  # warm-up
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step(model, forward)
+                best[name] = min(best[name], (time.perf_counter() - start) / calls * 1000)
+    row = {f"{k}_ms": round(v, 2) for k, v in best.items()}
+    row["ours_over_diffusers_speed"] = round(best["diffusers"] / best["ours"], 3)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default="smoke,paper", help="comma-separated presets")
@@ -119,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (best kept)")
     parser.add_argument("--calls", type=int, default=3, help="forward passes per measurement")
     parser.add_argument("--loop-steps", type=int, default=10, help="sampling steps per loop")
+    parser.add_argument(
+        "--train", action="store_true", help="also forward + backward in train mode (wall ms)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -126,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         measure(net, args.batch or BATCH.get(net, 8), args.repeats, args.calls, args.loop_steps)
         for net in args.nets.split(",")
     ]
+    if args.train:
+        for row in rows:
+            row["train_step"] = measure_train(row["net"], row["batch"], args.repeats, args.calls)
     result = {
         "benchmark": "forward_cpu",
         "date": datetime.date.today().isoformat(),

@@ -121,7 +121,7 @@ SMALLEST = {  # module: the smallest documented setting
     "heap_creep": ["--n", "8"],
     "eval_during_training": ["--scale", "tiny", "--samples", "8"],
     "forward_cpu": ["--nets", "smoke", "--batch", "4", "--repeats", "1", "--calls", "1",
-                    "--loop-steps", "2"],
+                    "--loop-steps", "2", "--train"],
 }  # fmt: skip
 
 
