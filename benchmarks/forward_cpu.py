@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,15 +73,23 @@ def cpu_ms(call: Callable[[], object], calls: int) -> float:
     return (time.thread_time() - start) / calls * 1000
 
 
-def measure(net: str, batch: int, repeats: int, calls: int, loop_steps: int) -> dict:
-    """Best CPU ms per forward of ours, ours with standard kernels, and diffusers; and per
-    sampling step of ours' and diffusers' loops over ``loop_steps`` steps."""
+def networks_and_batch(net: str, batch: int) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """Our U-Net of preset ``net``, diffusers' of the same architecture, and a seeded batch:
+    images x [batch, 3, R, R] and timesteps t [batch]."""
     cfg = load_config("params.yaml", scale=net)
-    ours = build_unet(cfg.model, cfg.data.resolution).eval()
-    theirs = diffusers_unet(ours).eval()
+    ours = build_unet(cfg.model, cfg.data.resolution)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, cfg.data.resolution, cfg.data.resolution, generator=generator)
     t = torch.randint(0, cfg.diffusion.num_timesteps, (batch,), generator=generator)
+    return ours, diffusers_unet(ours), x, t
+
+
+def measure(net: str, batch: int, repeats: int, calls: int, loop_steps: int) -> dict:
+    """Best CPU ms per forward of ours, ours with standard kernels, and diffusers; and per
+    sampling step of ours' and diffusers' loops over ``loop_steps`` steps."""
+    ours, theirs, x, t = networks_and_batch(net, batch)
+    ours.eval()
+    theirs.eval()
     diffusion = GaussianDiffusion(linear_beta_schedule(loop_steps), "eps", "fixedlarge", "mse")
     scheduler = diffusers_scheduler(loop_steps)
     scheduler = type(scheduler).from_config(scheduler.config, beta_start=1e-4, beta_end=0.02)
@@ -119,13 +128,10 @@ def measure(net: str, batch: int, repeats: int, calls: int, loop_steps: int) -> 
 def measure_train(net: str, batch: int, repeats: int, calls: int) -> dict:
     """Best wall ms of forward + MSE backward (train mode, gradients cleared) per call: ours,
     ours with the standard kernels, diffusers; and ours' speed relative to diffusers'."""
-    cfg = load_config("params.yaml", scale=net)
     torch.manual_seed(0)
-    ours = build_unet(cfg.model, cfg.data.resolution).train()
-    theirs = diffusers_unet(ours).train()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, cfg.data.resolution, cfg.data.resolution, generator=generator)
-    t = torch.randint(0, cfg.diffusion.num_timesteps, (batch,), generator=generator)
+    ours, theirs, x, t = networks_and_batch(net, batch)
+    ours.train()
+    theirs.train()
 
     def step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> None:
         F.mse_loss(forward(), x).backward()
