@@ -117,10 +117,11 @@ def main(argv: list[str] | None = None) -> None:
             for step in timesteps:
                 x = scheduler.step(ema(x, step).sample, step, x, generator=g).prev_sample
             out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-    samples = torch.cat(out).permute(0, 2, 3, 1).numpy()
+    samples = torch.cat(out).permute(0, 2, 3, 1).numpy() if out else None
     timings["sample"] = time.perf_counter() - clock
 
-    clock, metrics = time.perf_counter(), fid_is(cfg, root, samples)
+    clock = time.perf_counter()
+    metrics = fid_is(cfg, root, samples) if out else {"skipped": "no samples (--samples 0)"}
     timings["fid_is"] = time.perf_counter() - clock
     timings["total"] = time.perf_counter() - STARTED
     result = {
@@ -133,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         "sample_steps": len(timesteps),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "train_steps_per_s": round(steps / timings["train"], 2) if steps else None,
-        "sample_evals_per_s": round(n_samples * len(timesteps) / timings["sample"], 1),
+        "sample_evals_per_s": round(n_samples * len(timesteps) / timings["sample"], 1)
+        if n_samples
+        else None,
         "metrics": metrics,
         "load_start": [round(v, 2) for v in load_start],
         "load_end": [round(v, 2) for v in os.getloadavg()],

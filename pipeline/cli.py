@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+from pipeline import forkserver
 from pipeline.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -124,7 +125,13 @@ def run_stage(main: Callable[[], object]) -> NoReturn:
     exits with ``os._exit(0)``. An error exits the normal way (``entry_point``); a stop by a
     signal ignores further stop signals while the interpreter exits, so that none lands in an
     exit handler (Ray's, MLflow's) and prints a traceback there.
+
+    Under ``stages.repro`` a stage server (:mod:`pipeline.forkserver`) may run the stage instead,
+    in a process forked with the imports done; this process then waits and exits as that one.
     """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and (code := forkserver.delegate(spec.name, sys.argv[1:])) is not None:
+        forkserver.exit_as(code)
     try:
         main()
     except SystemExit as e:

@@ -46,6 +46,7 @@ from pipeline.cluster.storage import check_storage
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
+from pipeline.forkserver import stage_server, wait_ready
 
 
 def in_git_repo() -> bool:
@@ -203,6 +204,21 @@ def check_cluster_gpus(cfg: Config) -> None:
         ray.shutdown()
 
 
+# What the stage server imports once for every stage of a run (pipeline.forkserver): the stage
+# modules, what they import when they run, and the libraries behind them (Ray Train, only for
+# train.backend: ray, is left to the stages that use it).
+PRELOAD = [
+    "torch", "numpy", "mlflow", "ray", "torch_fidelity", "matplotlib", "PIL.Image", "psutil",
+    "pipeline.training.trainer", "pipeline.evaluation.evaluate", "pipeline.evaluation.outputs",
+    "pipeline.sampling.draw", "pipeline.report.compare",
+    *(f"stages.{name}" for name in ("prepare", "reference", "featurenet", "train_reference",
+                                    "train", "sample", "evaluate", "report", "compare")),
+]  # fmt: skip
+
+
+SERVER_WAIT_S = 10.0  # after the Ray head is up, for the stage server's imports (~5 s here)
+
+
 def run(
     args: argparse.Namespace,
     cfg: Config,
@@ -213,13 +229,15 @@ def run(
     """Everything after the checks: DVC's setting, the private Ray head, the repro, the push."""
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
-    if args.local_ray and not ray_address(cfg.ray):
-        print("starting a local Ray cluster for this run", flush=True)
-        with local_head(cfg.ray.num_cpus) as head:
-            env = {**os.environ, "RAY_ADDRESS": head.address}
+    with stage_server(PRELOAD) as env:  # its imports overlap the Ray head's start
+        if args.local_ray and not ray_address(cfg.ray):
+            print("starting a local Ray cluster for this run", flush=True)
+            with local_head(cfg.ray.num_cpus, dashboard=False) as head:
+                env = {**env, "RAY_ADDRESS": head.address}
+                wait_ready(env, SERVER_WAIT_S)
+                reproduce(storage, cfg.scale, repro_args, env, parallel)
+        else:
             reproduce(storage, cfg.scale, repro_args, env, parallel)
-    else:
-        reproduce(storage, cfg.scale, repro_args, None, parallel)
     if args.push and storage is None:
         dvc("push")
 

@@ -124,6 +124,22 @@ def wait_for_url(url: str, proc: subprocess.Popen, seconds: float, what: str) ->
     raise UserError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
+STARTED = "Ray runtime started."  # what ``ray start`` logs once every component is up
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, seconds: float) -> None:
+    """Wait until ``text`` appears in the log that ``proc`` (``ray start --head``) writes."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if text in log.read_text(errors="replace"):
+                return
+        if proc.poll() is not None:
+            raise UserError(f"ray start --head exited with status {proc.returncode}")
+        time.sleep(0.25)
+    raise UserError(f"ray start --head did not log {text!r} within {seconds:.0f} s")
+
+
 def _kill_cluster(proc: subprocess.Popen | None, temp: Path) -> None:
     """SIGKILL the head's process group and every process with ``temp`` on its command line."""
     import psutil
@@ -160,7 +176,10 @@ def _exit_on_termination() -> Iterator[None]:
 
 @contextlib.contextmanager
 def local_head(
-    num_cpus: int | None = None, env: dict[str, str] | None = None, timeout_s: float = 120
+    num_cpus: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120,
+    dashboard: bool = True,
 ) -> Iterator[LocalHead]:
     """Start a private Ray head on 127.0.0.1 for the duration of the block, then stop it.
 
@@ -170,16 +189,21 @@ def local_head(
     process of this cluster (they all carry the temp dir on their command line) is killed. The
     temp dir (Ray's session logs, ``ray-start.log``) is removed after a clean run and kept, with
     its path in the error, when the cluster failed to start.
+
+    ``dashboard=False`` starts no dashboard (no ``ray job submit`` to this head; its
+    ``dashboard_url`` is empty): its processes take ~2-3% of a 2-core CPU while idle, taken
+    from every stage of the run (benchmarks/README.md, "The Ray head beside the stages").
     """
     temp = Path(tempfile.mkdtemp(prefix="ddpm-ray-", dir="/tmp"))  # short: unix socket paths
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dashboard, agent, client = free_ports(4)
+    port, dashboard_port, agent, client = free_ports(4)
     cmd = [
         str(ray_bin if ray_bin.exists() else "ray"), "start", "--head", "--block",
         f"--temp-dir={temp}", f"--port={port}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent}",
         f"--ray-client-server-port={client}", "--disable-usage-stats",
         *([f"--num-cpus={num_cpus}"] if num_cpus else []),
+        *([] if dashboard else ["--include-dashboard=false"]),
     ]  # fmt: skip
     proc = None
     started = False
@@ -193,13 +217,16 @@ def local_head(
             except OSError as e:
                 raise UserError(f"cannot start a local Ray head ({cmd[0]}): {e}") from None
             watch()  # SIGKILL of this process skips the finally below: the head still stops
-            url = f"http://127.0.0.1:{dashboard}/api/version"
+            url = f"http://127.0.0.1:{dashboard_port}" if dashboard else ""
             try:
-                wait_for_url(url, proc, timeout_s, "ray start --head")
+                if dashboard:
+                    wait_for_url(f"{url}/api/version", proc, timeout_s, "ray start --head")
+                else:
+                    wait_for_line(temp / "ray-start.log", STARTED, proc, timeout_s)
             except UserError as e:
                 raise UserError(f"{e}; its log: {temp / 'ray-start.log'}") from None
             started = True
-            yield LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", temp)
+            yield LocalHead(f"127.0.0.1:{port}", url, temp)
         finally:
             _kill_cluster(proc, temp)
             if started:
