@@ -17,7 +17,8 @@ that ``--local-ray`` starts once for a whole ``make repro`` is reported apart. B
 its own ``seconds`` (imports excluded, as in the issue's table).
 
 Prints one JSON line (and writes it under benchmarks/results/, or $DDPM_BENCH_RESULTS):
-per round both sides' parts, the per-variant ratio ``(train + sample + evaluate - bound and
+per round both sides' parts, the CPU time the hypervisor took from each (steal), what the stage
+server did, the per-variant ratio ``(train + sample + evaluate - bound and
 figures) / (bare train + sample + fid_is)``, the in-stage steps/s from the train stage's log and
 bare's, and the load average.
 """
@@ -38,6 +39,22 @@ from pathlib import Path
 STAGE = re.compile(r"^Running stage '([^@']+)@")
 STEPS = re.compile(r"step \d+/\d+ loss \S+ ([\d.]+) steps/s")
 BOUND = re.compile(r"seconds: .*nll_and_figures ([\d.]+)")  # the evaluate stage's summary line
+SERVER = re.compile(r"^stage server: .*")  # what the stage server did (pipeline.forkserver)
+
+
+def steal_s() -> float | None:
+    """CPU time the hypervisor gave to others since boot (/proc/stat's steal), in seconds: a
+    side whose steal grew had less of this VM's CPU than the other."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def stolen(before: float | None) -> float | None:
+    after = steal_s()
+    return None if before is None or after is None else round(after - before, 2)
 
 
 def clear_variant(variant: str, root: Path) -> None:
@@ -68,9 +85,11 @@ def run_ours(variant: str, root: Path) -> dict:
 def parse_repro(lines: list[tuple[float, str]], start: float, end: float) -> dict:
     """Stage seconds, the evaluate stage's split and the in-stage steps/s from the timestamped
     output lines of ``stages.repro`` (``(perf_counter, line)``) that ran from start to end."""
-    marks, rates, bound = [], [], 0.0
+    marks, rates, bound, server = [], [], 0.0, None
     for now, line in lines:
-        if m := STAGE.match(line):
+        if m := SERVER.match(line):
+            server = m.group(0).strip()
+        elif m := STAGE.match(line):
             marks.append((m.group(1), now))
         elif m := STEPS.search(line):
             rates.append(float(m.group(1)))
@@ -85,6 +104,8 @@ def parse_repro(lines: list[tuple[float, str]], start: float, end: float) -> dic
     return {
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "train_steps_per_s": round(sum(steady) / len(steady), 2) if steady else None,
+        "train_intervals_steps_per_s": rates,
+        "stage_server": server,
         "variant_s": round(
             seconds["train"] + seconds["sample"] + seconds["evaluate_fid_is_part"], 2
         ),
@@ -123,7 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     rounds = []
     load_start = os.getloadavg()
     for _ in range(args.rounds):
-        ours, bare = run_ours(args.variant, root), run_bare(root)
+        before = steal_s()
+        ours = run_ours(args.variant, root)
+        ours["steal_s"], before = stolen(before), steal_s()
+        bare = run_bare(root)
+        bare["steal_s"] = stolen(before)
         rounds.append(
             {"ours": ours, "bare": bare, "ratio": round(ours["variant_s"] / bare["variant_s"], 3)}
         )

@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "DDPM_STAGE_SERVER"  # the socket's path, in a stage's environment
+PRELOAD_ENV = "DDPM_STAGE_SERVER_PRELOAD"  # the modules to import, in the server's
 # Variables read when a library is imported (or the interpreter starts): a client whose values
 # differ from the server's runs the stage itself.
 IMPORT_TIME = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "TORCH", "PYTORCH", "CUDA", "NVIDIA",
@@ -200,10 +201,12 @@ def serve(path: str, preload: list[str]) -> None:
     gc.collect()
     gc.freeze()  # the children share the imported modules' pages instead of copying them
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    _server_fds.append(listener)
     listener.bind(path + ".tmp")
     listener.listen(64)
     os.rename(path + ".tmp", path)  # clients see the socket only once it listens
     selector = selectors.DefaultSelector()
+    _server_fds.append(selector)
     selector.register(listener, selectors.EVENT_READ, None)
     while os.getppid() == parent:
         for key, _ in selector.select(timeout=1.0):
@@ -215,6 +218,7 @@ def serve(path: str, preload: list[str]) -> None:
                 continue
             pidfd, conn = key.fd, key.data
             selector.unregister(pidfd)
+            _conns.pop(pidfd, None)
             _, status = os.waitpid(_pids.pop(pidfd), 0)
             os.close(pidfd)
             code = os.waitstatus_to_exitcode(status)
@@ -223,6 +227,8 @@ def serve(path: str, preload: list[str]) -> None:
 
 
 _pids: dict[int, int] = {}  # pidfd -> pid of the running stages
+_conns: dict[int, socket.socket] = {}  # pidfd -> the connection of its client
+_server_fds: list = []  # the listening socket and the selector: closed in a child
 _set_by_imports: dict[str, str] = {}  # environment variables the preloaded imports set
 _root = ""  # sys.path[0] as the server started: the project
 
@@ -257,7 +263,7 @@ def _start(conn: socket.socket, env: dict[str, str], sources: dict[str, float]) 
     for fd in fds:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
-    _pids[pidfd] = pid
+    _pids[pidfd], _conns[pidfd] = pid, conn
     print(f"forked {request['module']} {' '.join(request['argv'])} as {pid}", flush=True)
     with contextlib.suppress(OSError):
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
@@ -270,6 +276,12 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     _child = True
     code = 1
     try:
+        # the server's ends: a child holding the listening socket would keep it "listening"
+        # after the server is gone, and other clients' connections open after their stages end
+        for held in (*_server_fds, *_conns.values()):
+            held.close()
+        for pidfd in _pids:
+            os.close(pidfd)
         os.setpgid(0, 0)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -357,9 +369,9 @@ def stage_server(preload: list[str], env: dict[str, str] | None = None) -> Itera
     folder = tempfile.mkdtemp(prefix="ddpm-stages-", dir="/tmp")  # short: unix socket paths
     path = os.path.join(folder, "server.sock")
     log = open(os.path.join(folder, "server.log"), "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "pipeline.forkserver", path, *preload],
-        env={k: v for k, v in base.items() if k != ENV},
+    proc = subprocess.Popen(  # the modules in its environment: `ps` shows no stage's name
+        [sys.executable, "-u", "-m", "pipeline.forkserver", path],
+        env={**{k: v for k, v in base.items() if k != ENV}, PRELOAD_ENV: ",".join(preload)},
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -401,4 +413,4 @@ def _summary(log: str) -> str:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2:])
+    serve(sys.argv[1], [m for m in os.environ.pop(PRELOAD_ENV, "").split(",") if m])

@@ -234,6 +234,7 @@ def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:
         (30.0, "train eps_fixed_mse: step 200/1000 loss 0.0829 15.00 steps/s 327 img/s ETA 1m\n"),
         (31.0, "train eps_fixed_mse: step 300/1000 loss 0.0829 16.00 steps/s 327 img/s ETA 1m\n"),
         (80.0, "Running stage 'sample@eps_fixed_mse':\n"),
+        (81.0, "stage server: 3 stage(s) forked with the imports done\n"),
         (90.0, "Running stage 'evaluate@eps_fixed_mse':\n"),
         (99.0, "eps_fixed_mse: FID train 62.0, ...; seconds: fid_is 0.1, ray_init 0.0, "
                "nll_and_figures 6.5, total 6.6\n"),
@@ -244,4 +245,6 @@ def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:
         "evaluate_bound_and_figures": 6.5, "evaluate_fid_is_part": 4.5,
     }  # fmt: skip
     assert result["train_steps_per_s"] == 15.5  # the first interval (start-up) left out
+    assert result["train_intervals_steps_per_s"] == [9.0, 15.0, 16.0]
+    assert result["stage_server"] == "stage server: 3 stage(s) forked with the imports done"
     assert result["variant_s"] == 82.5

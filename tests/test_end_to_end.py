@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -110,8 +111,8 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, f"stages.{stage} never started"
             tree = psutil.Process(proc.pid).children(recursive=True)
-            found = [p for p in tree if f"stages.{stage}" in " ".join(cmdline(p))]
-            if any(handles_termination(p.pid) for p in found):
+            found = [p for p in tree if f"stages.{stage}" in cmdline(p)]  # not train_reference
+            if found and any(handles_termination(p.pid) for p in stage_processes(tree, found)):
                 break  # the stage's main() runs: its SIGTERM/SIGHUP handler is installed
             time.sleep(0.2)
         tree = [p for p in psutil.Process(proc.pid).children(recursive=True) if cmdline(p)]
@@ -129,6 +130,17 @@ def interrupt_repro(repo: Path, sig: signal.Signals, stage: str, log: Path) -> s
         time.sleep(0.2)
     assert not alive(tree), [cmdline(p)[:3] for p in alive(tree)]
     return variant
+
+
+def stage_processes(tree: list[psutil.Process], found: list[psutil.Process]) -> list:
+    """The processes that run the stage: those DVC started (``found``), or, where the run's
+    stage server (pipeline.forkserver) forked them, its children. A process DVC started that
+    the server serves catches SIGTERM only to forward it, and only once the child exists."""
+    children = []
+    for server in (p for p in tree if "pipeline.forkserver" in " ".join(cmdline(p))):
+        with contextlib.suppress(psutil.Error):
+            children += alive(server.children())
+    return children or found
 
 
 def running(log: Path | str) -> list[str]:
@@ -221,6 +233,9 @@ def test_make_repro_path_tiny_in_a_copy_of_the_repo(tmp_path):
     assert {"prepare", "featurenet", "reference"} <= finished
     assert finished <= skipped and not finished & ran, (sorted(ran), run.stdout[-3000:])
     assert set(stopped) <= finished | ran  # each stopped stage was finished by a later run
+    # the stages ran in children of the run's stage server, none by itself for a refusal
+    server = re.search(r"stage server: (\d+) stage\(s\) forked.*", run.stderr)
+    assert server and int(server.group(1)) >= 1 and "ran themselves" not in server.group(0)
     assert ray_sessions() == sessions  # every stage joined the private head: no local clusters
     assert set(Path("/tmp").glob("ddpm-ray-*")) == heads  # and the head is gone
     assert not head_processes(heads)  # none of its processes is left
