@@ -161,8 +161,12 @@ def _threads() -> int:
 
 def _refusal(request: dict, env: dict[str, str], sources: dict[str, float]) -> str | None:
     """Why this server cannot run the request as a new process would, or None."""
-    if import_time_env(request["env"]) != env:
-        keys = sorted(set(import_time_env(request["env"]).items()) ^ set(env.items()))
+    client = import_time_env(request["env"])
+    for key, value in _set_by_imports.items():  # the client imported what set it, as we did
+        if client.get(key) == value:
+            del client[key]
+    if client != env:
+        keys = sorted(set(client.items()) ^ set(env.items()))
         return f"environment differs in {', '.join(sorted({k for k, _ in keys}))}"
     if Path(request["cwd"]).resolve() != Path(_root).resolve():
         return f"working directory {request['cwd']} is not the server's {_root}"

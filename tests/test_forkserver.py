@@ -98,6 +98,9 @@ def test_a_stage_runs_in_a_forked_child_with_the_clients_streams_env_and_args(se
     assert seen["cwd"] == str(project) and seen["argv0"] == "stage.py"
     assert seen["server"] is None  # the child does not hand itself on
     assert seen["set_at_import"] == "/tmp/fake"  # as if the stage had imported the library
+    # a client that imported the library itself has the variable too: still served
+    code, seen, _ = finish(p := stage({**server, "TORCH_FAKE_CACHE_DIR": "/tmp/fake"}))
+    assert code == 0 and seen["pid"] != p.pid
     assert "to stderr" in err
 
 
@@ -116,6 +119,8 @@ def test_without_a_server_or_when_refused_the_stage_runs_itself(server, project)
     code, seen, err = finish(p := stage({**server, "OMP_NUM_THREADS": "7"}))
     assert code == 0 and seen["pid"] == p.pid
     assert "stage server: environment differs in OMP_NUM_THREADS; running here" in err
+    code, seen, err = finish(p := stage({**server, "TORCH_FAKE_CACHE_DIR": "/elsewhere"}))
+    assert code == 0 and seen["pid"] == p.pid and "differs in TORCH_FAKE_CACHE_DIR" in err
     # a source file the server imported has changed since
     source = project / "fakestages" / "stage.py"
     source.write_text(source.read_text() + "\n")
