@@ -205,40 +205,34 @@ def serve(path: str, preload: list[str]) -> None:
     gc.collect()
     gc.freeze()  # the children share the imported modules' pages instead of copying them
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    _server_fds.append(listener)
     listener.bind(path + ".tmp")
     listener.listen(64)
     os.rename(path + ".tmp", path)  # clients see the socket only once it listens
-    selector = selectors.DefaultSelector()
-    _server_fds.append(selector)
-    selector.register(listener, selectors.EVENT_READ, None)
+    global _selector
+    _selector = selectors.DefaultSelector()  # the listener, and each running stage's pidfd
+    _selector.register(listener, selectors.EVENT_READ, None)  # with (its pid, its connection)
     while os.getppid() == parent:
-        for key, _ in selector.select(timeout=1.0):
+        for key, _ in _selector.select(timeout=1.0):
             if key.data is None:
                 conn, _ = listener.accept()
-                pidfd = _start(conn, env, sources)
-                if pidfd is not None:
-                    selector.register(pidfd, selectors.EVENT_READ, conn)
+                _start(conn, env, sources)
                 continue
-            pidfd, conn = key.fd, key.data
-            selector.unregister(pidfd)
-            _conns.pop(pidfd, None)
-            _, status = os.waitpid(_pids.pop(pidfd), 0)
+            pidfd, (pid, conn) = key.fd, key.data
+            _selector.unregister(pidfd)
+            _, status = os.waitpid(pid, 0)
             os.close(pidfd)
             code = os.waitstatus_to_exitcode(status)
             with contextlib.suppress(OSError), conn:
                 conn.sendall(json.dumps({"status": code}).encode() + b"\n")
 
 
-_pids: dict[int, int] = {}  # pidfd -> pid of the running stages
-_conns: dict[int, socket.socket] = {}  # pidfd -> the connection of its client
-_server_fds: list = []  # the listening socket and the selector: closed in a child
+_selector: selectors.BaseSelector | None = None  # serve()'s: what a child must close
 _set_by_imports: dict[str, str] = {}  # environment variables the preloaded imports set
 _root = ""  # sys.path[0] as the server started: the project
 
 
-def _start(conn: socket.socket, env: dict[str, str], sources: dict[str, float]) -> int | None:
-    """Read a request from ``conn`` and fork its stage; the pidfd of the child, or None."""
+def _start(conn: socket.socket, env: dict[str, str], sources: dict[str, float]) -> None:
+    """Read a request from ``conn`` and fork its stage, registered with the selector."""
     try:
         conn.settimeout(10)
         data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
@@ -251,14 +245,14 @@ def _start(conn: socket.socket, env: dict[str, str], sources: dict[str, float]) 
         conn.settimeout(None)
     except (OSError, ValueError):
         conn.close()
-        return None
+        return
     if len(fds) != 3 or (why := _refusal(request, env, sources)):
         for fd in fds:
             os.close(fd)
         print(f"refused {request.get('module')}: {why or 'no standard streams'}", flush=True)
         with contextlib.suppress(OSError), conn:
             conn.sendall(json.dumps({"refused": why or "no standard streams"}).encode() + b"\n")
-        return None
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -267,11 +261,10 @@ def _start(conn: socket.socket, env: dict[str, str], sources: dict[str, float]) 
     for fd in fds:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
-    _pids[pidfd], _conns[pidfd] = pid, conn
+    _selector.register(pidfd, selectors.EVENT_READ, (pid, conn))
     print(f"forked {request['module']} {' '.join(request['argv'])} as {pid}", flush=True)
     with contextlib.suppress(OSError):
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-    return pidfd
 
 
 def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
@@ -282,10 +275,13 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     try:
         # the server's ends: a child holding the listening socket would keep it "listening"
         # after the server is gone, and other clients' connections open after their stages end
-        for held in (*_server_fds, *_conns.values()):
-            held.close()
-        for pidfd in _pids:
-            os.close(pidfd)
+        for key in list(_selector.get_map().values()):
+            if key.data is None:
+                key.fileobj.close()  # the listening socket
+            else:
+                os.close(key.fd)  # another stage's pidfd, and its client's connection
+                key.data[1].close()
+        _selector.close()
         os.setpgid(0, 0)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
