@@ -45,7 +45,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=None, help="default: the preset's")
     parser.add_argument("--sample-steps", type=int, default=None, help="default: T (all)")
     parser.add_argument("--threads", type=int, default=None, help="default: train.torch_threads")
+    parser.add_argument(
+        "--net",
+        choices=("diffusers", "ours"),
+        default="diffusers",
+        help="the U-Net: diffusers' UNet2DModel (the comparison point) or the project's own, "
+        "with its batch-invariant CPU kernels (to tell the network's share from the stage's)",
+    )
+    parser.add_argument(
+        "--marks",
+        action="store_true",
+        help="print a line as each part starts and every 100 steps (benchmarks.side_by_side "
+        "--interleave times them)",
+    )
     args = parser.parse_args(argv)
+    mark = (lambda text: print(f"bare: {text}", flush=True)) if args.marks else (lambda _: None)
     load_start = os.getloadavg()
 
     from diffusers import DDPMScheduler
@@ -78,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     timings["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    mark("train")
     torch.manual_seed(t.seed)
-    unet = diffusers_unet(build_unet(cfg.model, cfg.data.resolution)).train()
+    unet = build_unet(cfg.model, cfg.data.resolution)
+    unet = (diffusers_unet(unet) if args.net == "diffusers" else _Ours(unet)).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scheduler = DDPMScheduler(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
                               beta_end=d.beta_end, beta_schedule="linear",
@@ -90,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         opt, lambda i: min(i / t.warmup, 1.0) if t.warmup > 0 else 1.0
     )
     g = torch.Generator().manual_seed(t.seed)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         x = data[torch.randint(0, len(data), (t.batch_size,), generator=g)]
         flip = torch.rand(t.batch_size, generator=g) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
@@ -104,9 +120,12 @@ def main(argv: list[str] | None = None) -> None:
         warm.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - t.ema_decay)
+        if step % 100 == 0 or step == steps:
+            mark(f"step {step}/{steps}")
     timings["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    mark("sample")
     scheduler.set_timesteps(d.num_timesteps)
     timesteps = scheduler.timesteps[: args.sample_steps or d.num_timesteps]
     g = torch.Generator().manual_seed(s.seed)
@@ -121,13 +140,16 @@ def main(argv: list[str] | None = None) -> None:
     timings["sample"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    mark("fid_is")
     metrics = fid_is(cfg, root, samples) if out else {"skipped": "no samples (--samples 0)"}
     timings["fid_is"] = time.perf_counter() - clock
+    mark("end")
     timings["total"] = time.perf_counter() - STARTED
     result = {
         "benchmark": "bare_loop",
         "scale": cfg.scale,
         "threads": threads,
+        "net": args.net,
         "steps": steps,
         "batch": t.batch_size,
         "samples": n_samples,
@@ -142,6 +164,18 @@ def main(argv: list[str] | None = None) -> None:
         "load_end": [round(v, 2) for v in os.getloadavg()],
     }
     print(json.dumps(result))
+
+
+class _Ours(torch.nn.Module):
+    """The project's U-Net called as diffusers' is: ``net(x, t).sample``."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int):
+        t = torch.as_tensor(t).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0 else t
+        return argparse.Namespace(sample=self.unet(x, t))
 
 
 def fid_is(cfg, root: Path, samples: np.ndarray) -> dict:

@@ -7,6 +7,7 @@ are in the slow suite (each imports torch and diffusers, several start Ray or pr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -244,7 +245,79 @@ def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:
         "ray_head": 2.0, "train": 68.0, "sample": 10.0, "evaluate": 11.0,
         "evaluate_bound_and_figures": 6.5, "evaluate_fid_is_part": 4.5,
     }  # fmt: skip
-    assert result["train_steps_per_s"] == 15.5  # the first interval (start-up) left out
+    assert result["train_steps_per_s"] == 18.18  # step 100 to 300 in 11 s: start-up left out
     assert result["train_intervals_steps_per_s"] == [9.0, 15.0, 16.0]
     assert result["stage_server"] == "stage server: 3 stage(s) forked with the imports done"
     assert result["variant_s"] == 82.5
+
+
+def test_side_by_side_counts_only_a_sides_turns_when_interleaved() -> None:
+    """With --interleave, a side's seconds are the overlap of its turns with each part; bare's
+    parts come from its --marks lines, its steps/s from step 100 to the last step line."""
+    from benchmarks.side_by_side import parse_bare, parse_repro
+
+    turns = [(0.0, 2.0), (4.0, 6.0), (8.0, 10.0), (12.0, 14.0)]  # the other side ran between
+
+    def span(a: float, b: float) -> float:
+        return sum(max(0.0, min(y, b) - max(x, a)) for x, y in turns)
+
+    ours = [
+        (1.0, "Running stage 'train@v':\n"),
+        (5.0, "train v: step 100/300 loss 0.3 9.00 steps/s 291 img/s ETA 1m\n"),
+        (9.0, "train v: step 300/300 loss 0.1 9.00 steps/s 291 img/s ETA 0s\n"),
+        (9.5, "Running stage 'sample@v':\n"),
+        (12.5, "Running stage 'evaluate@v':\n"),
+        (13.0, "v: FID ...; seconds: fid_is 0.1, nll_and_figures 0.25, total 0.5\n"),
+    ]
+    result = parse_repro(ours, 0.0, 14.0, span=span)
+    assert result["seconds"]["ray_head"] == 1.0
+    assert result["seconds"]["train"] == 4.5  # 1-2, 4-6, 8-9.5
+    assert result["seconds"]["sample"] == 1.0  # 9.5-10, 12-12.5
+    assert result["seconds"]["evaluate"] == 1.5
+    assert result["train_steps_per_s"] == 100.0  # 200 steps in 2 active seconds (5-6, 8-9)
+    assert result["variant_s"] == 6.75
+    bare = [
+        (0.5, "bare: train\n"),
+        (1.5, "bare: step 100/200\n"),
+        (5.5, "bare: step 200/200\n"),
+        (5.5, "bare: sample\n"),
+        (8.5, "bare: fid_is\n"),
+        (9.0, "bare: end\n"),
+        (9.0, '{"seconds": {"imports": 3.0, "data": 0.5}, "metrics": {"fid": 1.0}}\n'),
+    ]
+    result = parse_bare(bare, span=span)
+    assert result["seconds"] == {
+        "imports_and_data": 3.5, "train": 3.0, "sample": 1.0, "fid_is": 0.5
+    }  # fmt: skip
+    assert result["train_steps_per_s"] == 50.0  # 100 steps in 2 active seconds
+    assert result["variant_s"] == 4.5
+    assert result["metrics"] == {"fid": 1.0}
+
+
+def test_two_commands_take_turns_frozen_by_the_kernel() -> None:
+    """benchmarks.timeslice: each side prints its clock every 5 ms; every line it printed came
+    within one of its own turns (it did nothing while frozen), the turns of the two never
+    overlap, and both exit 0."""
+    from benchmarks.timeslice import Side, freezer_root, take_turns
+
+    try:
+        freezer_root()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    code = (
+        "import time\nend = time.perf_counter() + {0}\n"
+        "while time.perf_counter() < end:\n"
+        "    print(time.perf_counter(), flush=True); time.sleep(0.005)\n"
+    )
+    a = Side("test-a", [sys.executable, "-c", code.format(1.0)], ROOT)
+    b = Side("test-b", [sys.executable, "-c", code.format(2.0)], ROOT)
+    take_turns([a, b], 0.2)
+    assert [a.finish(), b.finish()] == [0, 0]
+    for side in (a, b):
+        assert side.lines, side.name
+        for _, line in side.lines:  # perf_counter is CLOCK_MONOTONIC: one clock for all
+            printed = float(line)
+            assert side.span(printed - 0.02, printed + 0.02) > 0, (side.name, printed)
+    spans = sorted([*a.turns, *b.turns])
+    assert all(x[1] <= y[0] + 1e-3 for x, y in itertools.pairwise(spans))
+    assert len(a.turns) >= 3 and len(b.turns) >= 5
