@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -87,22 +88,28 @@ def dvc(*args: str, env: dict[str, str] | None = None) -> None:
     """
     proc = subprocess.Popen(["dvc", *args], env=env, start_new_session=True)
     got: list[int] = []
+    wake_r, wake_w = os.pipe()  # the handler's nudge to the wait below
+    os.set_blocking(wake_w, False)
 
     def forward(signum: int, _frame: object) -> None:
         got.append(signum)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signum)
+        with contextlib.suppress(OSError):
+            os.write(wake_w, b"\0")
 
     saved = {sig: signal.signal(sig, forward) for sig in TERMINATING}
     try:
         try:
-            code = _wait_resending(proc, got)
+            code = _wait_resending(proc, got, wake_r)
         finally:
             if got:  # what dvc started may outlive it by a moment: wait, then make sure
                 _stop_group(proc.pid, stop_grace_s(GRACE_S))
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
     if got:
         print(f"stopped by signal {got[0]}; rerun to resume", file=sys.stderr, flush=True)
         raise Stopped(128 + got[0])
@@ -115,20 +122,46 @@ GRACE_S = 20.0  # for the stopped stage to end (its Ray driver disconnects) befo
 RESEND_S = 0.5  # the stop signal again, until dvc exits (a stage dvc starts next gets it too)
 
 
-def _wait_resending(proc: subprocess.Popen, got: list[int]) -> int:
-    """``proc.wait()``; once a signal is in ``got``, resend it to the group every RESEND_S."""
-    first: float | None = None
-    while True:
-        try:
-            return proc.wait(timeout=RESEND_S)
-        except subprocess.TimeoutExpired:
+def _wait_resending(proc: subprocess.Popen, got: list[int], wake: int) -> int:
+    """``proc.wait()``; once a signal is in ``got``, resend it to the group every RESEND_S.
+
+    Until a signal comes it sleeps in ``select`` on a pidfd of dvc and on ``wake`` (written by
+    the signal handler): no wake-ups while a stage runs (``Popen.wait(timeout)`` polls ~20
+    times a second, beside a training step that pays for every wake-up on a 2-core machine)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+        pidfd = None
+    first: float | None = None  # when the first resend went
+    due: float | None = None  # when the next resend is due
+    try:
+        while True:
+            if pidfd is None:
+                try:
+                    return proc.wait(timeout=RESEND_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                ready, _, _ = select.select([pidfd, wake], [], [], timeout)
+                if pidfd in ready:
+                    return proc.wait()
+                if wake in ready:  # the handler sent the signal itself: resend RESEND_S later
+                    os.read(wake, 512)
+                    due = due or time.monotonic() + RESEND_S
+                if due is None or time.monotonic() < due:
+                    continue
             if not got:
                 continue
             now = time.monotonic()
             first = now if first is None else first
+            due = now + RESEND_S
             sig = got[0] if now - first < stop_grace_s(GRACE_S) else signal.SIGKILL
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, sig)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _stop_group(pgid: int, grace_s: float) -> None:

@@ -211,6 +211,32 @@ def test_a_stop_reaches_the_stage_dvc_starts_after_the_signal(tmp_path, monkeypa
     assert time.monotonic() - started < 10 and not marker.exists()
 
 
+def test_waiting_for_dvc_does_not_wake_this_process(tmp_path, monkeypatch):
+    """While dvc runs, ``stages.repro.dvc`` sleeps until it exits (a pidfd): its thread is
+    woken a few times, not ~20 times a second as ``Popen.wait(timeout)`` polled beside the
+    training step, and the exit status still comes through."""
+    import threading
+
+    from stages import repro
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dvc").write_text("#!/bin/sh\nsleep 1.5\nexit 3\n")
+    (bin_dir / "dvc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status")
+
+    def wakeups() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("voluntary_ctxt"))
+        return int(line.split()[1])
+
+    before = wakeups()
+    with pytest.raises(SystemExit) as failed:
+        repro.dvc("repro")
+    assert failed.value.code == 3
+    assert wakeups() - before < 10  # polling: ~30 in 1.5 s
+
+
 def test_state_save_skips_files_of_a_stage_still_running(tmp_path, monkeypatch):
     """Side by side (pipeline.cluster.parallel), the state is saved after one stage's commit
     while another stage writes: its temporaries are skipped and a file that vanishes between
