@@ -31,6 +31,7 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
+import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -173,9 +174,11 @@ class _Ours(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int):
-        t = torch.as_tensor(t).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0 else t
-        return argparse.Namespace(sample=self.unet(x, t))
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> types.SimpleNamespace:
+        t = torch.as_tensor(t)  # the scheduler's loop passes one timestep for the batch
+        return types.SimpleNamespace(
+            sample=self.unet(x, t.expand(x.shape[0]) if t.dim() == 0 else t)
+        )
 
 
 def fid_is(cfg, root: Path, samples: np.ndarray) -> dict:
