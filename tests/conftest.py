@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +67,34 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# What `make repro` leaves in a checkout (see .gitignore): the suite must neither read these as if
+# fresh (tests/repo_copy.py builds test repos from the committed project) nor write them.
+CHECKOUT = Path(__file__).resolve().parents[1]
+RUN_STATE = ("data", "models", "checkpoints", "samples", "metrics", "plots", "figures", "reports",
+             "reference", "featurenet", "work", "mlflow.db", "mlruns", "mlartifacts", "dvc.lock",
+             "params.yaml")  # fmt: skip
+
+
+def _run_state() -> dict[str, tuple[int, int]]:
+    """Every file of the checkout's run state: its modification time (ns) and size."""
+    stamps = {}
+    for name in RUN_STATE:
+        top = CHECKOUT / name
+        paths = [top] if top.is_file() else [p for p in top.rglob("*") if p.is_file()]
+        for path in paths:
+            st = path.stat()
+            stamps[str(path.relative_to(CHECKOUT))] = (st.st_mtime_ns, st.st_size)
+    return stamps
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_left_as_it_was():
+    """The suite runs the same on a fresh clone and after `make repro` (issue 42): it fails
+    here if any test wrote into the checkout's outputs, MLflow store, dvc.lock or params."""
+    before = _run_state()
+    yield
+    after = _run_state()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test session wrote into the checkout: {changed[:10]}"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.atomic import save_npz
 from pipeline.config import Config, config_from_dict
@@ -32,7 +33,7 @@ VARIANT = "eps_fixed_mse"
 
 @functools.cache
 def _repo_params() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load(PARAMS.read_text())
 
 
 def tiny_params(**eval_: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError, DataError, UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moto_s3 import list_keys, make_bucket, moto_server, s3_env
+from repo_copy import PARAMS, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ddpm-test"
@@ -95,7 +96,7 @@ def _prepared(folder: Path) -> Path:
 
 
 def test_prepared_data_reaches_a_node_local_cache_checked(s3, tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     monkeypatch.setenv(storage.ENV, f"s3://{BUCKET}/data-test")
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     local = _prepared(tmp_path / "project" / "data" / "tiny")
@@ -118,7 +119,7 @@ def test_prepared_data_reaches_a_node_local_cache_checked(s3, tmp_path, monkeypa
 
 
 def test_finished_blocks_are_uploaded_and_reused_by_a_resubmitted_driver(s3, tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     monkeypatch.setenv(storage.ENV, f"s3://{BUCKET}/blocks-test")
     monkeypatch.setattr(storage, "SYNC_EVERY_S", 0.1)
     first = storage.shared_path(cfg, tmp_path / "job1", Path("work/sample/v")) / "key"
@@ -180,7 +181,7 @@ def test_state_round_trip_through_a_bucket(s3, tmp_path, monkeypatch):
 
 
 def test_bad_bucket_settings_are_one_line_before_any_work(s3, tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     cases = [
         ("ftp://host/x", ConfigError, "unknown scheme ftp://"),
         ("s3://", ConfigError, "no bucket name"),
@@ -192,7 +193,7 @@ def test_bad_bucket_settings_are_one_line_before_any_work(s3, tmp_path, monkeypa
         with pytest.raises(error, match=match):
             storage.check_storage(cfg)
     monkeypatch.setenv(storage.ENV, f"s3://{BUCKET}/x")
-    paper = load_config(ROOT / "params.yaml", "paper")
+    paper = load_config(PARAMS, "paper")
     assert paper.train.eval_every > 0  # evaluation during training works with a bucket too
     assert storage.check_storage(paper).url == f"s3://{BUCKET}/x"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
@@ -207,7 +208,11 @@ def test_a_missing_bucket_stops_the_repro_with_one_error_line(s3, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(durable.RAY_JOB_ENV)}
     env.update({storage.ENV: f"s3://no-such-{BUCKET}/x", "PYTHONPATH": str(ROOT)})
     run = subprocess.run(
-        [sys.executable, "-m", "stages.repro"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "stages.repro"],
+        cwd=write_tree(tmp_path / "repo"),
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2 and run.stdout == "", run.stderr
     assert run.stderr.startswith(f"error: cluster storage s3://no-such-{BUCKET}/x")

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.cluster import blocks, storage
 
@@ -37,7 +38,7 @@ def test_rayjob_runs_an_existing_entrypoint_of_a_real_preset():
     module = REPO / (argv[2].replace(".", "/") + ".py")
     assert module.is_file(), module
     scale = argv[argv.index("--scale") + 1]
-    assert scale in yaml.safe_load((REPO / "params.yaml").read_text())["presets"]
+    assert scale in yaml.safe_load(PARAMS.read_text())["presets"]
     assert job["spec"]["backoffLimit"] > 0  # a retried job resumes (docs/cluster.md)
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert re.match(r"^(https|s3|gs)://.+\.zip$", runtime_env["working_dir"])  # code as a URI

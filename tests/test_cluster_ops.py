@@ -29,6 +29,7 @@ from pipeline.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moto_s3 import make_bucket, moto_server, s3_env
+from repo_copy import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ddpm-ops"
@@ -141,7 +142,7 @@ def test_stages_repro_stops_at_once_when_another_job_holds_the_storage(tmp_path)
     Lease(Store(str(shared)), "tiny", job=A, timeout=60).acquire()
     work = tmp_path / "work"
     work.mkdir()
-    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (work / "params.yaml").write_text(PARAMS.read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT), storage.ENV: str(shared)}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
@@ -218,7 +219,7 @@ def test_dvc_lock_is_saved_last(tmp_path, monkeypatch):
 
 
 def test_several_ray_nodes_without_storage_is_one_line_before_any_work(monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setattr(raycluster, "alive_nodes", lambda _cfg: 3)
     with pytest.raises(UserError) as refused:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_copy import PARAMS, write_tree
 
 from pipeline.cluster import durable, storage
 from pipeline.cluster.storage_fs import Store
@@ -51,7 +52,7 @@ def test_statistics_are_arrays_and_a_tampered_file_is_refused(tmp_path):
 
 
 def test_the_storage_setting_and_its_errors(tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     monkeypatch.delenv(storage.ENV, raising=False)
     assert cfg.cluster.storage is None and storage.check_storage(cfg) is None  # the default
     monkeypatch.setenv(storage.ENV, str(tmp_path / "shared"))
@@ -68,7 +69,7 @@ def test_the_storage_setting_and_its_errors(tmp_path, monkeypatch):
 
 
 def test_prepared_data_and_block_folders_move_to_storage(tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     local = tmp_path / "project" / "data" / "tiny"
     local.mkdir(parents=True)
     (local / "manifest.json").write_text("{}")
@@ -109,7 +110,7 @@ def test_state_round_trip_skips_a_tampered_torch_file(tmp_path):
 
 
 def test_a_ray_job_without_a_durable_mlflow_store_is_one_error_line(tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     monkeypatch.delenv(durable.RAY_JOB_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     durable.check_job_tracking(cfg, tmp_path)  # not a Ray job: the local default is fine
@@ -125,7 +126,11 @@ def test_a_ray_job_without_a_durable_mlflow_store_is_one_error_line(tmp_path, mo
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update({durable.RAY_JOB_ENV: "{}", "PYTHONPATH": str(ROOT)})
     run = subprocess.run(
-        [sys.executable, "-m", "stages.repro"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "stages.repro"],
+        cwd=write_tree(tmp_path / "repo"),
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2 and run.stdout == ""
     assert (

@@ -13,11 +13,11 @@ import sys
 
 import pytest
 import yaml
-from repo_copy import ROOT, env
+from repo_copy import PARAMS, ROOT, env
 
 from pipeline.config import load_config
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+RAW = yaml.safe_load(PARAMS.read_text())
 
 # Ho et al. 2020, CIFAR10 (paper/ddpm-facts.md: schedule, network, training, evaluation).
 PAPER = {
@@ -62,26 +62,25 @@ def stages_config(tmp_path, params: dict, scale: str | None = None):
 
 def with_key(scale: str, dotted: str, value) -> dict:
     """A deep copy of params.yaml with ``presets.<scale>.<section>.<key>`` set to ``value``."""
-    params = yaml.safe_load(yaml.safe_dump(PARAMS))
+    params = yaml.safe_load(yaml.safe_dump(RAW))
     section, key = dotted.split(".")
     preset = params["presets"][scale]
     preset[section] = {**(preset.get(section) or {}), key: value}
     return params
 
 
-@pytest.mark.parametrize("scale", sorted(PARAMS["presets"]))
+@pytest.mark.parametrize("scale", sorted(RAW["presets"]))
 def test_every_preset_loads(scale):
-    cfg = load_config(ROOT / "params.yaml", scale)
-    assert cfg.scale == scale and set(cfg.variants) == set(PARAMS["variants"])
+    cfg = load_config(PARAMS, scale)
+    assert cfg.scale == scale and set(cfg.variants) == set(RAW["variants"])
 
 
 def test_the_paper_preset_is_the_papers_cifar10_setting():
-    flat = load_config(ROOT / "params.yaml", "paper").flat()
+    flat = load_config(PARAMS, "paper").flat()
     assert {k: flat[k] for k in PAPER} == PAPER
-    assert not load_config(ROOT / "params.yaml", "paper").stand_in_reasons()
+    assert not load_config(PARAMS, "paper").stand_in_reasons()
     variants = {
-        name: (v["mean_type"], v["var_type"], v["loss_type"])
-        for name, v in PARAMS["variants"].items()
+        name: (v["mean_type"], v["var_type"], v["loss_type"]) for name, v in RAW["variants"].items()
     }
     assert sorted(variants.values()) == sorted(  # Table 2's six rows
         [

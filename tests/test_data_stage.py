@@ -13,6 +13,7 @@ import data_formats
 import pytest
 import yaml
 from data_formats import make_cifar_archive
+from repo_copy import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def one_preset(data: dict) -> dict:
 
 
 def test_prepares_the_tiny_scale(tmp_path):
-    shutil.copy(ROOT / "params.yaml", tmp_path)
+    shutil.copy(PARAMS, tmp_path)
     run = run_stage(tmp_path, "--scale", "tiny")
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("prepared synthetic in data/tiny: train 64 x 8x8x3, test 32 x")

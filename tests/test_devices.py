@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.config import config_from_dict, default_params_path, load_config
 from pipeline.errors import ConfigError
@@ -190,7 +191,7 @@ def test_a_gpu_preset_on_a_cluster_without_gpus_stops_stages_repro_before_any_st
     import stages.repro as repro
     from pipeline.cluster import blocks
 
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     monkeypatch.delenv(blocks.GPU_WAIT_ENV, raising=False)

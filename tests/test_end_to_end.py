@@ -21,12 +21,12 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
-from repo_copy import BIN, ROOT, copy_repo, env
+from repo_copy import BIN, PARAMS, copy_repo, env
 
 from pipeline.config import load_config
 
 METRICS = ("fid_train", "fid_test", "is_mean", "is_std", "nll_bpd")
-ALL_VARIANTS = set(load_config(ROOT / "params.yaml", "tiny").variants)
+ALL_VARIANTS = set(load_config(PARAMS, "tiny").variants)
 # Two of the six: between them both means (xprev, eps), both variances (learned, fixed) and both
 # losses (kl, mse), the paths in which the variants differ; the other four combine the same code
 # (all six run in `make repro`, and three side by side in test_cluster_parallel.py, slow). Each

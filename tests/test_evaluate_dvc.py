@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from eval_project import ROOT
+from repo_copy import PARAMS
 
 VARIANTS = ("eps_fixed_mse", "xprev_learned_kl")  # 3 and 6 output channels
 
@@ -30,7 +31,7 @@ def repo(ray_session, tmp_path_factory):
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["scale"] = "tiny"
     params["variants"] = {v: params["variants"][v] for v in VARIANTS}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

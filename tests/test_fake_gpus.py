@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.cluster import fakegpu
 from pipeline.config import config_from_dict
@@ -22,7 +23,7 @@ def paper_trainer(tmp_path: Path):
     from pipeline.training.loop import TrainJob
     from pipeline.training.trainer import make_trainer
 
-    cfg = config_from_dict(yaml.safe_load((REPO / "params.yaml").read_text()), "paper")
+    cfg = config_from_dict(yaml.safe_load(PARAMS.read_text()), "paper")
     run = {"name": "r", "config_hash": "h"}
     job = TrainJob(cfg, cfg.variant("eps_fixed_mse"), str(tmp_path), str(tmp_path / "run"), run)
     return make_trainer(job)

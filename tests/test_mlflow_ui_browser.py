@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from repo_copy import PARAMS
 from test_report_page import chromium, render
 
 from pipeline.cluster.raycluster import free_port
@@ -43,7 +44,7 @@ def _wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) 
 @pytest.mark.slow
 def test_the_experiment_opens_on_its_runs(tmp_path, monkeypatch):
     browser = chromium()
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)

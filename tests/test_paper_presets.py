@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.config import config_from_dict, load_config
 from pipeline.errors import ConfigError
 from pipeline.training.published import skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "params.yaml"
 LSUN = ("paper_lsun_church", "paper_lsun_bedroom", "paper_lsun_cat")
 
 

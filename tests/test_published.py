@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 from data_formats import ddpm_unet
-from repo_copy import ROOT, copy_repo, env
+from repo_copy import PARAMS, ROOT, copy_repo, env
 
 from pipeline.config import load_config
 
-TINY = load_config(ROOT / "params.yaml", "tiny")
+TINY = load_config(PARAMS, "tiny")
 
 
 def write_checkpoint(
@@ -90,7 +90,7 @@ def test_published_weights_go_through_sample_evaluate_and_report(tmp_path):
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project folder at the tiny scale whose L_simple variant reads a checkpoint."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["scale"] = "tiny"
     params["presets"]["tiny"]["model"].update(source="checkpoint", checkpoint=str(tmp_path / "ck"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -184,13 +184,13 @@ def test_sampler_variance_follows_the_scale_and_the_checkpoint_must_agree():
     from pipeline.sampling.job import sampler_var_type
     from pipeline.training.published import _check_variance
 
-    lsun = load_config(ROOT / "params.yaml", "published_lsun_church")
-    cifar = load_config(ROOT / "params.yaml", "published")
+    lsun = load_config(PARAMS, "published_lsun_church")
+    cifar = load_config(PARAMS, "published")
     variant = lsun.variant("eps_fixed_mse")
     assert sampler_var_type(lsun, variant) == "fixedsmall"
     assert sampler_var_type(cifar, variant) == "fixedlarge"
     for scale in ("paper_lsun_church", "paper_lsun_bedroom", "paper_lsun_cat"):
-        assert sampler_var_type(load_config(ROOT / "params.yaml", scale), variant) == "fixedsmall"
+        assert sampler_var_type(load_config(PARAMS, scale), variant) == "fixedsmall"
     _check_variance(lsun, variant, {"variance_type": "fixed_small"}, "x")  # accepted
     _check_variance(cifar, variant, {"variance_type": "fixed_large"}, "x")
     with pytest.raises(ConfigError, match=r"set presets\.published_lsun_church\.sample\.var_type"):

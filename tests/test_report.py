@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from repo_copy import PARAMS
 
 from pipeline.config import STAND_IN_NOTE, load_config
 from pipeline.report import tables, tracking
@@ -26,7 +27,7 @@ OURS = {"fid_train": 30.5, "fid_test": 31.25, "is_mean": 1.5, "is_std": 0.25, "n
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project folder with the repo's params at the tiny scale and a SQLite MLflow store."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(PARAMS, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = load_config(scale="tiny")
@@ -153,7 +154,7 @@ def test_an_experiment_created_by_another_stage_meanwhile_is_used(tmp_path, monk
     (seen in a real two-node run: the train stage exited 1) and must use the first one's."""
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     mlflow.set_tracking_uri(uri)
     created = mlflow.create_experiment(cfg.mlflow.experiment)  # the other stage, just now
     real = mlflow.get_experiment_by_name
@@ -173,7 +174,7 @@ def test_a_store_made_before_the_experiment_kind_gets_it(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     experiment_id = mlflow.create_experiment("old", artifact_location=tmp_path.as_uri())
     assert tracking.TAG_EXPERIMENT_KIND not in mlflow.get_experiment(experiment_id).tags
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, experiment="old"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert tracking.setup(cfg) == experiment_id

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_copy import PARAMS
 
 from pipeline.cluster.runrecord import MLFLOW_RECORD, model_run_id
 from pipeline.config import load_config
@@ -24,7 +25,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_CLUSTER_STORAGE", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = load_config(ROOT / "params.yaml", "tiny")
+    cfg = load_config(PARAMS, "tiny")
     return cfg, uri
 
 

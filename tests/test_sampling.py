@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.cluster.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
 from pipeline.config import config_from_dict
@@ -46,7 +47,7 @@ def make_model(
     root: Path, variant: str = VARIANT, seed: int = 0, channels: int | None = None, **meta
 ) -> Path:
     """models/<variant>/ema.pt and a hand-written model.json, as the train stage leaves them."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(PARAMS.read_text())
     types = raw["variants"][variant]
     folder = root / "models" / variant
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def make_model(
 
 def tiny_config(**sample):
     """The tiny scale of params.yaml with sample-section overrides."""
-    raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw = copy.deepcopy(yaml.safe_load(PARAMS.read_text()))
     base = {"n_samples": 12, "batch_size": 4, "block_size": 4, "num_workers": 2}
     raw["presets"]["tiny"]["sample"].update({**base, "progressive_seeds": [1, 5], **sample})
     return config_from_dict(raw, "tiny")
@@ -316,7 +317,7 @@ def test_grid_tiles_enlarged_images_in_order(tmp_path):
 
 def stage_project(root: Path, monkeypatch, **sample) -> None:
     """A project folder with params.yaml at the tiny scale; the stage runs from it."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(PARAMS.read_text())
     raw["scale"] = "tiny"
     raw["presets"]["tiny"]["sample"].update(sample)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -410,7 +411,7 @@ def test_interrupted_stage_resumes_where_it_stopped(tmp_path):
     import sys
     import time
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(PARAMS.read_text())
     raw["scale"] = "tiny"
     raw["presets"]["tiny"]["sample"].update(n_samples=64, block_size=4, batch_size=4)
     raw["presets"]["tiny"]["sample"].update(num_workers=1)

@@ -15,19 +15,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from repo_copy import ROOT, env
+from repo_copy import PARAMS, ROOT, env
 
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
 from pipeline.report import tables
 from pipeline.report.verdict import NOT_REPRODUCED, REPRODUCED, judge
 
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+RAW = yaml.safe_load(PARAMS.read_text())
 
 
 def params(**top) -> dict:
     """A deep copy of params.yaml with top-level keys replaced."""
-    out = yaml.safe_load(yaml.safe_dump(PARAMS))
+    out = yaml.safe_load(yaml.safe_dump(RAW))
     out.update(top)
     return out
 
@@ -135,7 +135,7 @@ def test_dvc_stages_of_seeds_0_and_1(tmp_path):
     two = dvc_stages(tmp_path / "b", {"seeds": [0, 1], "extra_seeds": [1]})
     assert not [n for n in default if "_seed@" in n]  # seeds [0]: no further stage
     assert {n: two[n] for n in default} == default  # the main stages (and dvc.lock) unchanged
-    variants = list(PARAMS["variants"])
+    variants = list(RAW["variants"])
     extra = sorted(n for n in two if n not in default)
     assert extra == sorted(
         f"{s}_seed@{v}-1" for s in ("train", "sample", "evaluate") for v in variants

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.config import load_config
 from pipeline.training.reference_gate import NOT_READ, gate_content, gate_path
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def project(tmp_path: Path, eval_every: int) -> Path:
     """params.yaml at the tiny scale (eval_every as given) and reference/tiny/train-stats.pt."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["scale"] = "tiny"
     if eval_every:
         params["presets"]["tiny"]["train"].update(

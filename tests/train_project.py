@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from repo_copy import PARAMS
 
 from pipeline.config import Config, config_from_dict
 from pipeline.data import prepare
@@ -33,7 +34,7 @@ TRAIN = {
 
 @functools.cache
 def _repo_params() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load(PARAMS.read_text())
 
 
 def tiny_params(**train: Any) -> dict[str, Any]:
