@@ -8,8 +8,8 @@ Runs :func:`pipeline.training.loop.run_worker` (what each Ray Train worker runs)
 around the two things a step is made of: ``StepInputs`` (the batch, t and noise, dropout
 reseed) and ``train_step`` (forward, backward, clip, Adam, warmup, EMA). Everything else in the
 loop (interval statistics, logging, checkpoints, start-up) is the rest. Then the bare step
-(:func:`benchmarks.step_overhead.bare_step`'s maths on the scale's network and batch: q_sample,
-forward, MSE, backward, clip, Adam, EMA lerp on fixed inputs) for as many steps, in the same
+(:func:`bare_step`: the maths alone on the scale's network and batch: q_sample, forward, MSE,
+backward, clip, Adam, EMA lerp on fixed inputs) for as many steps, in the same
 process and thread count; the two alternate ``--repeats`` times. Prints one JSON line with
 steps/s of the loop, of its steps alone, and of the bare step, CPU seconds of this process, and
 the load average; writes ``benchmarks/results/stage-step-<scale>-<date>.json``.
@@ -28,6 +28,7 @@ import os
 import pstats
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from benchmarks import results_dir
 from benchmarks.run import machine
 from benchmarks.train_speed import params
 from pipeline.cli import quiet_environment
-from pipeline.config import config_from_dict
+from pipeline.config import Config, Variant, config_from_dict
 from pipeline.data import prepare
 from pipeline.layout import data_dir
 from pipeline.training import loop
@@ -90,10 +91,40 @@ def run_loop(cfg, root: Path, tag: str) -> dict:
     }
 
 
+VARIANT = Variant("eps_fixed_mse", "eps", "fixedlarge", "mse")
+
+
+def bare_step(batch: int, cfg: Config) -> Callable[[int], None]:
+    """A DDP-like step on ``cfg``'s network: nothing but a training step's maths."""
+    state = loop.make_state(cfg, VARIANT, torch.device("cpu"))
+    model, diffusion = state.model.train(), loop.make_diffusion(cfg, VARIANT)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=cfg.train.lr)
+    decay, clip = cfg.train.ema_decay, cfg.train.grad_clip
+    res, T = cfg.data.resolution, cfg.diffusion.num_timesteps
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, res, res, generator=g) * 2 - 1
+    t = torch.randint(0, T, (batch,), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    a = torch.as_tensor(diffusion.sqrt_alphas_cumprod, dtype=torch.float32)
+    b = torch.as_tensor(diffusion.sqrt_one_minus_alphas_cumprod, dtype=torch.float32)
+
+    def step(_: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        x_t = a[t].view(-1, 1, 1, 1) * x + b[t].view(-1, 1, 1, 1) * noise
+        loss = torch.nn.functional.mse_loss(model(x_t, t), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - decay)
+
+    return step
+
+
 def run_bare(cfg, steps: int) -> dict:
     """The bare step on the scale's network and batch (fixed inputs, nothing around it)."""
-    from benchmarks.step_overhead import bare_step
-
     step = bare_step(cfg.train.batch_size, cfg)
     step(0)
     w, c = time.perf_counter(), time.process_time()

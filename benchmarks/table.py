@@ -46,7 +46,7 @@ def table(results: Path = HERE / "results") -> str:
     lines = [head]
     for path in sorted(results.glob("*.json"), reverse=True):
         r = _run_result(path)
-        if r is None:  # another benchmark's result (bf16_fid.py, memory_merge.py, ...)
+        if r is None:  # another benchmark's result (stage_step.py, forward_cpu.py, ...)
             continue
         s = r["settings"]
         settings = f"batch {s['batch']}, {s['threads']} thr" + "".join(

@@ -85,12 +85,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Save one array in .npy format (memory-mappable), atomically."""
-    with atomic_path(path, ".npy") as tmp, tmp.open("wb") as f:
-        np.save(f, array)
-
-
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Save named arrays in one uncompressed .npz, atomically."""
     with atomic_path(path, ".npz") as tmp, tmp.open("wb") as f:

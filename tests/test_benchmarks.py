@@ -102,15 +102,6 @@ def _bench(tmp_path: Path, module: str, *args: str, timeout: int = 900, error: s
     return done.stdout
 
 
-@pytest.mark.slow
-def test_step_overhead_smallest(tmp_path: Path) -> None:
-    """benchmarks.step_overhead (in process, a thin network): launches and Python per step."""
-    out = _bench(tmp_path, "step_overhead", "--steps", "2", "--repeats", "1")
-    result = json.loads(out.strip().splitlines()[-1])
-    assert {"bare", "ours"} <= result["rows"].keys()
-    assert all(row["kernel_launches_per_step"] > 0 for row in result["rows"].values())
-
-
 SMALLEST = {  # module: the smallest documented setting
     "run": ["--net", "smoke", "--batch", "2", "--steps", "1", "--repeats", "1",
             "--figures", "train,sample,nll"],
@@ -118,9 +109,7 @@ SMALLEST = {  # module: the smallest documented setting
     "train_speed": ["--scale", "tiny", "--steps", "4", "--log-every", "2"],
     "stage_step": ["--scale", "tiny", "--steps", "8", "--log-every", "4", "--repeats", "1"],
     "bare_loop": ["--steps", "2", "--samples", "2", "--sample-steps", "2"],
-    "memory_merge": ["--n", "4", "--block", "2"],
     "prepare_data": ["--records", "8", "--workers", "0"],
-    "heap_creep": ["--n", "8"],
     "eval_during_training": ["--scale", "tiny", "--samples", "8"],
     "forward_cpu": ["--nets", "smoke", "--batch", "4", "--repeats", "1", "--calls", "1",
                     "--loop-steps", "2", "--train"],
@@ -131,9 +120,8 @@ SMALLEST = {  # module: the smallest documented setting
 @pytest.mark.parametrize("module", sorted(SMALLEST))
 def test_benchmark_smallest_setting(tmp_path: Path, module: str) -> None:
     """Each benchmark of benchmarks/README.md at its smallest setting ends without an error
-    (noise_cost and smoke_settings have fixed cases of minutes, memory_stages builds DVC
-    projects, bf16_fid and side_by_side need a finished `make repro`: not here, see
-    benchmarks/README.md).
+    (cluster_parallel: tests/test_cluster_parallel.py; side_by_side needs a finished
+    `make repro`: its arithmetic and its refusal without one are tested below).
     eval_during_training needs the tiny scale's reference statistics: it runs in the project as
     committed (tests/repo_copy.py), so it must end in one error line naming the stage to run."""
     error = ""
@@ -250,6 +238,15 @@ def test_side_by_side_reads_the_stage_times_from_the_repro_output() -> None:
     assert result["train_intervals_steps_per_s"] == [9.0, 15.0, 16.0]
     assert result["stage_server"] == "stage server: 3 stage(s) forked with the imports done"
     assert result["variant_s"] == 82.5
+
+
+def test_side_by_side_needs_a_finished_repro(tmp_path: Path) -> None:
+    """benchmarks.side_by_side in a project without the variant's metrics stops before any
+    work with one line naming `make repro`."""
+    from benchmarks.side_by_side import main
+
+    with pytest.raises(SystemExit, match=r"^error: run `make repro` in .* first"):
+        main(["--root", str(tmp_path), "--rounds", "1"])
 
 
 def test_side_by_side_counts_only_a_sides_turns_when_interleaved() -> None:

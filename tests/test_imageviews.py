@@ -12,7 +12,7 @@ from pipeline.data import imageviews
 from pipeline.data.imageviews import ImagePrefix, release_pages
 from pipeline.data.loaders import ImageSet
 from pipeline.evaluation.fidelity import content_key
-from pipeline.sampling.npzmap import load_npz_array
+from pipeline.sampling.npzmap import map_member, npy_member
 
 
 def mapped_kb() -> int:
@@ -24,7 +24,7 @@ def mapped_kb() -> int:
 def test_release_drops_the_resident_pages_of_a_memory_map_and_keeps_its_data(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (64, 256, 256, 3), dtype=np.uint8)
     save_npz(tmp_path / "s.npz", images=images)  # 12 MiB
-    mapped = load_npz_array(tmp_path / "s.npz", "images")
+    mapped = map_member(tmp_path / "s.npz", npy_member(tmp_path / "s.npz", "images"))
     before = mapped_kb()
     assert int(mapped.sum(dtype=np.int64)) == int(images.sum(dtype=np.int64))  # every page read
     read = mapped_kb()

@@ -3,7 +3,7 @@ writes), so that a whole sample set is read in pages, not held in memory.
 
 An uncompressed zip stores each member's bytes contiguously after its local file header; the
 member ``<name>.npy`` is a .npy header followed by the raw array, so the array can be mapped at
-that offset with ``np.memmap``. A compressed member cannot: it is read whole (``np.load``).
+that offset with ``np.memmap``. A compressed member cannot (:func:`npy_member` returns None).
 """
 
 from __future__ import annotations
@@ -62,18 +62,6 @@ def npy_member(path: str | os.PathLike, name: str) -> NpyMember | None:
     if dtype.hasobject:
         raise ValueError(f"{name}: object arrays are not loaded")
     return NpyMember(offset, tuple(shape), dtype, bool(fortran))
-
-
-def load_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
-    """Array ``name`` of the .npz at ``path``: a read-only memmap when stored uncompressed.
-
-    Raises ValueError for a file that is not a readable .npz, KeyError for a missing array.
-    """
-    member = npy_member(path, name)
-    if member is None:
-        with np.load(path, allow_pickle=False) as f:
-            return f[name]
-    return map_member(path, member)
 
 
 def map_member(path: str | os.PathLike, member: NpyMember) -> np.ndarray:
