@@ -169,10 +169,11 @@ def _moto_aws(endpoint: str) -> dict[str, str]:
         iam.create_role(
             RoleName=role, AssumeRolePolicyDocument=(AWS / "ec2-trust.json").read_text()
         )
-        policy = iam.create_policy(
-            PolicyName=role, PolicyDocument=(AWS / f"{name}-policy.json").read_text()
-        )  # moto refuses a malformed document (MalformedPolicyDocument)
-        iam.attach_role_policy(RoleName=role, PolicyArn=policy["Policy"]["Arn"])
+        iam.put_role_policy(  # as docs/cluster.md does; moto refuses a malformed document
+            RoleName=role,
+            PolicyName=role,
+            PolicyDocument=(AWS / f"{name}-policy.json").read_text(),
+        )
         iam.create_instance_profile(InstanceProfileName=role)
         iam.add_role_to_instance_profile(InstanceProfileName=role, RoleName=role)
     return ids
@@ -209,11 +210,8 @@ def bootstrap_and_launch(text: str, endpoint: str) -> list[str]:
         (role,) = profile["InstanceProfile"]["Roles"]
         roles[name] = role["Arn"]
         policies[name] = [
-            iam.get_policy_version(
-                PolicyArn=a["PolicyArn"],
-                VersionId=iam.get_policy(PolicyArn=a["PolicyArn"])["Policy"]["DefaultVersionId"],
-            )["PolicyVersion"]["Document"]
-            for a in iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+            iam.get_role_policy(RoleName=role["RoleName"], PolicyName=p)["PolicyDocument"]
+            for p in iam.list_role_policies(RoleName=role["RoleName"])["PolicyNames"]
         ]
     for name, documents in policies.items():
         allowed = {a for a in AUTOSCALER_ACTIONS if any(_allows(d, a) for d in documents)}
