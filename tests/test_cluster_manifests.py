@@ -181,3 +181,16 @@ def test_rayjob_image_recipe_can_fetch_a_bucket_working_dir():
     text = (REPO / "cluster" / "rayjob.yaml").read_text()
     recipe = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert re.search(r"boto3==[\d.]+", recipe) and re.search(r"smart_open\[s3\]==[\d.]+", recipe)
+
+
+def test_rayjob_head_waits_for_its_stopped_jobs_within_the_pod_grace():
+    job = _docs("rayjob.yaml")["RayJob"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    command = head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    script = command[2]
+    compile(script, "preStop", "exec")  # the hook is Python the image runs
+    assert "stop_job" in script and "127.0.0.1:8265" in script
+    (wait,) = (float(w) for w in re.findall(r"time\.monotonic\(\) \+ (\d+)", script))
+    wait_env = float(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][stopping.WAIT_ENV])
+    assert wait_env <= wait < head["terminationGracePeriodSeconds"]
