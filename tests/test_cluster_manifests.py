@@ -3,7 +3,7 @@ cluster/gpu-cluster.yaml (ray up). Loaded with PyYAML; no cluster needed."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -97,7 +97,8 @@ def test_rayjob_environment_variables_are_ones_the_code_reads():
     unread = sorted(n for n in names - set(by_library) if f'"{n}"' not in code)
     assert unread == []
     for name in names & set(by_library):
-        library = Path(importlib.import_module(by_library[name]).__file__).parent
+        (library,) = importlib.util.find_spec(by_library[name]).submodule_search_locations
+        library = Path(library)  # the installed package's folder, without importing it
         assert any(name in p.read_text() for p in library.rglob("environment_variables.py")), name
     assert {storage.ENV, storage.NODE_CACHE_ENV, blocks.GPU_WAIT_ENV} <= names
     assert not any(n.startswith("DDPM_TEST") for n in names)
