@@ -190,7 +190,13 @@ def bootstrap_and_launch(text: str, endpoint: str) -> list[str]:
     ids = _moto_aws(endpoint)
     for placeholder, real in ids.items():
         text = text.replace(placeholder, real)
-    resolved = _bootstrap_config(_ray_config(text), no_config_cache=True)
+    config = _ray_config(text)
+    if (
+        "IamInstanceProfile"
+        not in config["available_node_types"][config["head_node_type"]]["node_config"]
+    ):  # Ray would create its own (EC2 and S3 full access), a profile docs/security.md never names
+        return ["the head gets Ray's default instance profile"]
+    resolved = _bootstrap_config(config, no_config_cache=True)
     problems = []
     sources = aws_config.get_log_state()  # where each setting came from: config or Ray's default
     if sources["head_instance_profile_src"] != "config":
