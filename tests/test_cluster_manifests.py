@@ -3,6 +3,7 @@ cluster/gpu-cluster.yaml (ray up). Loaded with PyYAML; no cluster needed."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -10,13 +11,19 @@ from pathlib import Path
 import yaml
 from repo_copy import PARAMS
 
-from pipeline.cluster import blocks, storage
+from pipeline.cluster import blocks, stopping, storage
+from stages import repro
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _docs(name: str) -> dict[str, dict]:
     return {d["kind"]: d for d in yaml.safe_load_all((REPO / "cluster" / name).read_text()) if d}
+
+
+def _env(container: dict) -> dict[str, str | None]:
+    """A container's environment: plain values, None for one from a Secret."""
+    return {e["name"]: e.get("value") for e in container["env"]}
 
 
 def _source_strings() -> str:
@@ -59,21 +66,18 @@ def test_rayjob_cpu_head_gpu_workers_and_volumes():
         (container,) = pod["containers"]
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-        env = {e["name"]: e["value"] for e in container["env"]}
-        cache = env[storage.NODE_CACHE_ENV]
+        cache = _env(container)[storage.NODE_CACHE_ENV]
         assert "emptyDir" in volumes[mounts[cache]] or "hostPath" in volumes[mounts[cache]]
 
 
 def test_rayjob_storage_is_one_shared_volume_at_the_path_the_code_is_given():
-    docs = _docs("rayjob.yaml")
-    claim, job = docs["PersistentVolumeClaim"], docs["RayJob"]
+    claim, job = _docs("storage-pvc.yaml")["PersistentVolumeClaim"], _docs("rayjob.yaml")["RayJob"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     path = runtime_env[storage.ENV]
     for pod in _pods(job):
         (container,) = pod["containers"]
-        env = {e["name"]: e["value"] for e in container["env"]}
-        assert env[storage.ENV] == path  # the same path on every node and in the job
+        assert _env(container)[storage.ENV] == path  # the same path on every node and in the job
         claims = {
             v["name"]
             for v in pod["volumes"]
@@ -89,8 +93,14 @@ def test_rayjob_environment_variables_are_ones_the_code_reads():
     for pod in _pods(job):
         names |= {e["name"] for e in pod["containers"][0]["env"]}
     code = _source_strings()
-    unread = sorted(n for n in names if f'"{n}"' not in code)
+    # read by a library, not by our code: checked in the installed library's source
+    by_library = {"MLFLOW_TRACKING_USERNAME": "mlflow", "MLFLOW_TRACKING_PASSWORD": "mlflow"}
+    unread = sorted(n for n in names - set(by_library) if f'"{n}"' not in code)
     assert unread == []
+    for name in names & set(by_library):
+        (library,) = importlib.util.find_spec(by_library[name]).submodule_search_locations
+        library = Path(library)  # the installed package's folder, without importing it
+        assert any(name in p.read_text() for p in library.rglob("environment_variables.py")), name
     assert {storage.ENV, storage.NODE_CACHE_ENV, blocks.GPU_WAIT_ENV} <= names
     assert not any(n.startswith("DDPM_TEST") for n in names)
 
@@ -114,3 +124,75 @@ def test_ray_up_cluster_cpu_head_no_idle_gpu_node_and_its_fixes():
     code = _source_strings()
     for name in set(re.findall(r"\b(DDPM_[A-Z_]+)=", starts)):
         assert f'"{name}"' in code, name
+
+
+def test_rayjob_alone_in_its_file_and_its_storage_outlives_it():
+    docs = list(yaml.safe_load_all((REPO / "cluster" / "rayjob.yaml").read_text()))
+    assert [d["kind"] for d in docs if d] == ["RayJob"]  # `kubectl delete -f` deletes no data
+    storage_docs = _docs("storage-pvc.yaml")
+    claim, retain = storage_docs["PersistentVolumeClaim"], storage_docs["StorageClass"]
+    assert claim["spec"]["storageClassName"] == retain["metadata"]["name"]
+    assert retain["reclaimPolicy"] == "Retain"
+
+
+def test_rayjob_stop_grace_fits_the_stages_stop_and_the_pods_outlast_it():
+    job = _docs("rayjob.yaml")["RayJob"]
+    wait = float(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][stopping.WAIT_ENV])
+    assert wait >= stopping.RECOMMENDED_WAIT_S
+    # the stopped stage gets its whole grace inside Ray's wait (stages/repro.py, stopping.py)
+    assert wait - stopping.MARGIN_S >= repro.GRACE_S
+    for pod in _pods(job):
+        assert pod["terminationGracePeriodSeconds"] > wait
+
+
+def test_rayjob_pods_run_as_rays_user_and_own_their_volumes():
+    for pod in _pods(_docs("rayjob.yaml")["RayJob"]):
+        security = pod["securityContext"]
+        assert security["runAsUser"] == 1000  # Ray's images' user
+        assert security["fsGroup"] == security["runAsGroup"]
+
+
+def test_rayjob_asks_for_the_token_and_stays_inside_the_cluster():
+    job = _docs("rayjob.yaml")["RayJob"]
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP" and head["enableIngress"] is False
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    names = {e["name"] for pod in _pods(job) for e in pod["containers"][0]["env"]}
+    assert "RAY_AUTH_MODE" not in names  # KubeRay sets it with the token; never "disabled"
+    policy = _docs("networkpolicy.yaml")["NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert all("ipBlock" not in f for rule in policy["spec"]["ingress"] for f in rule["from"])
+
+
+def test_rayjob_mlflow_is_https_with_credentials_from_a_secret():
+    job = _docs("rayjob.yaml")["RayJob"]
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert runtime_env["MLFLOW_TRACKING_URI"].startswith("https://")
+    assert not any("PASSWORD" in n or "TOKEN" in n for n in runtime_env)
+    for pod in _pods(job):
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["MLFLOW_TRACKING_URI"]["value"].startswith("https://")
+        assert "@" not in env["MLFLOW_TRACKING_URI"]["value"]  # no userinfo in the URI
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert "secretKeyRef" in env[name]["valueFrom"], name
+
+
+def test_rayjob_image_recipe_can_fetch_a_bucket_working_dir():
+    text = (REPO / "cluster" / "rayjob.yaml").read_text()
+    recipe = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert re.search(r"boto3==[\d.]+", recipe) and re.search(r"smart_open\[s3\]==[\d.]+", recipe)
+
+
+def test_rayjob_head_waits_for_its_stopped_jobs_within_the_pod_grace():
+    job = _docs("rayjob.yaml")["RayJob"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    command = head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    script = command[2]
+    compile(script, "preStop", "exec")  # the hook is Python the image runs
+    assert "stop_job" in script and "127.0.0.1:8265" in script
+    (wait,) = (float(w) for w in re.findall(r"time\.monotonic\(\) \+ (\d+)", script))
+    wait_env = float(yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"][stopping.WAIT_ENV])
+    assert wait_env <= wait < head["terminationGracePeriodSeconds"]
