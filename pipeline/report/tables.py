@@ -422,7 +422,8 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
 
 ERROR_NOTE = (
     "FID: bootstrap standard error over the n samples' features; IS: std over n splits; "
-    "NLL: standard error over n images; verdict: docs/report-and-mlflow.md, Reading the verdict."
+    "NLL: standard error over n images; verdict; ± its margin (params.yaml report): "
+    "docs/report-and-mlflow.md, Reading the verdict."
 )
 SEEDS_NOTE = "mean ± std"  # a row over several training seeds (its note says which)
 SEEDS_ERROR_NOTE = (
