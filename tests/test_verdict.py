@@ -284,11 +284,11 @@ def test_collect_markdown_and_tags_of_built_tables():
     assert "margins fid 10%, inception_score 0.3, nll 0.05, rate 0.05, distortion 10%" in md
     assert "seed std none declared; confidence 90%" in md
     line = next(x for x in md.splitlines() if x.startswith("| table2 | eps_fixed_mse | FID |"))
-    assert f"| reproduced | ± {FID_MARGIN:.4g} | one training seed: sampling error only" in line
+    assert f"| reproduced | ± {FID_MARGIN:.3g} | one training seed: sampling error only" in line
     assert len(md.splitlines()) <= 60  # one screen
     tags = verdict.tags(entries, ReportConfig())
     assert tags["ddpm.verdict.table2.eps_fixed_mse.FID"] == REPRODUCED
-    assert tags["ddpm.margin.table2.eps_fixed_mse.FID"] == f"± {FID_MARGIN:.4g}"
+    assert tags["ddpm.margin.table2.eps_fixed_mse.FID"] == f"± {FID_MARGIN:.3g}"
     assert tags["ddpm.margin.table2.eps_fixed_mse.IS"] == "± 0.3"
     assert tags["ddpm.verdict"] == verdict.summary(entries)
     assert tags["ddpm.margin"] == verdict.margins_line(ReportConfig())

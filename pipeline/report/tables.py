@@ -25,6 +25,7 @@ from pipeline.report.verdict import (
     direction,
     figure_key,
     judge,
+    margin_text,
     ours_error,
     sampling_se,
 )
@@ -382,7 +383,7 @@ def _merged(row: pd.Series, column: str) -> str:
     ``<X> verdict`` with its margin: ``reproduced; ± 0.317``."""
     if column.endswith(" verdict"):
         text, margin = _cell(row[column]), row.get(column.removesuffix("verdict") + "margin")
-        return text if text == "—" or _cell(margin) == "—" else f"{text}; ± {margin:.3g}"
+        return text if text == "—" or _cell(margin) == "—" else f"{text}; {margin_text(margin)}"
     text = _cell(row[column])
     err, n = row.get(f"{column} err"), row.get(f"{column} n")
     if text != "—" and _cell(err) != "—":

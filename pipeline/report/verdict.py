@@ -9,7 +9,7 @@ For each of the paper's numbers (docs/report-and-mlflow.md, "Reading the verdict
 4. The ``confidence`` interval (params ``report.confidence``, default 90 %: two one-sided tests
    at 5 % each) of d = ours - paper is d +- q * se, with se = sqrt(se_ours^2 + se_paper^2)
    (:func:`ours_error`: one training run's standard error; se_paper: the paper's IS split std
-   over its splits, 0 where the paper states none) and q the normal quantile, or Student's t
+   / sqrt(its splits), 0 where the paper states none) and q the normal quantile, or Student's t
    with seeds - 1 degrees of freedom when se_ours is the std of several seeds. With the margin
    m (params ``report.margin``; "10%" is 10 % of the paper's value):
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from pipeline.config import Amount, ReportConfig, parse_amount
 
@@ -42,8 +42,8 @@ STAND_IN: Final = "n/a (stand-in)"
 OUTCOMES: tuple[Outcome, ...] = (REPRODUCED, BETTER, NOT_REPRODUCED, INCONCLUSIVE, STAND_IN)
 PASSES: tuple[Outcome, ...] = (REPRODUCED, BETTER)  # the row's claim holds
 CHECK_EVALUATION = (
-    "check the evaluation (reference set, sample count, Inception weights) before taking it as "
-    "a result"
+    "check the evaluation (FID/IS: reference set, sample count, Inception weights; NLL: every "
+    "term of the bound, the test split) before taking it as a result"
 )
 
 LOWER_IS_BETTER = {"FID": True, "NLL": True, "IS": False}  # by the figure's first word
@@ -91,6 +91,11 @@ def amount(value: Amount, paper: float) -> float:
     the figure's units."""
     number, relative = parse_amount(value)
     return number * abs(paper) if relative else number
+
+
+def margin_text(margin: float) -> str:
+    """``± 0.317``: a margin as the tables, verdict.md and the tags show it (3 digits)."""
+    return f"± {margin:.3g}"
 
 
 def figure_key(figure: str) -> str:
@@ -248,7 +253,7 @@ def collect(built: dict) -> list[Entry]:
                 if outcome not in OUTCOMES:
                     raise ValueError(f"{stem} {label} {figure}: unknown verdict {outcome!r}")
                 found = Verdict(
-                    outcome,  # type: ignore[arg-type]  # checked against OUTCOMES above
+                    cast(Outcome, outcome),  # checked against OUTCOMES above
                     _text(row.get(f"{figure} verdict reason")),
                     _num(row.get(f"{figure} margin")),
                     _text(row.get(f"{figure} verdict basis")),
@@ -307,7 +312,7 @@ def to_markdown(entries: list[Entry], title: str, report: ReportConfig | None = 
     ]
     for e in entries:
         v = e.verdict
-        margin = "—" if v.margin is None else f"± {_fmt(v.margin)}"
+        margin = "—" if v.margin is None else margin_text(v.margin)
         cells = (e.table, e.row, e.figure, v.outcome, margin, v.basis, v.reason)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -333,5 +338,5 @@ def tags(entries: list[Entry], report: ReportConfig | None = None) -> dict[str, 
     for e in entries:
         out[tag_key(e)] = e.verdict.outcome
         if e.verdict.margin is not None:
-            out[_key(MARGIN_PREFIX, e)] = f"± {_fmt(e.verdict.margin)}"
+            out[_key(MARGIN_PREFIX, e)] = margin_text(e.verdict.margin)
     return out
