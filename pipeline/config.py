@@ -4,7 +4,8 @@ params.yaml has a ``scale`` switch that picks one of its ``presets``; each prese
 sections ``data``, ``model``, ``diffusion``, ``train``, ``sample`` and ``eval``. A key that a
 preset leaves out takes the default written here, and the defaults are the paper's CIFAR10
 settings (paper/ddpm-facts.md), so ``paper`` needs to spell out little. The sections ``ray`` and
-``mlflow`` and the Table-2 ``variants`` sit at the top level: they do not change with the scale.
+``mlflow``, ``report`` (the verdict's margins) and the Table-2 ``variants`` sit at the top level:
+they do not change with the scale.
 
 Every key can be overridden from DVC, e.g. ``dvc exp run -S scale=paper`` or
 ``dvc exp run -S presets.smoke.train.lr=1e-4``. Unknown keys and values of the wrong type are
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -250,6 +252,83 @@ class ClusterConfig:
     max_parallel_stages: int | None = None
 
 
+# ---------------------------------------------------------------------------------------------
+# The verdict's declarations (section ``report``; docs/report-and-mlflow.md, "Reading the verdict")
+
+# A margin or a seed std: a number in the figure's own units, or "<p>%" of the paper's value.
+Amount = float | str
+
+
+@dataclass(frozen=True)
+class FigureMargins:
+    """How far ours may lie from the paper's number and still reproduce it, per figure: the
+    equivalence margin (a number in the figure's units, or "<p>%" of the paper's value)."""
+
+    fid: Amount = "10%"  # FID (train, test; Table 3's LSUN FIDs too)
+    inception_score: Amount = 0.3  # IS
+    nll: Amount = 0.05  # NLL, bits/dim (test, train)
+    rate: Amount = 0.05  # Table 4's rate, bits/dim
+    distortion: Amount = "10%"  # Table 4's distortion, RMSE on [0, 255]
+
+
+@dataclass(frozen=True)
+class FigureSeedStds:
+    """A declared estimate of how much one training run's figure moves with the training seed
+    (e.g. the std of an earlier multi-seed run), per figure; null: none declared. Used only for a
+    figure measured with one training seed."""
+
+    fid: Amount | None = None
+    inception_score: Amount | None = None
+    nll: Amount | None = None
+    rate: Amount | None = None
+    distortion: Amount | None = None
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The verdict's declarations (stage ``report``; pipeline.report.verdict)."""
+
+    margin: FigureMargins = field(default_factory=FigureMargins)
+    seed_std: FigureSeedStds = field(default_factory=FigureSeedStds)
+    confidence: float = 0.90  # the interval's level: two one-sided tests at (1 - c) / 2 each
+
+
+def parse_amount(value: Amount) -> tuple[float, bool]:
+    """``value`` as (number, relative): 0.3 is (0.3, False), "10%" is (0.1, True). ValueError
+    for anything else or a negative number."""
+    if isinstance(value, str):
+        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*%\s*", value, re.I)
+        if not found:
+            raise ValueError(f"{value!r} is neither a number nor a percentage like '10%'")
+        number, relative = float(found.group(1)) / 100, True
+    else:
+        number, relative = float(value), False
+    if not number >= 0:  # NaN too
+        raise ValueError(f"{value!r} is negative")
+    return number, relative
+
+
+def _report_config(raw: dict[str, Any]) -> ReportConfig:
+    """params.yaml's ``report`` section, checked: margins positive, seed stds >= 0."""
+    _check_keys("report", raw, {"margin", "seed_std", "confidence"})
+    margin = _build(FigureMargins, raw.get("margin") or {}, "report.margin")
+    seed_std = _build(FigureSeedStds, raw.get("seed_std") or {}, "report.seed_std")
+    confidence = _coerce(float, raw.get("confidence", 0.90), "report.confidence")
+    for name, section in (("margin", margin), ("seed_std", seed_std)):
+        for key, value in dataclasses.asdict(section).items():
+            if value is None:
+                continue
+            try:
+                number, _ = parse_amount(value)
+            except ValueError as e:
+                raise ConfigError(f"report.{name}.{key}: {e}") from None
+            if name == "margin" and number == 0:
+                raise ConfigError(f"report.margin.{key}: must be above 0 (got {value!r})")
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"report.confidence must be in [0.5, 1) (got {confidence})")
+    return ReportConfig(margin, seed_std, confidence)
+
+
 @dataclass(frozen=True)
 class Config:
     """The resolved configuration of one scale."""
@@ -264,6 +343,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     variants: dict[str, Variant] = field(default_factory=dict)
     # params.yaml's ``seeds``: the training seeds of every variant, the first the main stages'
     # (train@<V>: train.seed); the others run as train_seed@<V>-<k> (docs/report-and-mlflow.md)
@@ -360,6 +440,7 @@ def load_config(path: str | os.PathLike | None = None, scale: str | None = None)
 def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
     """Resolve a params dict (the content of params.yaml) into a :class:`Config`."""
     top = {"scale", "presets", "variants", "ray", "mlflow", "cluster", "seeds", "extra_seeds"}
+    top.add("report")
     _check_keys("params.yaml", raw, top)
     presets = raw.get("presets") or {}
     scale = scale or raw.get("scale")
@@ -375,6 +456,7 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
     }
     for name in ("ray", "mlflow", "cluster"):
         sections[name] = _build(SECTION_TYPES[name], raw.get(name) or {}, name)
+    sections["report"] = _report_config(raw.get("report") or {})
     variants = {}
     for vname, vraw in (raw.get("variants") or {}).items():
         where = f"variants.{vname}"

@@ -7,7 +7,7 @@ otherwise, as reports/table<N>.{md,csv}, each of the paper's numbers with a verd
 (pipeline.report.verdict) listed in reports/verdict.md, and reports/index.html (one
 self-contained page with the tables, every variant's figures and the curves), then logs them to
 a parent MLflow run for the whole reproduction, Table 2 (or 3) as its description, the verdicts
-as its ``ddpm.verdict.*`` tags.
+as its ``ddpm.verdict.*`` tags and their margins (params.yaml ``report``) as ``ddpm.margin.*``.
 A number is only ever set beside the paper's number for the same dataset.
 """
 
@@ -63,21 +63,21 @@ def build_tables(
     if tables.is_lsun(cfg.data.dataset):
         return {
             "table3": (
-                tables.table3(runs, cfg.data.dataset),
+                tables.table3(runs, cfg.data.dataset, cfg.report),
                 f"Table 3: LSUN 256x256 FID ({cfg.data.dataset})",
             )
         }
     return {
         "table2": (
-            tables.with_real_data(tables.table2(runs), real, "table2", runs),
+            tables.with_real_data(tables.table2(runs, cfg.report), real, "table2", runs),
             "Table 2: ablation over the mean and the objective",
         ),
         "table1": (
-            tables.with_real_data(tables.table1(runs), real, "table1", runs),
+            tables.with_real_data(tables.table1(runs, cfg.report), real, "table1", runs),
             "Table 1: CIFAR10 sample quality and NLL",
         ),
         "table4": (
-            tables.table4(runs, cfg.diffusion.num_timesteps, cfg.eval.rd_steps),
+            tables.table4(runs, cfg.diffusion.num_timesteps, cfg.eval.rd_steps, cfg.report),
             "Table 4: rate and distortion along the reverse process (L_simple)",
         ),
     }
@@ -142,13 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     index = write_index(cfg, runs, main_ids, [p for p in files if p.suffix == ".md"])
     entries = verdict.collect(built)
     path = layout.REPORTS / "verdict.md"
-    write_text(path, verdict.to_markdown(entries, f"Verdict ({cfg.scale} scale)"))
+    write_text(path, verdict.to_markdown(entries, f"Verdict ({cfg.scale} scale)", cfg.report))
     files.append(path)
     parent = tracking.log_reproduction(
-        cfg, run_ids, files, index, headline, extra_tags=verdict.tags(entries)
+        cfg, run_ids, files, index, headline, extra_tags=verdict.tags(entries, cfg.report)
     )
     print(headline)
     print(f"verdict: {verdict.summary(entries)} (reports/verdict.md)")
+    print(f"verdict {verdict.margins_line(cfg.report)} (params.yaml report)")
     print(f"wrote {', '.join(str(f) for f in files)}; MLflow parent run {parent}")
     experiment = tracking.setup(cfg)
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 import shutil
@@ -224,8 +225,9 @@ def test_real_data_row_and_classifier_confidence(project):
 
 def test_errors_and_verdicts_in_tables_verdict_md_and_parent_tags(project):
     """eps_fixed_mse made comparable (stand_in false) with errors: FID 3.2 +- 0.05 reproduces
-    3.17, IS 9.0 +- 0.1 misses 9.46 +- 0.11, NLL 3.9 +- 0.5 is too noisy; the other variants
-    stay stand-in (n/a). The cells show value +- error (n)."""
+    3.17 (margin 10 %), IS 9.0 +- 0.1 misses 9.46 +- 0.11 by more than 0.3, NLL 3.9 +- 0.5 is
+    too noisy; the other variants stay stand-in (n/a). The cells show value +- error (n), the
+    verdicts their margins, in the tables, the page, verdict.md and the parent run's tags."""
     run_id = run_id_of(project, "eps_fixed_mse")
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "stand_in", "false")
@@ -240,18 +242,25 @@ def test_errors_and_verdicts_in_tables_verdict_md_and_parent_tags(project):
     assert row["FID train verdict"] == "reproduced" and row["FID train ours err"] == 0.05
     assert row["IS verdict"] == "not reproduced" and row["IS paper err"] == 0.11
     assert row["NLL test bpd verdict"] == "inconclusive"
-    assert row["FID test verdict"] == "reproduced"  # 5.0 < 5.24: better
+    assert row["FID test verdict"] == "reproduced"  # 5.0 +- 0.06 within 10 % of 5.24
+    assert row["FID train margin"] == pytest.approx(0.317) and row["IS margin"] == 0.3
     assert row["NLL train bpd verdict"] == "inconclusive"  # no value of ours
     assert t1.loc["eps_fixed_kl", "FID train verdict"] == "n/a (stand-in)"
     md = (project / "reports" / "table1.md").read_text()
     assert "3.200 ± 0.050 (50000)" in md and "9.460 ± 0.110" in md
     assert "FID train ours err" not in md  # merged into the cell
+    assert "| reproduced; ± 0.317 |" in md and "| n/a (stand-in); ± 1.35 |" in md
+    page = html.unescape((project / "reports" / "index.html").read_text())  # &#177;: ±
+    assert "reproduced; ± 0.317" in page and "n/a (stand-in); ± 1.35" in page
     text = (project / "reports" / "verdict.md").read_text()
-    assert "| table1 | eps_fixed_mse | IS | not reproduced |" in text
-    assert "| table2 | eps_fixed_kl | FID | n/a (stand-in) |" in text
+    assert "| table1 | eps_fixed_mse | IS | not reproduced | ± 0.3 | one training seed" in text
+    assert "| table2 | eps_fixed_kl | FID | n/a (stand-in) | ± 1.35 |" in text
+    assert "margins fid 10%, inception_score 0.3, nll 0.05, rate 0.05, distortion 10%" in text
     parent = mlflow.search_runs(
         experiment_names=["ddpm-repro"], filter_string="tags.`ddpm.role` = 'reproduction'"
     ).iloc[0]
     assert parent["tags.ddpm.verdict.table1.eps_fixed_mse.FID_train"] == "reproduced"
     assert parent["tags.ddpm.verdict.table2.eps_fixed_mse.IS"] == "not reproduced"
     assert "reproduced 3" in parent["tags.ddpm.verdict"]
+    assert parent["tags.ddpm.margin.table1.eps_fixed_mse.FID_train"] == "± 0.317"
+    assert parent["tags.ddpm.margin"].startswith("margins fid 10%")

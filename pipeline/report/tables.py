@@ -17,10 +17,18 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import write_text
-from pipeline.config import STAND_IN_NOTE
+from pipeline.config import STAND_IN_NOTE, ReportConfig
 from pipeline.report import paper
 from pipeline.report.tracking import TAG_SEED, TAG_SOURCE, TAG_STAND_IN, TAG_VARIANT
-from pipeline.report.verdict import direction, judge
+from pipeline.report.verdict import (
+    amount,
+    direction,
+    figure_key,
+    judge,
+    margin_text,
+    ours_error,
+    sampling_se,
+)
 
 TAG_SELECTION = "ddpm.selection"  # = pipeline.training.selection.TAG_SELECTION (no torch here)
 
@@ -184,6 +192,13 @@ def _is_stand_in(runs: pd.DataFrame, variant: str) -> bool:
     return str(runs.at[variant, column]).lower() == "true"
 
 
+def _is_published(runs: pd.DataFrame, variant: str) -> bool:
+    column = f"tags.{TAG_SOURCE}"
+    if variant not in runs.index or column not in runs.columns:
+        return False
+    return str(runs.at[variant, column]) == PUBLISHED
+
+
 def _figure(
     name: str,
     runs: pd.DataFrame,
@@ -191,32 +206,54 @@ def _figure(
     metric: str,
     theirs: float | None,
     theirs_err: float | None = None,
+    report: ReportConfig | None = None,
 ) -> dict[str, object]:
     """One figure's columns: paper (and its error, where the paper states one), ours, our error
-    and its count, the difference and the verdict (pipeline.report.verdict)."""
+    and its count, the difference, the margin (params ``report.margin``, in the figure's units)
+    and the verdict with what its error rests on and its reason (pipeline.report.verdict)."""
+    report = report or ReportConfig()
     ours = _value(runs, variant, metric)
     err_metric, n_metric = error_metrics(runs, variant, metric)
     err = _value(runs, variant, err_metric) if err_metric else None
     n = _value(runs, variant, n_metric) if n_metric else None
+    margin = None if theirs is None else amount(getattr(report.margin, figure_key(name)), theirs)
+    seeds = int(_value(runs, variant, metric + SEED_N) or 1)
+    error = ours_error(
+        name,
+        err,
+        n,
+        seeds=seeds,
+        paper=theirs,
+        report=report,
+        published=_is_published(runs, variant),
+    )
     found = judge(
         ours,
-        err,
+        error.se,
         theirs,
-        theirs_err,
+        None if theirs_err is None else sampling_se(name, theirs_err, paper.IS_SPLITS),
+        margin=math.nan if margin is None else margin,
         lower_is_better=direction(name),
         stand_in=_is_stand_in(runs, variant),
+        confidence=report.confidence,
+        df=error.df,
+        basis=error.basis,
     )
     out: dict[str, object] = {f"{name} paper": theirs}
     if theirs_err is not None:
         out[f"{name} paper err"] = theirs_err
     out.update({f"{name} ours": ours, f"{name} ours err": err, f"{name} ours n": n})
     out[f"{name} diff"] = _diff(ours, theirs)
+    out[f"{name} margin"] = margin
     out[f"{name} verdict"] = found.outcome if found else None
+    out[f"{name} verdict basis"] = found.basis if found else None
+    out[f"{name} verdict reason"] = found.reason if found else None
     return out
 
 
-def table1(runs: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 (CIFAR10): IS, FID against train and test, NLL test (train), paper's two rows."""
+def table1(runs: pd.DataFrame, report: ReportConfig | None = None) -> pd.DataFrame:
+    """Table 1 (CIFAR10): IS, FID against train and test, NLL test (train), paper's two rows;
+    verdicts with ``report``'s margins (default: ReportConfig's)."""
     rows = []
     for row in paper.TABLE1:
         v = row.variant
@@ -224,19 +261,20 @@ def table1(runs: pd.DataFrame) -> pd.DataFrame:
             {
                 "model": row.model,
                 "variant": v,
-                **_figure("IS", runs, v, "is_mean", row.is_mean, row.is_std),
-                **_figure("FID train", runs, v, "fid_train", row.fid_train),
-                **_figure("FID test", runs, v, "fid_test", row.fid_test),
-                **_figure("NLL test bpd", runs, v, "nll_bpd", row.nll_test),
-                **_figure("NLL train bpd", runs, v, "nll_train_bpd", row.nll_train),
+                **_figure("IS", runs, v, "is_mean", row.is_mean, row.is_std, report),
+                **_figure("FID train", runs, v, "fid_train", row.fid_train, None, report),
+                **_figure("FID test", runs, v, "fid_test", row.fid_test, None, report),
+                **_figure("NLL test bpd", runs, v, "nll_bpd", row.nll_test, None, report),
+                **_figure("NLL train bpd", runs, v, "nll_train_bpd", row.nll_train, None, report),
                 "note": _note(runs, v),
             }
         )
     return pd.DataFrame(rows)
 
 
-def table2(runs: pd.DataFrame) -> pd.DataFrame:
-    """Table 2 (ablation): IS and FID for the six mean/objective combinations."""
+def table2(runs: pd.DataFrame, report: ReportConfig | None = None) -> pd.DataFrame:
+    """Table 2 (ablation): IS and FID for the six mean/objective combinations; verdicts with
+    ``report``'s margins."""
     rows = []
     for row in paper.TABLE2:
         v = row.variant
@@ -245,15 +283,20 @@ def table2(runs: pd.DataFrame) -> pd.DataFrame:
                 "mean": row.mean,
                 "objective": row.objective,
                 "variant": v,
-                **_figure("IS", runs, v, "is_mean", row.is_mean, row.is_std),
-                **_figure("FID", runs, v, "fid_train", row.fid),
+                **_figure("IS", runs, v, "is_mean", row.is_mean, row.is_std, report),
+                **_figure("FID", runs, v, "fid_train", row.fid, None, report),
                 "note": _note(runs, v, paper_empty=row.fid is None),
             }
         )
     return pd.DataFrame(rows)
 
 
-def table4(runs: pd.DataFrame, num_timesteps: int, steps: tuple[int, ...]) -> pd.DataFrame:
+def table4(
+    runs: pd.DataFrame,
+    num_timesteps: int,
+    steps: tuple[int, ...],
+    report: ReportConfig | None = None,
+) -> pd.DataFrame:
     """Table 4: rate and distortion of the L_simple model after n reverse steps.
 
     Distortion: "RMSE" compares the mean of the per-image RMSEs (Sec. 4.3's per-image
@@ -273,8 +316,8 @@ def table4(runs: pd.DataFrame, num_timesteps: int, steps: tuple[int, ...]) -> pd
         rows.append(
             {
                 "steps": n,
-                **_figure("rate bpd", runs, v, rd_metric("rate_bpd", n), theirs[0]),
-                **_figure("RMSE", runs, v, rd_metric("rmse_per_image", n), theirs[1]),
+                **_figure("rate bpd", runs, v, rd_metric("rate_bpd", n), theirs[0], None, report),
+                **_figure("RMSE", runs, v, rd_metric("rmse_per_image", n), theirs[1], None, report),
                 "RMSE (RMS) ours": _value(runs, v, rd_metric("rmse", n)),
                 "note": note,
             }
@@ -287,7 +330,7 @@ def is_lsun(dataset: str) -> bool:
     return dataset in paper.LSUN_FID
 
 
-def table3(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
+def table3(runs: pd.DataFrame, dataset: str, report: ReportConfig | None = None) -> pd.DataFrame:
     """Table 3 (LSUN 256x256): FID against the training set, only beside the same dataset's.
 
     One row per variant run at this scale (the LSUN presets run L_simple only); the paper's
@@ -303,11 +346,11 @@ def table3(runs: pd.DataFrame, dataset: str) -> pd.DataFrame:
             {
                 "dataset": dataset,
                 "variant": v,
-                **_figure("FID", runs, v, "fid_train", theirs),
+                **_figure("FID", runs, v, "fid_train", theirs, None, report),
                 "note": note,
             }
         )
-    figure = [f"FID {c}" for c in ("paper", "ours", "ours err", "ours n", "diff", "verdict")]
+    figure = [f"FID {c}" for c in FIGURE_COLUMNS]
     return pd.DataFrame(rows, columns=["dataset", "variant", *figure, "note"])
 
 
@@ -319,8 +362,28 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")  # a literal pipe would split the cell
 
 
+# one figure's columns in the CSV (table3's when no run holds a row)
+FIGURE_COLUMNS = (
+    *("paper", "ours", "ours err", "ours n", "diff", "margin"),
+    *("verdict", "verdict basis", "verdict reason"),
+)
+# shown inside another cell of the Markdown (the CSV keeps them apart): suffix -> the suffix of
+# the cell it is shown in (<X> ours err in <X> ours, <X> margin in <X> verdict)
+MERGED = {
+    " err": "",
+    " n": "",
+    " margin": " verdict",
+    " verdict basis": " verdict",
+    " verdict reason": " verdict",
+}
+
+
 def _merged(row: pd.Series, column: str) -> str:
-    """``<X> ours`` / ``<X> paper`` with its error and count: ``value ± error (n)``."""
+    """``<X> ours`` / ``<X> paper`` with its error and count: ``value ± error (n)``;
+    ``<X> verdict`` with its margin: ``reproduced; ± 0.317``."""
+    if column.endswith(" verdict"):
+        text, margin = _cell(row[column]), row.get(column.removesuffix("verdict") + "margin")
+        return text if text == "—" or _cell(margin) == "—" else f"{text}; {margin_text(margin)}"
     text = _cell(row[column])
     err, n = row.get(f"{column} err"), row.get(f"{column} n")
     if text != "—" and _cell(err) != "—":
@@ -330,13 +393,20 @@ def _merged(row: pd.Series, column: str) -> str:
     return text
 
 
+def _hidden(column: str, columns: pd.Index) -> bool:
+    """Whether ``column`` is shown inside another one's cell in the Markdown."""
+    return any(
+        column.endswith(suffix) and column.removesuffix(suffix) + into in columns
+        for suffix, into in MERGED.items()
+    )
+
+
 def to_markdown(table: pd.DataFrame, title: str) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency), with notes below it.
 
     ``<X> ours`` and ``<X> paper`` cells show ``value ± error (n)`` from their ``err`` and ``n``
     columns (kept apart in the CSV)."""
-    merged = {f"{c} err" for c in table.columns} | {f"{c} n" for c in table.columns}
-    columns = [c for c in table.columns if c != "note" and c not in merged]
+    columns = [c for c in table.columns if c != "note" and not _hidden(c, table.columns)]
     lines = [f"## {title}", "", "| " + " | ".join(columns) + " | note |"]
     lines.append("|" + " --- |" * (len(columns) + 1))
     for _, row in table.iterrows():
@@ -353,7 +423,8 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
 
 ERROR_NOTE = (
     "FID: bootstrap standard error over the n samples' features; IS: std over n splits; "
-    "NLL: standard error over n images; verdict: docs/report-and-mlflow.md, Reading the verdict."
+    "NLL: standard error over n images; verdict; ± its margin (params.yaml report): "
+    "docs/report-and-mlflow.md, Reading the verdict."
 )
 SEEDS_NOTE = "mean ± std"  # a row over several training seeds (its note says which)
 SEEDS_ERROR_NOTE = (
