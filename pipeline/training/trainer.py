@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
@@ -128,7 +128,7 @@ def make_trainer(job: TrainJob) -> Any:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend=fakegpu.train_backend(t.use_gpu)),
+        torch_config=TorchConfig(backend=devices.train_backend(t.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
