@@ -17,9 +17,8 @@ GPU, through pipeline.cluster.gputasks (a fresh worker per GPU task):
   (``cache_dir(cache_root, weights, "cuda")``), so a rerun finds them exactly as if the driver
   had computed on its own GPU.
 
-Where the pass runs is decided by pipeline.cluster.devices (:func:`~pipeline.cluster.devices.
-inception_needs_gpu_task`, :func:`~pipeline.cluster.devices.inception_task_device`: cpu under the
-test-only fake GPUs).
+Where the pass runs is decided by pipeline.cluster.devices (``inception_needs_gpu_task``, and
+``inception_task_device``: cpu under the test-only fake GPUs).
 """
 
 from __future__ import annotations
