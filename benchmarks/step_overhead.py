@@ -41,9 +41,13 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks import results_dir
 from benchmarks.run import machine
 from pipeline.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, Variant
-from pipeline.training.divergence import IntervalStats
-from pipeline.training.loop import make_diffusion, make_state, train_step
-from pipeline.training.optim import clip_gradients
+from pipeline.training.loop import (
+    IntervalStats,
+    clip_gradients,
+    make_diffusion,
+    make_state,
+    train_step,
+)
 from pipeline.training.randomness import diffusion_inputs, seed_dropout
 from pipeline.training.replicas import ReplicaClipping
 
