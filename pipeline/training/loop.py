@@ -115,18 +115,19 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     model.train()
     for step in range(start, train.steps):
         faults.maybe_inject(job.fault, job.run_dir, session.rank, step, state.model)  # test-only
-        loss, grad_norm = train_step(
-            model, state, diffusion, *inputs(step), job.cfg, replicas, scale
+        x_start, t, noise = inputs(step)  # 1. the batch (dropout reseeded)
+        loss, grad_norm = train_step(  # 2.-3. forward, backward, clip, reduce; Adam, EMA
+            model, state, diffusion, x_start, t, noise, job.cfg, replicas, scale
         )
-        stats.add(step, loss, grad_norm)
+        stats.add(step, loss, grad_norm)  # 4. on the device
         checkpoint = state.step % train.checkpoint_every == 0 or state.step == train.steps
         if state.step % train.log_every == 0 or checkpoint:
-            interval = stats.close()  # the same on every rank
+            interval = stats.close()  # over the ranks: the same on every rank
             metrics = monitor.interval(state.step, interval, state.schedule.get_last_lr()[0])
             if interval.first_bad_step is not None:
                 monitor.close()
                 return _outcome("diverged", start, state.step, interval.first_bad_step)
-            if checkpoint:
+            if checkpoint:  # 5.
                 report = {"step": state.step, "world_size": session.world_size, **metrics}
                 _report_checkpoint(session, state, job, report)
     monitor.close()
