@@ -7,7 +7,7 @@ Needs Linux and root (the simulated two-node cluster of tests/two_node.py: ``ray
 with no GPU, and a second node in its own mount namespace that declares ``--gpus`` fake GPUs and
 as many CPUs). The tiny preset is made a GPU preset (``use_gpu`` for training, sampling and the
 NLL, ``num_workers: auto``, Inception on ``cuda``: GPU tasks from the CPU head) and the job runs
-under ``DDPM_FAKE_GPUS=1`` (pipeline.cluster.fakegpu, test-only: GPU work computes on the CPU,
+under ``DDPM_FAKE_GPUS=1`` (pipeline.cluster.devices, test-only: GPU work computes on the CPU,
 scheduling is Ray's GPU scheduling). Then, on the same cluster storage path and one MLflow
 server address (so that what the stages write can be compared):
 

@@ -9,13 +9,13 @@ import pytest
 import ray.cloudpickle
 
 from pipeline.cluster.blocks import (
-    FAIL_BLOCK_ENV,
     block_ranges,
     list_shards,
     merge_blocks,
     run_blocks,
     shard_path,
 )
+from pipeline.cluster.testhooks import FAIL_BLOCK_ENV
 from pipeline.errors import ConfigError, DataError
 
 # Ray workers cannot import this test module: ship its task functions by value.

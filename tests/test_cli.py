@@ -82,7 +82,7 @@ def test_a_diverged_training_stage_is_one_line_and_exit_2(tmp_path):
     done = run_program(
         f"""
         from pipeline.cli import entry_point, run_stage
-        from pipeline.training.divergence import TrainingDivergedError
+        from pipeline.training.loop import TrainingDivergedError
 
         @entry_point
         def main():

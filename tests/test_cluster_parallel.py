@@ -2,7 +2,7 @@
 
 The simulated two-node cluster (tests/two_node.py): a head with no GPU and a second node that
 declares two fake GPUs (and two CPUs); the tiny preset made a GPU preset; DDPM_FAKE_GPUS=1
-(pipeline.cluster.fakegpu: GPU work computes on the CPU, Ray schedules it as GPU work). One
+(pipeline.cluster.devices: GPU work computes on the CPU, Ray schedules it as GPU work). One
 ``ray job submit`` of ``stages.repro`` with ``cluster.max_parallel_stages: 2``, its
 resubmission, then the serial run (``max_parallel_stages: 1``) on the same storage path
 (benchmarks/cluster_parallel.py runs the three jobs and gathers Ray's task records).

@@ -12,6 +12,7 @@ import torch
 import yaml
 from repo_copy import PARAMS
 
+from pipeline.cluster import devices
 from pipeline.config import config_from_dict, default_params_path, load_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation import fidelity
@@ -142,20 +143,20 @@ def test_auto_without_gpus_in_the_cluster_is_one_config_error(monkeypatch, tmp_p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_missing_cuda_device_is_a_config_error():
     with pytest.raises(ConfigError, match="inception_device is cuda but this process sees no"):
-        fidelity.resolve_device("cuda")
+        devices.inception_device("cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_auto_says_when_it_falls_back_to_the_cpu(capsys):
-    assert fidelity.resolve_device("auto") == "cpu"
+    assert devices.inception_device("auto") == "cpu"
     assert "Inception runs on the CPU" in capsys.readouterr().err
-    assert fidelity.resolve_device("cpu") == "cpu"
+    assert devices.inception_device("cpu") == "cpu"
     assert capsys.readouterr().err == ""  # named explicitly: nothing to say
 
 
 def test_unknown_device_is_a_config_error():
     with pytest.raises(ConfigError, match="not one of auto, cpu, cuda"):
-        fidelity.resolve_device("mps")
+        devices.inception_device("mps")
 
 
 def test_feature_cache_is_per_device(tmp_path):

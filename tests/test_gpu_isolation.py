@@ -90,7 +90,7 @@ PASSES = textwrap.dedent(
     from pathlib import Path
     os.environ["DDPM_FAKE_GPUS"] = "1"  # GPU tasks compute on the CPU (test-only switch)
     import numpy as np, ray, torch, yaml
-    from pipeline.cluster import gputasks
+    from pipeline.cluster import devices, gputasks
     from pipeline.config import config_from_dict
     from pipeline.evaluation import fidelity, inception_task
     from pipeline.evaluation.featurenet import SmallClassifier, classifier_weights, save_classifier
@@ -122,7 +122,7 @@ PASSES = textwrap.dedent(
 
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              log_to_driver=False)
-    assert not torch.cuda.is_available() and inception_task.needs_gpu_task("cuda")
+    assert not torch.cuda.is_available() and devices.inception_needs_gpu_task("cuda")
     t0 = time.time()
     runner = inception_task.InceptionRunner(cfg)
     ref = runner.reference_stats(images, "train", weights, tmp / "cache", tmp / "ref",
@@ -216,7 +216,7 @@ def test_every_ray_task_that_can_hold_a_gpu_goes_through_gputasks():
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline's own GPU task functions under the test-only fake GPUs (DDPM_FAKE_GPUS=1,
-# pipeline.cluster.fakegpu): sample and NLL blocks, Fig. 6's progressive chains, Fig. 7/8's
+# pipeline.cluster.devices): sample and NLL blocks, Fig. 6's progressive chains, Fig. 7/8's
 # chains, each submitted twice as the pipeline submits them (gputasks.submit, one GPU each).
 
 KINDS = textwrap.dedent(

@@ -18,7 +18,8 @@ import scipy.stats
 import torch
 from eval_project import VARIANT, make_model, make_project, tiny_unet
 
-from pipeline.cluster.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
+from pipeline.cluster.blocks import list_shards, shard_path
+from pipeline.cluster.testhooks import FAIL_BLOCK_ENV
 from pipeline.data import open_split, to_model_input
 from pipeline.evaluation.likelihood import compute_nll, eval_network, image_nll, nll_key, summarize
 from pipeline.evaluation.rate_distortion import rate_distortion

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.training.optim import clip_gradients
+from pipeline.training.loop import clip_gradients
 from pipeline.training.replicas import ReplicaClipping
 
 R, BATCH = 4, 8
@@ -125,8 +125,7 @@ def test_kl_loss_trains_in_bits_and_nats_stay_selectable():
     loss is unaffected. One train_step of the tiny network on the same inputs both ways."""
     from train_project import tiny_config
 
-    from pipeline.training.loop import make_diffusion, make_state, train_step
-    from pipeline.training.replicas import loss_scale
+    from pipeline.training.loop import loss_scale, make_diffusion, make_state, train_step
 
     losses = {}
     for units in ("bits", "nats"):

@@ -12,7 +12,8 @@ import torch
 import yaml
 from repo_copy import PARAMS
 
-from pipeline.cluster.blocks import FAIL_BLOCK_ENV, list_shards, shard_path
+from pipeline.cluster.blocks import list_shards, shard_path
+from pipeline.cluster.testhooks import FAIL_BLOCK_ENV
 from pipeline.config import config_from_dict
 from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.model.respace import RespacedDiffusion, sampler_label, space_timesteps

@@ -22,7 +22,7 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from pipeline.training.ema import EMA
-from pipeline.training.optim import clip_gradients, make_optimizer
+from pipeline.training.loop import clip_gradients, make_optimizer
 from pipeline.training.randomness import diffusion_inputs, step_seed
 
 

@@ -25,8 +25,7 @@ from pipeline.cluster.runrecord import model_run_id
 from pipeline.config import RayConfig
 from pipeline.model.weights import load_weights
 from pipeline.training import faults
-from pipeline.training.divergence import TrainingDivergedError
-from pipeline.training.loop import make_state
+from pipeline.training.loop import TrainingDivergedError, make_state
 from pipeline.training.selection import EvalRecords
 from pipeline.training.trainer import HEALTH_CHECK_ENV, HEALTH_CHECK_S, train_variant
 

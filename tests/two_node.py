@@ -63,7 +63,7 @@ def node_script(
 
     ``temp`` (in its private /tmp) is its Ray temp dir: unique, so that its processes can be
     found by their command line. ``gpus``: fake GPUs it declares to Ray (``--num-gpus``; the
-    work they get runs on the CPU under DDPM_FAKE_GPUS=1, pipeline.cluster.fakegpu).
+    work they get runs on the CPU under DDPM_FAKE_GPUS=1, pipeline.cluster.devices).
     """
     ray = venv / "bin" / "ray"
     keep = "/dev/shm/ddpm-venv"

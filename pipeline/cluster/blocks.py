@@ -15,10 +15,11 @@ arrays whose first axis is the block's items; the driver writes it atomically as
 :func:`merge_blocks` reads the shards back and checks that every index is covered exactly once.
 The module knows nothing about what a block computes; sampling and the NLL evaluation use it.
 
-Test-only fault hook: with ``DDPM_TEST_FAIL_BLOCK=<start>`` in the driver's environment, the
-task of the block starting at ``start`` raises once (a marker file in ``out_dir`` makes the retry
-succeed); with ``kill:<start>`` its worker process SIGKILLs itself once, while the task runs. It
-exists for the fault-tolerance tests; never set it in real runs.
+Test-only fault hook (pipeline.cluster.testhooks): with ``DDPM_TEST_FAIL_BLOCK=<start>`` in the
+driver's environment, the
+task of the block starting at ``start`` raises once (a marker file in ``out_dir`` makes the
+retry succeed); with ``kill:<start>`` its worker process SIGKILLs itself once, while the task
+runs. It exists for the fault-tolerance tests; never set it in real runs.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import ray
 from tqdm import tqdm
 
 from pipeline.atomic import save_npz
+from pipeline.cluster import testhooks
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.taskprogress import BlockProgress
 from pipeline.config import Config
 from pipeline.errors import ConfigError, DataError
 
-FAIL_BLOCK_ENV = "DDPM_TEST_FAIL_BLOCK"  # test-only, see the module docstring
 GPU_WAIT_ENV = "DDPM_GPU_WAIT_S"  # seconds to wait for GPUs an autoscaler starts (check_resources)
 AUTO = "auto"  # num_workers: follow the cluster (Window)
 SHARD_RE = re.compile(r"^block-(\d{8})-(\d{8})\.npz$")
@@ -134,7 +135,7 @@ def _remove_superseded(out_dir: Path, blocks: list[Range]) -> None:
 
 def _fail_marker(out_dir: Path, start: int) -> str | None:
     """The marker path that arms the test-only fault hook for this block, or None."""
-    spec = os.environ.get(FAIL_BLOCK_ENV, "")
+    spec = testhooks.fail_block()
     if spec.removeprefix("kill:") != str(start):
         return None
     return str(out_dir / f".failed-once-{start:08d}") + (".kill" if spec != str(start) else "")

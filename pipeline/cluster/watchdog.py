@@ -22,10 +22,9 @@ from pathlib import Path
 
 import psutil
 
+from pipeline.cluster import testhooks
+
 POLL_S = 0.5
-SEEN_ENV = (
-    "DDPM_WATCHDOG_SEEN"  # a file: the pids seen so far, rewritten each poll (tests wait on it)
-)
 PROJECT = str(Path(__file__).resolve().parents[2])  # the watchdog runs this checkout's code
 
 
@@ -122,7 +121,7 @@ def main(argv: list[str]) -> None:
         return
     me = os.getpid()
     seen: dict[tuple[int, float], psutil.Process] = {}
-    report = os.environ.get(SEEN_ENV)
+    report = testhooks.watchdog_seen()  # test-only: where to write the pids seen
     while _alive(driver):
         seen = {k: p for k, p in seen.items() if _alive(p)}  # bounded: the living only
         seen.update({k: p for k, p in _tree(driver).items() if k[0] != me})

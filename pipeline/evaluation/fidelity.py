@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,12 +30,12 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.defaults import DEFAULTS as TORCH_FIDELITY_DEFAULTS
-from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
+from pipeline.cluster.devices import inception_device
 from pipeline.cluster.storage import safe_load
 from pipeline.config import STAND_IN_NOTE, Config
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import DataError
 from pipeline.evaluation.bootstrap import bootstrap_errors, bootstrap_missing, plan_pass
 from pipeline.evaluation.heap import bound_heap
 from pipeline.evaluation.inception import STAND_IN_IS_NOTE, InceptionWeights
@@ -108,7 +107,7 @@ def compute_reference_stats(
     ``key``: the images' :func:`content_key` when the caller knows it already.
     """
     count, resolution = check_images(images, f"reference images {name!r}")
-    device = resolve_device(device)
+    device = inception_device(device)
     cache = cache_dir(cache_root, weights, device)
     key = key or content_key(images)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
@@ -166,7 +165,7 @@ def compute_fid_is(
     refs = load_reference(reference)
     for split, stats in refs.items():
         _check_compatible(stats, split, resolution, weights)
-    device = resolve_device(device)
+    device = inception_device(device)
     cache = cache_dir(cache_root, weights, device)
     key = key or content_key(samples)
     opts = {"batch_size": batch_size, "device": device, "threads": threads}
@@ -261,30 +260,6 @@ def cache_dir(cache_root: Path, weights: InceptionWeights, device: str = "cpu") 
     in the last bits), never mix.
     """
     return Path(cache_root) / f"{weights.identity}-tf{torch_fidelity.__version__}-{device}"
-
-
-def resolve_device(device: str) -> str:
-    """``eval.inception_device`` as the device Inception runs on: ``cpu`` or ``cuda``.
-
-    ``cuda`` without a visible CUDA device is a ConfigError (never a silent CPU fall-back);
-    ``auto`` takes cuda when visible and says so on stderr when it falls back to the CPU.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"eval.inception_device: {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "eval.inception_device is cuda but this process sees no CUDA device "
-            "(run the stage on a GPU node, or set eval.inception_device: cpu)"
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            tqdm.write(
-                "Inception runs on the CPU (eval.inception_device: auto, no CUDA device "
-                "visible); set eval.inception_device: cuda to require a GPU",
-                file=sys.stderr,
-            )
-    return device
 
 
 def _check_compatible(
@@ -467,7 +442,7 @@ def _calculate(
     unknown = set(kwargs) - set(TORCH_FIDELITY_DEFAULTS)
     if unknown:
         raise TypeError(f"not torch-fidelity keywords: {', '.join(sorted(unknown))}")
-    cuda = resolve_device(device) == "cuda"
+    cuda = inception_device(device) == "cuda"
     with _torch_threads(None if cuda else threads), _no_tf32():
         return torch_fidelity.calculate_metrics(
             feature_extractor=weights.extractor,

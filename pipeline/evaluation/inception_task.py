@@ -17,8 +17,8 @@ GPU, through pipeline.cluster.gputasks (a fresh worker per GPU task):
   (``cache_dir(cache_root, weights, "cuda")``), so a rerun finds them exactly as if the driver
   had computed on its own GPU.
 
-Test-only: under ``DDPM_FAKE_GPUS=1`` (pipeline.cluster.fakegpu; a node that declares fake GPUs
-to Ray) the task computes on the CPU instead of stopping. Never set it in real runs.
+Where the pass runs is decided by pipeline.cluster.devices (``inception_needs_gpu_task``, and
+``inception_task_device``: cpu under the test-only fake GPUs).
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from pipeline.atomic import atomic_path
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.cluster.blocks import check_resources
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.raycluster import init_ray
@@ -44,12 +43,6 @@ from pipeline.evaluation import fidelity
 from pipeline.evaluation.inception import InceptionWeights
 
 CHUNK_BYTES = 64 << 20  # images per object-store chunk: ~64 MB (1365 at 32x32, 341 at 256x256)
-
-
-def needs_gpu_task(device: str) -> bool:
-    """Whether an Inception pass on ``device`` (eval.inception_device) must run as a GPU task:
-    ``cuda`` asked for and no CUDA device visible in this process."""
-    return device == "cuda" and not torch.cuda.is_available()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +59,7 @@ class InceptionRunner:
 
     @property
     def remote(self) -> bool:
-        return needs_gpu_task(self.cfg.eval.inception_device)
+        return devices.inception_needs_gpu_task(self.cfg.eval.inception_device)
 
     def resources(self) -> dict[str, float]:
         """One task's Ray resources: eval.cpus_per_worker and one GPU (eval.gpus_per_worker
@@ -237,10 +230,7 @@ def _task(what, images, key, weights, weights_file, refs, cached, kwargs, option
         weights_file = ray.get(weights_file)
     if weights.extractor != fidelity.EXTRACTOR:  # the feature network's: registered on import
         import pipeline.evaluation.featurenet  # noqa: F401
-    device = "cuda"
-    if fakegpu.enabled():  # test-only: a fake GPU (see the module docstring)
-        fakegpu.check_task_device(True, "eval.inception_device: cuda")
-        device = "cpu"
+    device = devices.inception_task_device()
     options = {**options, "device": device}
     with tempfile.TemporaryDirectory(prefix="ddpm-inception-") as tmp:
         root = Path(tmp)

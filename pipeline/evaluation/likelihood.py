@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import layout
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.cluster.blocks import BlockRun, merge_blocks, run_blocks
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import shared_path, synced
@@ -112,9 +112,9 @@ def setup_worker(network: SamplingJob) -> torch.device:
     torch.set_num_threads(network.torch_threads)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    fakegpu.check_task_device(network.use_gpu, "eval.use_gpu")
-    set_matmul_precision(network.precision, network.device_type)  # TF32 flags explicit
-    return torch.device(network.device_type)
+    device = devices.task_device(network.use_gpu, "eval.use_gpu")
+    set_matmul_precision(network.precision, device.type)  # TF32 flags explicit
+    return device
 
 
 def image_nll(

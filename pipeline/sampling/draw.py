@@ -34,7 +34,7 @@ import torch
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.cluster.blocks import BlockRun, run_blocks
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.raycluster import init_ray
@@ -82,8 +82,7 @@ def block_key(job: SamplingJob, block_size: int) -> str:
 
 
 def _device(job: SamplingJob) -> torch.device:
-    fakegpu.check_task_device(job.use_gpu, "sample.use_gpu")
-    return torch.device(job.device_type)
+    return devices.task_device(job.use_gpu, "sample.use_gpu")
 
 
 def _setup_worker(job: SamplingJob) -> torch.device:

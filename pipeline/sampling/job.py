@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.config import Config, Variant
 from pipeline.errors import ConfigError, DataError
 from pipeline.model.diffusion import GaussianDiffusion, linear_beta_schedule
@@ -53,8 +53,8 @@ class SamplingJob:
 
     @property
     def device_type(self) -> str:
-        """cuda with use_gpu (cpu under the test-only fake GPUs, pipeline.cluster.fakegpu)."""
-        return fakegpu.compute_device(self.use_gpu)
+        """cuda with use_gpu, else cpu (pipeline.cluster.devices)."""
+        return devices.compute_device(self.use_gpu)
 
     @property
     def batch_invariant(self) -> bool:

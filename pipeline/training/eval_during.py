@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, Variant
 from pipeline.evaluation.inception import InceptionWeights
@@ -81,11 +81,7 @@ def score_checkpoint(
 
     s, n = cfg.sample, cfg.train.eval_samples
     options = inception_options(cfg.eval)
-    if fakegpu.enabled():  # test-only fake GPUs: everything on the CPU (pipeline.cluster.fakegpu)
-        fakegpu.check_task_device(s.use_gpu, "sample.use_gpu")
-        options["device"] = "cpu"
-    use_gpu = s.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device, options["device"] = devices.scorer_devices(s.use_gpu, options["device"])
     if device.type == "cpu":
         torch.set_num_threads(s.torch_threads)
     diffusion = make_diffusion(cfg, variant)

@@ -1,6 +1,7 @@
 """TEST-ONLY fault injection: make one worker fail, hang or diverge once at a given step.
 
-Set ``DDPM_TEST_FAULT`` in the driver's environment (the driver forwards it to the workers):
+Set ``DDPM_TEST_FAULT`` in the driver's environment (read by pipeline.cluster.testhooks; the
+driver hands the fault to the workers):
 
     fail:RANK:STEP   rank RANK raises InjectedFaultError before optimiser step STEP
     kill:RANK:STEP   rank RANK's worker process SIGKILLs itself before step STEP (a lost node)
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ENV = "DDPM_TEST_FAULT"
+from pipeline.cluster import testhooks
+
+ENV = testhooks.TRAIN_FAULT_ENV
 
 
 class InjectedFaultError(RuntimeError):
@@ -43,7 +46,7 @@ class Fault:
 
 def from_environment() -> Fault | None:
     """The fault that ``DDPM_TEST_FAULT`` asks for, or None."""
-    spec = os.environ.get(ENV)
+    spec = testhooks.train_fault()
     return parse(spec) if spec else None
 
 

@@ -12,10 +12,12 @@ default). A loop in the driver's own process (``train.backend: process``) is giv
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster.progress import Sinks
-from pipeline.training.divergence import Interval
+
+if TYPE_CHECKING:
+    from pipeline.training.loop import Interval
 
 
 class Monitor:

@@ -1,4 +1,4 @@
-"""Gradient clipping per virtual replica and the kl loss in bits: the official run's semantics.
+"""Gradient clipping per virtual replica: the official run's semantics.
 
 The official CIFAR10 run trained on a TPU v3-8: 8 replicas of 16 images of the 128-image batch.
 ``CrossShardOptimizer`` clipped each replica's gradient (of its loss scaled by 1/8, to
@@ -13,9 +13,7 @@ replicas w*R/W .. (w+1)*R/W - 1, runs each one's forward and backward without DD
 clips it and accumulates the clipped gradients; one all-reduce then averages them over the
 workers. Dropout is reseeded per replica (not per worker), so 1 worker and W workers compute the
 same update. ``clip_replicas: 1`` clips the gradient of the whole batch (all-reduced by DDP).
-
-The kl loss (the bound's term) was trained in bits, ``meanflat(kl) / log(2)``:
-:func:`loss_scale` is the factor applied to the per-image loss (``train.kl_units``).
+The step that calls it is :func:`pipeline.training.loop.forward_backward`.
 """
 
 from __future__ import annotations
@@ -28,17 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline.config import Config, Variant
 from pipeline.training.randomness import seed_dropout
 
 # loss(model, x_start, t, noise) -> the mean loss of those images (a scalar tensor)
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
-
-
-def loss_scale(cfg: Config, variant: Variant) -> float:
-    """The factor on the per-image loss: 1/ln 2 for a kl loss trained in bits, else 1."""
-    bits = variant.loss_type == "kl" and cfg.train.kl_units == "bits"
-    return 1.0 / math.log(2.0) if bits else 1.0
 
 
 class ReplicaClipping:
@@ -64,7 +55,7 @@ class ReplicaClipping:
         self.local = replicas // world_size
         self.first = rank * self.local  # global index of this worker's first replica
         self.grad_clip, self.seed = grad_clip, seed
-        self.max_norm = grad_clip if grad_clip > 0 else math.inf  # as clip_gradients
+        self.max_norm = grad_clip if grad_clip > 0 else math.inf  # as loop.clip_gradients
         self._module: nn.Module | None = None
         self._params: list[nn.Parameter] = []
         self._views: list[Tensor] = []  # .grad of each parameter: views of self._grad

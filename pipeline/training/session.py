@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 
 
 class Session(Protocol):
@@ -47,23 +47,18 @@ class RaySession:
 
     def __init__(self) -> None:
         import ray.train
-        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.fake_gpu = fakegpu.enabled()  # test-only: GPU workers compute on the CPU
-        if self.fake_gpu:
-            fakegpu.check_task_device(True, "train.use_gpu")  # Ray gave this worker a fake GPU
-            self.device = torch.device("cpu")
-        else:
-            self.device = ray.train.torch.get_device()
+        self.device = devices.train_worker_device()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        move: bool | torch.device = self.device if self.fake_gpu else True
-        return ray.train.torch.prepare_model(model, move_to_device=move, parallel_strategy="ddp")
+        return ray.train.torch.prepare_model(
+            model, move_to_device=self.device, parallel_strategy="ddp"
+        )
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -90,7 +85,8 @@ class RaySession:
 
 
 class LocalSession:
-    """One process, CPU, checkpoints in ``folder/<name>`` (the last ``keep`` kept)."""
+    """One process on the CPU (``train.backend: process`` has no use_gpu), checkpoints in
+    ``folder/<name>`` (the last ``keep`` kept)."""
 
     def __init__(self, folder: str | Path, keep: int = 2):
         self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")

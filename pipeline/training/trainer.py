@@ -9,7 +9,7 @@ then exported.
 restarts failed workers from the latest one up to ``max_failures`` times, shows progress, and
 writes the final weights to ``models/<variant>/``. With ``train.backend: process`` the same loop
 runs in this process instead, without Ray (:mod:`pipeline.training.inprocess`). A diverged run
-raises :class:`~pipeline.training.divergence.TrainingDivergedError` naming the step and the last
+raises :class:`~pipeline.training.loop.TrainingDivergedError` naming the step and the last
 good checkpoint.
 
 With ``cluster.storage`` set (:mod:`pipeline.cluster.storage`), the run folder (Ray Train's
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cluster import fakegpu
+from pipeline.cluster import devices
 from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
@@ -42,7 +42,6 @@ from pipeline.layout import checkpoint_dir, data_dir, model_dir, reference_dir
 from pipeline.report import tracking
 from pipeline.training import faults
 from pipeline.training.curves import MlflowCurves
-from pipeline.training.divergence import TrainingDivergedError
 from pipeline.training.export import export_weights
 from pipeline.training.identity import (
     IDENTITY_RECORD,
@@ -52,7 +51,7 @@ from pipeline.training.identity import (
     run_identity,
     write_identity,
 )
-from pipeline.training.loop import TrainJob, train_loop_per_worker
+from pipeline.training.loop import TrainingDivergedError, TrainJob, train_loop_per_worker
 from pipeline.training.selection import TAG_SELECTION, select_checkpoint, selection_note
 from pipeline.training.signals import own_sigint
 
@@ -128,7 +127,7 @@ def make_trainer(job: TrainJob) -> Any:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend=fakegpu.train_backend(t.use_gpu)),
+        torch_config=TorchConfig(backend=devices.train_backend(t.use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
