@@ -82,10 +82,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def render(values: dict[str, Any]) -> str:
+    """The file's text: the header, then ``values`` as YAML with sorted keys."""
+    return HEADER + yaml.safe_dump(values, sort_keys=True, default_flow_style=False)
+
+
 def write_resolved(cfg: Config, path: Path = RESOLVED) -> dict[str, Any]:
-    """Write ``resolved(cfg)`` to ``path`` atomically (sorted keys); returns what it wrote."""
+    """Write ``resolved(cfg)`` to ``path`` atomically; returns what it wrote."""
     values = resolved(cfg)
-    write_text(path, HEADER + yaml.safe_dump(values, sort_keys=True, default_flow_style=False))
+    write_text(path, render(values))
     return values
 
 
