@@ -189,8 +189,9 @@ def prepare_repo(work: Path, n: int) -> dict:
     eval_ = {"nll_images": 0, "fid_against": ["train"]}  # LSUN: no test split
     params = {"scale": "bench", "presets": {"bench": {"data": data, "eval": eval_}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stage}}))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    keep = {name: stages[name] for name in ("config", "prepare")}  # config: prepare's params
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": keep}, sort_keys=False))
     env = _env(repo)
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, env=env, check=True)
     cmd = [sys.executable, "-c", PREPARE_WRAPPER]
