@@ -74,6 +74,7 @@ def ray_session():
 CHECKOUT = Path(__file__).resolve().parents[1]
 RUN_STATE = ("data", "models", "checkpoints", "samples", "metrics", "plots", "figures", "reports",
              "reference", "featurenet", "work", "mlflow.db", "mlruns", "mlartifacts", "dvc.lock",
+             "params.resolved.yaml",
              "params.yaml")  # fmt: skip
 
 

@@ -61,5 +61,5 @@ def test_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
     # hashes: outputs hold no run ids, seconds or times; `differ` names any differing file)
     locks = r["locks"]
     assert locks["same_order"] and locks["differ"] == {}, locks
-    # prepare, featurenet, reference, train_reference, report; train, sample, evaluate a variant
-    assert len(locks["equal"]) == locks["stages"] == 5 + 3 * VARIANTS, locks
+    # config, prepare, featurenet, reference, train_reference, report; train, sample, evaluate
+    assert len(locks["equal"]) == locks["stages"] == 6 + 3 * VARIANTS, locks

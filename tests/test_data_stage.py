@@ -106,15 +106,17 @@ def set_param(repo: Path, keys: str, value: object) -> None:
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    """A DVC project with this project's code, params.yaml and dvc.yaml's prepare stage."""
+    """A DVC project with this project's code, params.yaml and dvc.yaml's config and prepare
+    stages (config resolves the params prepare reads)."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__")
     for folder in ("pipeline", "stages"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=ignore)
     for name in ("params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["prepare"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"prepare": stage}}))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    keep = {name: stages[name] for name in ("config", "prepare")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": keep}, sort_keys=False))
     set_param(repo, "scale", "tiny")
     dvc(repo, "init", "--no-scm", "-q")
     return repo
@@ -129,8 +131,8 @@ def test_dvc_repro_reruns_prepare_only_when_its_params_change(repo):
     os.utime(repo / "pipeline" / "data" / "lsun.py", ns=(stamp, stamp))  # as a git checkout does
     subprocess.run([sys.executable, "-c", "import pipeline.data"], cwd=repo, env=environment(repo))
     assert "Running stage" not in dvc(repo, "repro", "prepare")  # new bytecode is not a change
-    set_param(repo, "presets.tiny.train.lr", 0.5)
-    assert "Running stage" not in dvc(repo, "repro", "prepare")
+    set_param(repo, "presets.tiny.train.lr", 0.5)  # reruns config, whose output prepare reads
+    assert "Running stage 'prepare'" not in dvc(repo, "repro", "prepare")
     assert manifest.stat().st_mtime_ns == first
     set_param(repo, "presets.tiny.data.seed", 1)
     assert "Running stage 'prepare'" in dvc(repo, "repro", "prepare")

@@ -2,7 +2,7 @@
 params, in two copies of the project, record the same hashes (issue 24: side by side on a
 cluster equals serial because every run of the same params writes the same).
 
-The cheap stages only (prepare and the feature network, ~10 s a copy): the later ones are
+The cheap stages only (config, prepare and the feature network, ~10 s a copy): the later ones are
 covered at their own level (tests/test_train_ray.py: two trainings write the same models/
 bytes; tests/test_report.py: a report written twice is the same bytes; tests/test_sampling.py:
 the samples manifest names no run) and end to end by tests/test_cluster_parallel.py (slow).
@@ -16,7 +16,7 @@ import subprocess
 import yaml
 from repo_copy import copy_repo, env
 
-STAGES = ("prepare", "featurenet")
+STAGES = ("config", "prepare", "featurenet")
 
 
 def repro(repo) -> dict:

@@ -41,7 +41,8 @@ def test_dvc_yaml_train_depends_on_the_gate_and_the_gate_on_the_reference():
     assert "reference/${scale}" not in stages["train"]["do"]["deps"]  # only through the gate
     assert "reference/${scale}" in stages["train_reference"]["deps"]
     assert [gate] == [next(iter(o)) for o in stages["train_reference"]["outs"]]
-    assert "presets.${scale}.train" in stages["train_reference"]["params"]
+    [resolved] = stages["train_reference"]["params"]  # the resolved params (stage config)
+    assert {"train", "sample", "eval"} <= set(resolved["params.resolved.yaml"])
 
 
 @pytest.mark.parametrize("eval_every, changes", [(4, True), (0, False)])
@@ -69,7 +70,8 @@ def test_dvc_status_of_train_after_the_reference_changes(tmp_path, eval_every):
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     train = {"cmd": "echo trained > trained.txt", "deps": [str(gate_path("${scale}"))]}
     train["outs"] = [{"trained.txt": {"cache": False}}]
-    dvc_yaml = {"stages": {"train_reference": stages["train_reference"], "train": train}}
+    keep = {"config": stages["config"], "train_reference": stages["train_reference"]}
+    dvc_yaml = {"stages": {**keep, "train": train}}
     (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"

@@ -42,7 +42,7 @@ def make_repo(repo: Path) -> Path:
     shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    keep = {k: stages[k] for k in ("prepare", "train")}
+    keep = {k: stages[k] for k in ("config", "prepare", "train")}
     # tiny does not evaluate during training: train_reference (and the reference) left out
     keep["train"]["do"]["deps"].remove("work/train-reference/${scale}.json")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": keep}, sort_keys=False))

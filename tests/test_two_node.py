@@ -142,12 +142,12 @@ def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, job_a, tracking
 
 
 def resumable_project(dest: Path) -> Path:
-    """project() with dvc.yaml cut to prepare and train: what a stop during training and its
+    """project() with dvc.yaml cut to config, prepare and train: what a stop during training and its
     resubmission go through (train's dependency on the training reference is left out: tiny
     does not evaluate during training, so that stage writes a constant)."""
     repo = project(dest)
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
-    stages = {name: dvc["stages"][name] for name in ("prepare", "train")}
+    stages = {name: dvc["stages"][name] for name in ("config", "prepare", "train")}
     stages["train"]["do"]["deps"].remove("work/train-reference/${scale}.json")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     return repo

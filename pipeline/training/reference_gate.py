@@ -7,10 +7,11 @@ reference/<scale>/train-stats.pt only when the preset evaluates during training
 reference/<scale> and writes ``work/train-reference/<scale>.json``; every ``train@<variant>``
 depends on that file:
 
-- eval_every > 0: the file names the statistics and their sha256, so a changed reference
-  changes it and reruns the training's checkpoint selection;
-- eval_every = 0 (smoke, tiny): the file's content is constant, so a changed reference reruns
-  only this seconds-long stage and never the training.
+- eval_every > 0: the file names the statistics and their sha256 and holds the resolved
+  ``sample`` and ``eval`` sections (the evaluations during training read them), so a changed
+  reference or setting changes it and reruns the training's checkpoint selection;
+- eval_every = 0 (smoke, tiny): the file's content is constant, so a changed reference or
+  sample/eval setting reruns only this seconds-long stage and never the training.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ def gate_path(scale: str) -> Path:
 
 
 def gate_content(cfg: Config, root: Path = Path(".")) -> dict:
-    """The file's content: NOT_READ, or the train statistics' path and sha256."""
+    """The file's content: NOT_READ, or the train statistics' path and sha256 and the
+    settings the evaluations during training read."""
     if cfg.train.eval_every <= 0:
         return dict(NOT_READ)
     stats = reference_dir(cfg.scale) / "train-stats.pt"
     if not (root / stats).is_file():
         raise DataError(f"{stats}: missing; run the reference stage (dvc repro reference)")
     digest = hashlib.sha256((root / stats).read_bytes()).hexdigest()
-    return {"reads_reference": True, "file": str(stats), "sha256": digest}
+    settings = cfg.section_dict("sample", "eval")
+    return {"reads_reference": True, "file": str(stats), "sha256": digest, "settings": settings}
 
 
 def write_gate(cfg: Config, root: Path = Path(".")) -> Path:
