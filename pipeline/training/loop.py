@@ -54,7 +54,7 @@ from pipeline.model.unet import build_unet
 from pipeline.training import faults
 from pipeline.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA
-from pipeline.training.monitor import Monitor
+from pipeline.training.monitor import Interval, Monitor
 from pipeline.training.randomness import diffusion_inputs, seed_dropout
 from pipeline.training.replicas import ReplicaClipping
 from pipeline.training.session import RaySession, Session, checkpoint_name
@@ -273,16 +273,6 @@ def clip_gradients(model: nn.Module | Iterable[Tensor], max_norm: float) -> Tens
 
 class TrainingDivergedError(UserError):
     """The loss or the gradient norm became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class Interval:
-    """What one logging interval saw, identical on every rank."""
-
-    steps: int  # steps in the interval
-    loss: float  # mean training loss over the interval and the global batch
-    grad_norm: float  # mean gradient norm (before clipping)
-    first_bad_step: int | None  # first step (0-based) with a non-finite loss or norm
 
 
 class IntervalStats:

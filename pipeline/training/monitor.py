@@ -12,12 +12,20 @@ default). A loop in the driver's own process (``train.backend: process``) is giv
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.cluster.progress import Sinks
 
-if TYPE_CHECKING:
-    from pipeline.training.loop import Interval
+
+@dataclass(frozen=True)
+class Interval:
+    """What one logging interval saw, identical on every rank (``loop.IntervalStats.close``)."""
+
+    steps: int  # steps in the interval
+    loss: float  # mean training loss over the interval and the global batch
+    grad_norm: float  # mean gradient norm (before clipping)
+    first_bad_step: int | None  # first step (0-based) with a non-finite loss or norm
 
 
 class Monitor:
