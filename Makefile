@@ -34,8 +34,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 # mypy: the type checker ([tool.mypy] in pyproject.toml: strict on pipeline.config, .model and
-# .data, its default level on the rest of pipeline/ and stages/); ~30 s with its cache
-# (.mypy_cache), a few minutes without on the 2-core CPU.
+# .data, its default level on the rest of pipeline/ and stages/): ~45 s of CPU from a cold cache,
+# ~4 s with its cache (.mypy_cache).
 lint: $(STAMP)
 	ruff check .
 	ruff format --check .
