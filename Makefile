@@ -33,10 +33,14 @@ test: $(STAMP) lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
+# mypy: the type checker ([tool.mypy] in pyproject.toml: strict on pipeline.config, .model and
+# .data, its default level on the rest of pipeline/ and stages/): ~45 s of CPU from a cold cache,
+# ~4 s with its cache (.mypy_cache).
 lint: $(STAMP)
 	ruff check .
 	ruff format --check .
 	lint-imports
+	mypy
 
 format: $(STAMP)
 	ruff check --fix .

@@ -3,9 +3,10 @@
 params.yaml has a ``scale`` switch that picks one of its ``presets``; each preset holds the
 sections ``data``, ``model``, ``diffusion``, ``train``, ``sample`` and ``eval``. A key that a
 preset leaves out takes the default written here, and the defaults are the paper's CIFAR10
-settings (paper/ddpm-facts.md), so ``paper`` needs to spell out little. The sections ``ray`` and
-``mlflow``, ``report`` (the verdict's margins) and the Table-2 ``variants`` sit at the top level:
-they do not change with the scale.
+settings (Ho et al. 2020, Sec. 4 and App. B; the official code's where the paper is silent), so
+``paper`` needs to spell out little. The sections ``ray`` and ``mlflow``, ``report`` (the
+verdict's margins) and the Table-2 ``variants`` sit at the top level: they do not change with
+the scale.
 
 Every key can be overridden from DVC, e.g. ``dvc exp run -S scale=paper`` or
 ``dvc exp run -S presets.smoke.train.lr=1e-4``. Unknown keys and values of the wrong type are
@@ -23,18 +24,33 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from pipeline.choices import (
+    LOSS_TYPES,
+    MEAN_TYPES,
+    VAR_TYPES,
+    Dataset,
+    FixedVarType,
+    FlipSource,
+    InceptionDevice,
+    KlUnits,
+    LossType,
+    MeanType,
+    ModelSource,
+    Precision,
+    Schedule,
+    Selection,
+    Split,
+    TrainBackend,
+    VarType,
+    choices,
+)
 from pipeline.errors import ConfigError
 
-MEAN_TYPES = ("eps", "xprev", "xstart")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
-LOSS_TYPES = ("mse", "kl")
-DATASETS = ("cifar10", "lsun_bedroom", "lsun_church_outdoor", "lsun_cat", "synthetic")
 SECTIONS = ("data", "model", "diffusion", "train", "sample", "eval")
-INCEPTION_DEVICES = ("auto", "cpu", "cuda")
 
 STAND_IN_NOTE = "stand-in, not comparable to published numbers"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -46,9 +62,9 @@ class Variant:
     """One Table-2 row: how the reverse process is parameterised and trained."""
 
     name: str
-    mean_type: str  # eps | xprev | xstart
-    var_type: str  # fixedlarge | fixedsmall | learned
-    loss_type: str  # mse | kl
+    mean_type: MeanType
+    var_type: VarType
+    loss_type: LossType
 
     def __post_init__(self) -> None:
         _check_choice(f"variants.{self.name}.mean_type", self.mean_type, MEAN_TYPES)
@@ -74,7 +90,7 @@ class Variant:
 class DataConfig:
     """Where the images come from and how they are prepared (stage ``prepare``)."""
 
-    dataset: str = "cifar10"  # cifar10 | lsun_bedroom | lsun_church_outdoor | lsun_cat | synthetic
+    dataset: Dataset = "cifar10"
     resolution: int = 32  # output side in pixels (LSUN: 256; synthetic: any)
     source: str | None = None  # local archive (cifar10) or LMDB folder (lsun); None: download
     url: str = CIFAR10_URL  # cifar10 download address, used when source is None
@@ -91,7 +107,7 @@ class DataConfig:
     # two sources disagree on LSUN: the paper (App. B) flips every dataset but Bedroom, the
     # official run_lsun.py flipped Bedroom and not Cat (docs/differences.md: the default).
     random_flip: bool | None = None
-    flip_source: str = "official"  # official | paper
+    flip_source: FlipSource = "official"
 
 
 @dataclass(frozen=True)
@@ -104,18 +120,18 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     norm_groups: int = 32
-    source: str = "trained"  # trained | checkpoint (published weights, see pipeline.model.convert)
+    source: ModelSource = "trained"  # checkpoint: published weights (pipeline.model.convert)
     checkpoint: str | None = None  # folder with a diffusers config.json and weights
     checkpoint_variant: str = "eps_fixed_mse"  # the variant the published weights are
     # training, sampling and the bound compute in: fp32 | tf32 | bf16 (pipeline.model.precision)
-    precision: str = "fp32"
+    precision: Precision = "fp32"
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The forward process: a linear beta schedule (paper: 1e-4 to 0.02 over T = 1000)."""
 
-    schedule: str = "linear"
+    schedule: Schedule = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
     num_timesteps: int = 1000
@@ -130,14 +146,14 @@ class TrainConfig:
     # Where the loop runs: ray (Ray Train: workers on the cluster, restarts, DDP) | process (the
     # train stage's own process: one CPU worker, no Ray; the same loop and bits, without Ray
     # Train's ~20 s start-up and background, which cost a 2-core machine ~25% of every step).
-    backend: str = "ray"
+    backend: TrainBackend = "ray"
     lr: float = 2e-4
     warmup: int = 5000  # linear learning-rate warmup steps
     grad_clip: float = 1.0  # gradient-norm clip (of each virtual replica's gradient, below)
     # Virtual replicas whose gradients are clipped one by one before averaging (the official
     # TPU v3-8 run: 8 replicas of batch/8 images). 1: clip the whole batch's gradient.
     clip_replicas: int = 8
-    kl_units: str = "bits"  # loss_type kl trains on the bound in bits (official) | nats
+    kl_units: KlUnits = "bits"  # loss_type kl trains on the bound in bits (official) | nats
     ema_decay: float = 0.9999
     seed: int = 0
     log_every: int = 100  # steps between MLflow metric points
@@ -158,12 +174,11 @@ class TrainConfig:
     # which checkpoint becomes models/<V>/: last | best_fid.
     eval_every: int = 0
     eval_samples: int = 0
-    select: str = "last"
+    select: Selection = "last"
     variants: tuple[str, ...] | None = None  # the variants trained at this scale; None: all
 
 
 AUTO = "auto"  # sample/eval num_workers: follow the cluster's GPUs
-TRAIN_BACKENDS = ("ray", "process")  # train.backend
 
 
 @dataclass(frozen=True)
@@ -177,7 +192,7 @@ class SampleConfig:
     steps: int | None = None  # None: all T steps (the paper). Fewer: respaced, not the paper's
     # The sampler's variance for fixed-variance variants: None: the variant's var_type;
     # fixedsmall (beta~_t): the official LSUN / CelebA-HQ sampler; fixedlarge (beta_t): CIFAR10.
-    var_type: str | None = None
+    var_type: FixedVarType | None = None
     # Ray tasks in flight: a number, or auto: as many as the GPUs (CPUs without use_gpu) Ray
     # reports for the cluster, re-read while the stage runs (pipeline.cluster.blocks)
     num_workers: int | str = 1
@@ -198,13 +213,13 @@ class EvalConfig:
 
     inception_weights: str = "default"  # default | stand-in | classifier | path to a weights file
     inception_sha256: str | None = None  # required check for a local weights file
-    fid_against: tuple[str, ...] = ("train", "test")  # reference splits
+    fid_against: tuple[Split, ...] = ("train", "test")  # reference splits
     ref_images: int | None = None  # reference images per split; None: the whole split
     is_splits: int = 10
     fid_bootstrap: int = 100  # resamples of the sample features for FID's standard error (0: off)
     classifier_epochs: int = 12  # inception_weights: classifier (stage featurenet): its training
     batch_size: int = 64  # Inception batch size
-    inception_device: str = "auto"  # auto (cuda when visible) | cpu | cuda
+    inception_device: InceptionDevice = "auto"  # auto: cuda when visible
     inception_threads: int = 2  # torch threads for Inception on CPU (2: ~95 ms/img, 1: ~175)
     nll_images: int = 10_000  # test images for the bound (the paper: all 10,000)
     nll_train_images: int = 0  # optional train-set bound, Table 1's "(train)" figure
@@ -425,7 +440,7 @@ def default_params_path() -> Path:
     return Path(os.environ.get("DDPM_PARAMS", "params.yaml"))
 
 
-def load_config(path: str | os.PathLike | None = None, scale: str | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, scale: str | None = None) -> Config:
     """Read params.yaml and resolve the preset named by ``scale`` (default: its ``scale`` key)."""
     path = Path(path) if path is not None else default_params_path()
     if not path.is_file():
@@ -466,7 +481,6 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
             raise ConfigError(f"{where}: missing {', '.join(sorted(missing))}")
         variants[vname] = Variant(name=vname, **vraw)
     data = sections["data"]
-    _check_choice(f"presets.{scale}.data.flip_source", data.flip_source, tuple(FLIPS_OFF))
     if data.random_flip is None:
         flips = data.dataset not in FLIPS_OFF[data.flip_source]
         sections["data"] = dataclasses.replace(data, random_flip=flips)
@@ -477,7 +491,7 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
 
 
 # data.flip_source -> the datasets trained without random flips
-FLIPS_OFF = {
+FLIPS_OFF: dict[FlipSource, tuple[Dataset, ...]] = {
     "official": ("lsun_cat",),  # run_lsun.py: randflip=1 by default, `--randflip 0` for cat
     "paper": ("lsun_bedroom",),  # App. B: "random horizontal flips ... except LSUN Bedroom"
 }
@@ -545,14 +559,10 @@ def _check_seed_keys(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
     where = f"presets.{cfg.scale}"
-    _check_choice(f"{where}.data.dataset", cfg.data.dataset, DATASETS)
-    _check_choice(f"{where}.model.source", cfg.model.source, ("trained", "checkpoint"))
-    _check_choice(f"{where}.model.precision", cfg.model.precision, ("fp32", "tf32", "bf16"))
     if cfg.model.source == "checkpoint" and cfg.model.checkpoint_variant not in cfg.variants:
         _check_choice(
             f"{where}.model.checkpoint_variant", cfg.model.checkpoint_variant, tuple(cfg.variants)
         )
-    _check_choice(f"{where}.diffusion.schedule", cfg.diffusion.schedule, ("linear",))
     positive = {
         "data.resolution": cfg.data.resolution,
         "model.ch": cfg.model.ch,
@@ -575,10 +585,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}.{key} must be positive (got {value})")
-    for key, value in (("sample", cfg.sample.num_workers), ("eval", cfg.eval.num_workers)):
-        if value != AUTO and (isinstance(value, str) or value < 1):
+    for key, workers in (("sample", cfg.sample.num_workers), ("eval", cfg.eval.num_workers)):
+        if workers != AUTO and (isinstance(workers, str) or workers < 1):
             raise ConfigError(f"{where}.{key}.num_workers must be a positive number or auto "
-                              f"(got {value!r})")  # fmt: skip
+                              f"(got {workers!r})")  # fmt: skip
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(
             f"{where}.train.batch_size ({cfg.train.batch_size}) must be divisible by "
@@ -599,9 +609,6 @@ def validate(cfg: Config) -> None:
             f"{where}.sample.steps must be null or in [1, {cfg.diffusion.num_timesteps}] "
             f"(got {steps})"
         )
-    for split in cfg.eval.fid_against:
-        _check_choice(f"{where}.eval.fid_against", split, ("train", "test"))
-    _check_choice(f"{where}.eval.inception_device", cfg.eval.inception_device, INCEPTION_DEVICES)
     if cfg.eval.ref_images is not None and cfg.eval.ref_images < 2:
         raise ConfigError(f"{where}.eval.ref_images must be null or at least 2")
     parallel = cfg.cluster.max_parallel_stages
@@ -613,19 +620,14 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_official_semantics(cfg: Config, where: str) -> None:
-    """Replica clipping, kl units, the sampler's variance and checkpoint selection."""
+    """Replica clipping, the process backend's limits and checkpoint selection."""
     t = cfg.train
-    _check_choice(f"{where}.train.kl_units", t.kl_units, ("bits", "nats"))
-    _check_choice(f"{where}.train.backend", t.backend, TRAIN_BACKENDS)
     if t.backend == "process" and (t.num_workers != 1 or t.use_gpu or t.eval_every):
         raise ConfigError(
             f"{where}.train.backend: process trains one CPU worker in the stage's process, so "
             f"it needs num_workers 1, use_gpu false and eval_every 0 (got {t.num_workers}, "
             f"{str(t.use_gpu).lower()}, {t.eval_every}); use backend: ray"
         )
-    _check_choice(f"{where}.train.select", t.select, ("last", "best_fid"))
-    if cfg.sample.var_type is not None:
-        _check_choice(f"{where}.sample.var_type", cfg.sample.var_type, ("fixedlarge", "fixedsmall"))
     if t.clip_replicas < 1:
         raise ConfigError(f"{where}.train.clip_replicas must be at least 1 (got {t.clip_replicas})")
     if t.clip_replicas > 1 and (t.batch_size % t.clip_replicas or t.clip_replicas % t.num_workers):
@@ -752,6 +754,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _coerce(inner[-1], value, where)
     if value is None:
         raise ConfigError(f"{where}: must not be null")
+    if origin is Literal:  # a choice (pipeline.choices): one of the type's values
+        _check_choice(where, value, choices(hint))
+        return value
     if origin is tuple:
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -261,6 +261,7 @@ def _start(conn: socket.socket, env: dict[str, str], sources: dict[str, float]) 
     for fd in fds:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
+    assert _selector is not None  # set by serve(), which calls this
     _selector.register(pidfd, selectors.EVENT_READ, (pid, conn))
     print(f"forked {request['module']} {' '.join(request['argv'])} as {pid}", flush=True)
     with contextlib.suppress(OSError):
@@ -273,10 +274,12 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     _child = True
     code = 1
     try:
+        assert _selector is not None  # set by serve(), whose child this is
         # the server's ends: a child holding the listening socket would keep it "listening"
         # after the server is gone, and other clients' connections open after their stages end
         for key in list(_selector.get_map().values()):
             if key.data is None:
+                assert isinstance(key.fileobj, socket.socket)
                 key.fileobj.close()  # the listening socket
             else:
                 os.close(key.fd)  # another stage's pidfd, and its client's connection

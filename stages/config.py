@@ -42,8 +42,11 @@ def config_code(path: Path = Path(config.__file__)) -> str:
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             first = node.body[0] if node.body else None
-            docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-            if docstring and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 node.body = node.body[1:] or [ast.Pass()]
         if isinstance(node, ast.ClassDef) and any(map(_is_dataclass, node.decorator_list)):
             for stmt in node.body:
@@ -68,7 +71,7 @@ def resolved(cfg: Config, code: str | None = None) -> dict[str, Any]:
         if f.name == "variants":
             value = {name: {k: v for k, v in dataclasses.asdict(var).items() if k != "name"}
                      for name, var in value.items()}  # fmt: skip
-        elif dataclasses.is_dataclass(value):
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         out[f.name] = _plain(value)
     return out

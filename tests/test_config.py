@@ -1,9 +1,10 @@
 """params.yaml: every preset loads, the paper preset is the paper, bad params fail at load time.
 
-The paper's settings below are written out from paper/ddpm-facts.md (and the official CIFAR10
-release where the paper is silent), not read from pipeline/config.py, so that a changed default
-fails here. Bad params are tried through ``python -m stages.config``, the way a user meets them:
-one ``error:`` line on stderr, exit status 2, no traceback.
+The paper's settings below are written out from Ho et al. 2020 (Sec. 4, Table 1 and App. B) and
+from the official CIFAR10 release where the paper is silent (scripts/run_cifar.py of
+hojonathanho/diffusion), not read from pipeline/config.py, so that a changed default fails here.
+Bad params are tried through ``python -m stages.config``, the way a user meets them: one
+``error:`` line on stderr, exit status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from pipeline.config import load_config
 
 RAW = yaml.safe_load(PARAMS.read_text())
 
-# Ho et al. 2020, CIFAR10 (paper/ddpm-facts.md: schedule, network, training, evaluation).
+# Ho et al. 2020, CIFAR10: the schedule and network of Sec. 4 (details in App. B), the training of
+# App. B, the evaluation of Sec. 4.1 and Table 1.
 PAPER = {
     "data.dataset": "cifar10",
     "data.resolution": 32,
-    "data.random_flip": True,
-    "diffusion.schedule": "linear",
+    "data.random_flip": True,  # App. B
+    "diffusion.schedule": "linear",  # Sec. 4: beta_1 = 1e-4 to beta_T = 0.02, T = 1000
     "diffusion.beta_start": 1e-4,
     "diffusion.beta_end": 0.02,
     "diffusion.num_timesteps": 1000,
-    "model.ch": 128,
+    "model.ch": 128,  # App. B: 35.7M parameters (ch, ch_mult: the official run_cifar.py)
     "model.ch_mult": (1, 2, 2, 2),
     "model.num_res_blocks": 2,
     "model.attn_resolutions": (16,),
@@ -38,16 +40,16 @@ PAPER = {
     "train.steps": 800_000,
     "train.batch_size": 128,
     "train.lr": 2e-4,
-    "train.warmup": 5000,
-    "train.grad_clip": 1.0,
+    "train.warmup": 5000,  # the official scripts/run_cifar.py
+    "train.grad_clip": 1.0,  # the official scripts/run_cifar.py
     "train.ema_decay": 0.9999,
-    "sample.n_samples": 50_000,
+    "sample.n_samples": 50_000,  # Sec. 4.1 and App. B: FID and IS on 50,000 samples
     "sample.steps": None,  # all T steps of Algorithm 2, no respacing
     "eval.inception_weights": "default",  # the ported TF Inception (2015-12-05)
     "eval.fid_against": ("train", "test"),
     "eval.ref_images": None,  # the whole split
     "eval.is_splits": 10,
-    "eval.nll_images": 10_000,  # the whole CIFAR10 test set
+    "eval.nll_images": 10_000,  # the whole CIFAR10 test set (Table 1's NLL test)
 }
 
 

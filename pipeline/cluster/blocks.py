@@ -31,7 +31,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from pipeline.atomic import save_npz
 from pipeline.cluster import testhooks
 from pipeline.cluster.gputasks import submit
 from pipeline.cluster.taskprogress import BlockProgress
-from pipeline.config import Config
+from pipeline.config import Config, EvalConfig, SampleConfig, TrainConfig
 from pipeline.errors import ConfigError, DataError
 
 GPU_WAIT_ENV = "DDPM_GPU_WAIT_S"  # seconds to wait for GPUs an autoscaler starts (check_resources)
@@ -192,6 +192,7 @@ def check_gpu_preset(cfg: Config) -> None:
     """A preset whose training, sampling or NLL asks for GPUs (``use_gpu``) on a connected Ray
     cluster with none (after ``DDPM_GPU_WAIT_S``, as :func:`check_resources`): ConfigError, so
     that ``stages.repro`` stops before any stage with one line, not at the first GPU stage."""
+    sections: dict[str, TrainConfig | SampleConfig | EvalConfig]
     sections = {"train": cfg.train, "sample": cfg.sample, "eval": cfg.eval}
     asks = {name: s.gpus_per_worker for name, s in sections.items() if s.use_gpu}
     if not asks:
@@ -281,7 +282,7 @@ def run_blocks(
     blocks = block_ranges(n_items, block_size)
     _remove_superseded(out_dir, blocks)
     run = BlockRun()
-    todo = []
+    todo: list[Range] = []
     for block in blocks:
         (run.skipped if _is_finished(out_dir, block) else todo).append(block)
     if todo and connect is not None:
@@ -340,7 +341,7 @@ def _windowed(
     max_retries: int,
     idle: Callable[[], None] = lambda: None,
     every_s: float = 2.0,
-) -> Iterator[tuple[Range, dict[str, np.ndarray]]]:
+) -> Generator[tuple[Range, dict[str, np.ndarray]], None, None]:
     """Yield (block, result) as tasks finish, keeping at most ``window()`` of them in flight.
 
     ``window()`` is asked again whenever a task finishes and every ``every_s`` seconds, so a

@@ -119,7 +119,8 @@ class BlockProgress:
         if not self.steps_per_item or self.total * self.steps_per_item < MIN_IMAGE_STEPS:
             return None
         if self.board is None:
-            self.board = ProgressBoard.remote()
+            # @ray.remote made the class an actor class, which mypy does not see
+            self.board = ProgressBoard.remote()  # type: ignore[attr-defined]
         return self.board, key
 
     def finished(self, key: Any, items: int) -> None:

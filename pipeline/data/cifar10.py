@@ -121,8 +121,11 @@ def read_archive(path: Path) -> dict[str, Any]:
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tqdm(tar, desc="cifar10", unit="file", disable=None):
-                if member.name in wanted and member.isfile():
-                    blobs[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
+                if member.name not in wanted or not member.isfile():
+                    continue
+                file = tar.extractfile(member)
+                assert file is not None  # a regular file has its content
+                blobs[member.name.rsplit("/", 1)[1]] = file.read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: not a readable {ARCHIVE} ({one_line(e)})") from None
     missing = [f"{FOLDER}/{n}" for n in (*TRAIN_BATCHES, TEST_BATCH, META) if n not in blobs]
@@ -136,7 +139,7 @@ def read_archive(path: Path) -> dict[str, Any]:
     }
 
 
-def _unpickle(path: Path, name: str, blob: bytes) -> dict:
+def _unpickle(path: Path, name: str, blob: bytes) -> dict[Any, Any]:
     try:
         obj = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:  # any unpickling failure means a foreign or damaged member

@@ -37,6 +37,7 @@ class ImagePrefix:
         return self.n
 
     def __getitem__(self, key: int | np.integer | slice) -> np.ndarray:
+        out: np.ndarray
         if isinstance(key, slice):
             out = self.images[slice(*key.indices(self.n))]
         elif isinstance(key, int | np.integer):

@@ -54,7 +54,7 @@ class ImageSet:
     def __repr__(self) -> str:
         return f"ImageSet({str(self.data_dir)!r}, {self.split!r}, shape={self.shape})"
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return open_split, (self.data_dir, self.split)
 
     def __getitem__(self, key: int | slice | np.ndarray | list[int]) -> np.ndarray:
@@ -87,7 +87,7 @@ class ImageSet:
         return out
 
 
-def open_split(data_dir: str | os.PathLike, split: str) -> ImageSet:
+def open_split(data_dir: str | os.PathLike[str], split: str) -> ImageSet:
     """Memory-map a prepared split (``"train"`` or ``"test"``); DataError if it is missing."""
     data_dir = Path(data_dir).resolve()
     manifest = read_manifest(data_dir)
@@ -110,7 +110,7 @@ def _map(path: Path, count: int, resolution: int) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: missing; rerun `dvc repro prepare` (or `dvc checkout`)")
     try:
-        array = np.load(path, mmap_mode="r")
+        array: np.ndarray = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise DataError(
             f"{path}: unreadable array ({one_line(e)}); rerun `dvc repro prepare`"
@@ -125,7 +125,7 @@ def _map(path: Path, count: int, resolution: int) -> np.ndarray:
 
 def _load_labels(path: Path, count: int) -> np.ndarray:
     try:
-        labels = np.load(path)
+        labels: np.ndarray = np.load(path)
     except (OSError, ValueError) as e:
         raise DataError(
             f"{path}: unreadable labels ({one_line(e)}); rerun `dvc repro prepare`"

@@ -26,9 +26,9 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import lmdb
 import numpy as np
@@ -53,13 +53,13 @@ class Shard(NamedTuple):
     """Records [start, stop) of the source, written to ``<split>-<index>.npy``."""
 
     split: str
-    index: int
+    number: int  # the shard's number in its split (`index` would hide tuple.index)
     start: int
     stop: int
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.index:05d}"
+        return f"{self.split}-{self.number:05d}"
 
 
 def plan_shards(total: int, n_test: int, shard_size: int) -> list[Shard]:
@@ -116,11 +116,17 @@ def open_lmdb(path: Path) -> lmdb.Environment:
         raise DataError(f"{path}: not an LMDB database ({one_line(e)})") from None
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
 class _Inline(concurrent.futures.Executor):
     """Runs tasks in the calling process (``workers: 0``)."""
 
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def submit(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> concurrent.futures.Future[_T]:
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
         future.set_result(fn(*args, **kwargs))
         return future
 
@@ -168,7 +174,7 @@ def _records(cursor: lmdb.Cursor, count: int) -> Iterator[list[tuple[bytes, byte
     """The next ``count`` (key, value) records from the cursor's position, in chunks."""
     chunk: list[tuple[bytes, bytes]] = []
     for _ in range(count):
-        chunk.append((cursor.key(), cursor.value()))
+        chunk.append((bytes(cursor.key()), bytes(cursor.value())))  # bytes: the same object
         cursor.next()
         if len(chunk) == CHUNK:
             yield chunk
@@ -183,6 +189,10 @@ def _hash_records(digest: Any, chunk: list[tuple[bytes, bytes]]) -> None:
         digest.update(value)
 
 
+# a chunk in flight: its keys and the future of its decoded images (or error messages)
+_Pending = tuple[list[bytes], concurrent.futures.Future[list[np.ndarray | str]]]
+
+
 def _write_shard(
     shard: Shard,
     cursor: lmdb.Cursor,
@@ -190,7 +200,7 @@ def _write_shard(
     in_flight: int,
     work: Path,
     budget: _CorruptBudget,
-    bar: tqdm,
+    bar: tqdm[Any],
 ) -> dict[str, Any]:
     """Decode the shard's records in the pool and stream them into ``work/<name>.npy``.
 
@@ -199,7 +209,7 @@ def _write_shard(
     tmp = work / f".{shard.name}.npy.tmp"
     writer = NpyWriter(tmp, RESOLUTION)
     digest, corrupt = hashlib.sha256(), []
-    window: collections.deque = collections.deque()
+    window: collections.deque[_Pending] = collections.deque()
 
     def drain_one() -> None:
         keys, future = window.popleft()

@@ -42,7 +42,7 @@ def one_line(error: object) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
@@ -131,7 +131,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a prepared data folder; DataError if it is missing or unreadable."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():

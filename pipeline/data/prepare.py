@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_dir
+from pipeline.choices import LSUN_DATASETS
 from pipeline.config import Config, DataConfig
 from pipeline.data import cifar10, lsun, synthetic
 from pipeline.data.manifest import FORMAT, write_manifest
 from pipeline.errors import ConfigError
 from pipeline.layout import data_dir
-
-LSUN_DATASETS = ("lsun_bedroom", "lsun_church_outdoor", "lsun_cat")
 
 
 def check_data_config(data: DataConfig, where: str) -> None:
@@ -66,6 +65,7 @@ def prepare(
         if data.dataset == "synthetic":
             manifest = synthetic.prepare_synthetic(data, tmp)
         elif data.dataset == "cifar10":
+            assert archive is not None  # located above, before the output was removed
             manifest = cifar10.prepare_cifar10(data, tmp, archive)
         else:
             manifest = lsun.prepare_lsun(data, tmp, where, partial_dir(out))

@@ -49,7 +49,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return (x ^ (x >> np.uint64(31))) & _M64
+    out: np.ndarray = (x ^ (x >> np.uint64(31))) & _M64
+    return out
 
 
 def uniforms(seed: int, stream: int, indices: np.ndarray, n: int) -> np.ndarray:
@@ -88,7 +89,8 @@ def synthetic_labels(seed: int, indices: np.ndarray, split: str = "train") -> np
     background = (0.5 * (luma_a + luma_b) > 0.5).astype(np.int64)
     angle = 2.0 * np.pi * u[:, _BG_ANGLE] + np.where(luma_b >= luma_a, 0.0, np.pi)
     direction = np.floor(angle / (0.5 * np.pi) + 0.5).astype(np.int64) % 4
-    return 4 * background + direction
+    labels: np.ndarray = 4 * background + direction
+    return labels
 
 
 def _gradient(u: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -96,7 +98,8 @@ def _gradient(u: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     angle = 2.0 * np.pi * u[:, _BG_ANGLE]
     t = 0.5 + ((x - 0.5) * np.cos(angle) + (y - 0.5) * np.sin(angle)) / np.sqrt(2.0)
     a, b = u[:, _BG_A], u[:, _BG_B]  # [n, 3, 1, 1]
-    return a + (b - a) * t[:, None]
+    background: np.ndarray = a + (b - a) * t[:, None]
+    return background
 
 
 def _draw_shape(

@@ -172,7 +172,9 @@ def bootstrap_errors(
         if split in missing:
             mu, sigma = stats["mu"].numpy(), stats["sigma"].numpy()
             write_bootstrap(path, fid_bootstrap(x, mu, sigma, resamples, seed, device))
-        out[f"fid_{split}_se"] = read_bootstrap(path)["se"]
+        cached = read_bootstrap(path)
+        assert cached is not None  # written above, or found by bootstrap_missing
+        out[f"fid_{split}_se"] = cached["se"]
     return out
 
 

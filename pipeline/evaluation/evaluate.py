@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout
+from pipeline.choices import Precision
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.runrecord import model_run_id
 from pipeline.config import Config, Variant
@@ -84,7 +85,7 @@ def load_samples(
     variant: str,
     info: ModelInfo,
     root: Path = Path("."),
-    precision: str | None = None,
+    precision: Precision | None = None,
     stage: str | None = None,
 ) -> tuple[SampleShards, dict]:
     """samples/<variant>/'s shards (memory-mapped, hashes verified) and its manifest; ``stage``
@@ -114,7 +115,11 @@ def load_samples(
 
 
 def check_resolution(
-    cfg: Config, network: SamplingJob, samples: np.ndarray, variant: str, root: Path = Path(".")
+    cfg: Config,
+    network: SamplingJob,
+    samples: np.ndarray | SampleShards,
+    variant: str,
+    root: Path = Path("."),
 ) -> None:
     """DataError unless the network, the samples and the prepared data share one resolution."""
     data = int(read_manifest(root / layout.data_dir(cfg.scale))["resolution"])
@@ -155,7 +160,7 @@ class _Clock:
     """Seconds spent per part, and a Ray connect that counts its own start-up."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg, self.seconds = cfg, {}
+        self.cfg, self.seconds = cfg, dict[str, float]()
 
     def add(self, part: str, started: float) -> None:
         self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - started
@@ -289,6 +294,7 @@ def metrics_json(
         s = test.summary
         out["nll_prior_bpd"] = s["prior_sum"] / s["count"]
         out["nll_decoder_bpd"] = float(s["vb_bpd"][0])  # L_0, the distortion term in bits
+        assert result.curve is not None  # computed with the test split's bound
         rows = table4_rows(result.curve, tuple(cfg.eval.rd_steps))
         t = test.terms
         errors = table4_errors(t["prior_bpd"], t["vb"], t["xstart_mse"], tuple(cfg.eval.rd_steps))

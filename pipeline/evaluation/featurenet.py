@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from pipeline.atomic import atomic_path
+from pipeline.data import ImageSet
 from pipeline.errors import DataError
 from pipeline.evaluation.inception import InceptionWeights
 from pipeline.model.weights import sha256_file
@@ -161,7 +162,7 @@ def accuracy(net: SmallClassifier, images: np.ndarray, labels: np.ndarray) -> fl
 
 
 @torch.no_grad()
-def confidence(net: SmallClassifier, images: np.ndarray, batch_size: int = 512) -> float:
+def confidence(net: SmallClassifier, images: np.ndarray | ImageSet, batch_size: int = 512) -> float:
     """Mean over uint8 ``images`` [N, R, R, 3] of the top class probability (1/classes: noise).
 
     Samples have no labels, so this stands for "accuracy on samples": how recognisable they are
@@ -174,7 +175,7 @@ def confidence(net: SmallClassifier, images: np.ndarray, batch_size: int = 512) 
     return float(torch.cat(top).mean())
 
 
-def classifier_scores(weights: InceptionWeights, images: np.ndarray) -> dict[str, float]:
+def classifier_scores(weights: InceptionWeights, images: np.ndarray | ImageSet) -> dict[str, float]:
     """Scores of ``images`` when ``weights`` is the feature network, else {}.
 
     ``classifier_confidence`` (see :func:`confidence`) and, from the featurenet stage's manifest

@@ -327,13 +327,13 @@ def _extract(
     bar = BlockProgress(len(images), 0, desc, unit="images")
     try:
         data = ImageArrayDataset(images, bar)
-        inputs = {
+        inputs: dict[str, Any] = {
             "input1": data,
             "input1_cache_name": name,
             "input2": data,
             "input2_cache_name": name,
         }
-        token_kid = {"kid": True, "kid_subsets": 1, "kid_subset_size": 2}
+        token_kid: dict[str, Any] = {"kid": True, "kid_subsets": 1, "kid_subset_size": 2}
         _calculate(weights, cache, isc=True, isc_splits=1, **token_kid, **inputs, **opts)
     finally:
         bar.close()
@@ -373,7 +373,7 @@ def load_numpy_dict(path: Path) -> dict[str, np.ndarray]:
 
 def _fid(key1: str, key2: str, weights: InceptionWeights, cache: Path, **opts) -> float:
     """FID between two extracted image sets, from cached statistics (or features)."""
-    inputs = {
+    inputs: dict[str, Any] = {
         "input1": _NeverRead(),
         "input1_cache_name": _cache_name(key1),
         "input2": _NeverRead(),
@@ -385,7 +385,7 @@ def _fid(key1: str, key2: str, weights: InceptionWeights, cache: Path, **opts) -
 
 def _inception_score(key: str, weights, cache: Path, is_splits: int, **opts) -> dict[str, float]:
     """IS (mean, std over ``is_splits`` splits) from the cached logits of image set ``key``."""
-    inputs = {"input1": _NeverRead(), "input1_cache_name": _cache_name(key)}
+    inputs: dict[str, Any] = {"input1": _NeverRead(), "input1_cache_name": _cache_name(key)}
     out = _calculate(weights, cache, isc=True, isc_splits=is_splits, **inputs, **opts)
     mean, std = out[torch_fidelity.KEY_METRIC_ISC_MEAN], out[torch_fidelity.KEY_METRIC_ISC_STD]
     return {"is_mean": float(mean), "is_std": float(std)}

@@ -80,7 +80,7 @@ class InceptionRunner:
         bootstrap_seed: int = 0,
     ) -> dict[str, Any]:
         """pipeline.evaluation.fidelity.compute_fid_is, here or as a GPU task."""
-        boot = {"bootstrap": bootstrap, "bootstrap_seed": bootstrap_seed}
+        boot: dict[str, Any] = {"bootstrap": bootstrap, "bootstrap_seed": bootstrap_seed}
         if not self.remote:
             return fidelity.compute_fid_is(
                 samples, reference, weights, cache_root, is_splits, expected=expected,

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import layout
+from pipeline.choices import Precision
 from pipeline.cluster import devices
 from pipeline.cluster.blocks import BlockRun, merge_blocks, run_blocks
 from pipeline.cluster.raycluster import init_ray
@@ -124,7 +125,7 @@ def image_nll(
     indices: range | list[int],
     seed: int,
     batch_size: int,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
 ) -> dict[str, np.ndarray]:
     """calc_bpd_loop of uint8 ``images`` [n, R, R, 3], image k drawing noise from indices[k],
     computed in ``precision`` (model.precision, pipeline.model.precision).

@@ -67,6 +67,7 @@ def write_figures(cfg: Config, result: Evaluation, folder: Path) -> list[Path]:
     """reconstructions.png (Fig. 7), interpolation.png (Fig. 8), rate_distortion.png (Fig. 5)."""
     title, spec, arrays, paths = figure_title(cfg, result), result.spec, result.figures, []
     if "recon_x_0" in arrays:
+        assert spec is not None  # the figures were drawn from it
         paths.append(folder / "reconstructions.png")
         save_reconstructions(
             paths[-1],
@@ -77,6 +78,7 @@ def write_figures(cfg: Config, result: Evaluation, folder: Path) -> list[Path]:
             title,
         )
     if "interp" in arrays:
+        assert spec is not None
         paths.append(folder / "interpolation.png")
         save_interpolation(
             paths[-1],

@@ -62,7 +62,9 @@ def rate_distortion(
     return out
 
 
-def table4_rows(curve: dict[str, np.ndarray], steps: tuple[int, ...]) -> list[dict[str, float]]:
+def table4_rows(
+    curve: dict[str, np.ndarray], steps: tuple[int, ...]
+) -> list[dict[str, float | None]]:
     """Rows of Table 4 (steps, rate, both distortions) for the requested reverse-step counts.
 
     ``distortion_rmse_per_image`` is None when the curve has no per-image aggregate.

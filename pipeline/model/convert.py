@@ -196,8 +196,9 @@ def convert_state_dict(source: dict[str, Tensor], kwargs: dict[str, Any]) -> dic
             if (norm := sd.pop(f"{src}.group_norm.{p}", None)) is not None:
                 out[f"{dst}.norm.{p}"] = norm
             parts = [_pop_attn(sd, src, x, p) for x in ("q", "k", "v")]
-            if all(x is not None for x in parts):
-                qkv = torch.cat(parts, dim=0)
+            present = [x for x in parts if x is not None]
+            if len(present) == len(parts):
+                qkv = torch.cat(present, dim=0)
                 out[f"{dst}.qkv.{p}"] = qkv.reshape(*qkv.shape, 1, 1) if p == "weight" else qkv
             if (proj := _pop_attn(sd, src, "out", p)) is not None:
                 out[f"{dst}.proj_out.{p}"] = (

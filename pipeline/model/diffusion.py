@@ -22,16 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.choices import LOSS_TYPES, MEAN_TYPES, VAR_TYPES, LossType, MeanType, VarType
 from pipeline.model.losses import (
     BITS_PER_NAT,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
 )
-
-MEAN_TYPES = ("eps", "xprev", "xstart")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
-LOSS_TYPES = ("mse", "kl")
 
 Model = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[tuple[int, ...]], Tensor]
@@ -64,9 +61,9 @@ class GaussianDiffusion:
     def __init__(
         self,
         betas: np.ndarray | list[float],
-        mean_type: str = "eps",
-        var_type: str = "fixedlarge",
-        loss_type: str = "mse",
+        mean_type: MeanType = "eps",
+        var_type: VarType = "fixedlarge",
+        loss_type: LossType = "mse",
     ) -> None:
         for name, value, allowed in (
             ("mean_type", mean_type, MEAN_TYPES),
@@ -361,7 +358,7 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
     ) -> Tensor:
         """Algorithm 2: x_T ~ N(0, I), then T reverse steps; returns x_0 [B, C, H, W], unclipped."""
-        final = None
+        final: Tensor | None = None
         for out in self.p_sample_loop_progressive(
             model, shape, noise_fn, generator, device, clip_denoised
         ):

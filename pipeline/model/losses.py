@@ -39,7 +39,7 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
 
 def _log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
     """log(Phi(a) - Phi(b)) for a > b, accurate when both lie in the lower tail."""
-    log_a = torch.special.log_ndtr(a)
+    log_a: Tensor = torch.special.log_ndtr(a)
     return log_a + torch.log(-torch.expm1(torch.special.log_ndtr(b) - log_a))
 
 

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+from pipeline.choices import PRECISIONS, Precision
 
 
-def set_matmul_precision(precision: str, device_type: str) -> None:
+def set_matmul_precision(precision: Precision, device_type: str) -> None:
     """TF32 on (``tf32``) or off (``fp32``, ``bf16``) for CUDA matmuls and cuDNN convolutions,
     explicitly, for this process. A no-op on the CPU."""
     if precision not in PRECISIONS:
@@ -36,7 +36,7 @@ def set_matmul_precision(precision: str, device_type: str) -> None:
 
 
 @contextlib.contextmanager
-def compute_precision(precision: str, device_type: str, bf16: bool = False) -> Iterator[None]:
+def compute_precision(precision: Precision, device_type: str, bf16: bool = False) -> Iterator[None]:
     """The block runs in ``precision`` on ``device_type`` (cpu | cuda): the TF32 flags set
     (and restored afterwards) on CUDA, bf16 autocast for ``bf16`` (or the legacy ``bf16``
     flag). With fp32 on the CPU it changes nothing."""

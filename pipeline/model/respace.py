@@ -15,6 +15,8 @@ learned variance was trained for single steps and is replaced by the respaced si
 
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -84,8 +86,8 @@ class RespacedDiffusion(GaussianDiffusion):
             "model_output": out["model_output"],
         }
 
-    def training_losses(self, *args, **kwargs):
+    def training_losses(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("a respaced process is for sampling only")
 
-    def calc_bpd_loop(self, *args, **kwargs):
+    def calc_bpd_loop(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise NotImplementedError("a respaced process is for sampling only; use the base process")

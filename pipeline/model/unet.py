@@ -14,6 +14,7 @@ LSUN/CelebA-HQ 256: ch_mult (1, 1, 2, 2, 4, 4), dropout 0.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +76,16 @@ class Conv2d(nn.Conv2d):
             and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
         ):
+            padding = cast("tuple[int, ...]", self.padding)  # conv() never passes a string
             return torch.mkldnn_convolution(
-                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+                x, self.weight, self.bias, padding, self.stride, self.dilation, self.groups
             )
         return super().forward(x)
 
 
-def conv(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, init_scale: float = 1.0):
+def conv(
+    in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, init_scale: float = 1.0
+) -> Conv2d:
     """Conv2d with 'same' padding for stride 1 (padding 0 for the stride-2 downsampler)."""
     layer = Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2 if stride == 1 else 0)
     _init_(layer, init_scale)
@@ -131,7 +135,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        out: Tensor = self.nin_shortcut(x) + h  # (nn.Module calls are typed Any)
+        return out
 
 
 class AttnBlock(nn.Module):
@@ -145,9 +150,11 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.norm = norm(channels, groups)
         self.qkv = Conv2d(channels, 3 * channels, 1)
+        assert self.qkv.bias is not None
         for i in range(3):  # initialise q, k and v like three separate 1x1 layers
             part = nn.Conv2d(channels, channels, 1)
             _init_(part)
+            assert part.bias is not None
             with torch.no_grad():
                 self.qkv.weight[i * channels : (i + 1) * channels] = part.weight
                 self.qkv.bias[i * channels : (i + 1) * channels] = part.bias
@@ -159,7 +166,8 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         # Back to [B, C, H, W] in x's own memory layout (the view's strides are ambiguous).
         h = h.transpose(1, 2).reshape(B, C, H, W).contiguous(memory_format=memory_format(x))
-        return x + self.proj_out(h)
+        out: Tensor = x + self.proj_out(h)
+        return out
 
 
 class Downsample(nn.Module):
@@ -170,7 +178,8 @@ class Downsample(nn.Module):
         self.conv = conv(channels, channels, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        out: Tensor = self.conv(F.pad(x, (0, 1, 0, 1)))
+        return out
 
 
 class Upsample(nn.Module):
@@ -181,7 +190,8 @@ class Upsample(nn.Module):
         self.conv = conv(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out: Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return out
 
 
 class Level(nn.Module):
@@ -290,7 +300,7 @@ class UNet(nn.Module):
         temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
 
         hs = [self.conv_in(x)]
-        for level in self.down:
+        for level in cast("list[Level]", self.down):
             for blk, att in zip(level.blocks, level.attns, strict=True):
                 hs.append(att(blk(hs[-1], temb)))
             if not isinstance(level.resample, nn.Identity):
@@ -298,12 +308,13 @@ class UNet(nn.Module):
 
         h = self.mid_block_2(self.mid_attn_1(self.mid_block_1(hs[-1], temb)), temb)
 
-        for level in reversed(self.up):
+        for level in reversed(cast("list[Level]", self.up)):
             for blk, att in zip(level.blocks, level.attns, strict=True):
                 h = att(blk(torch.cat([h, hs.pop()], dim=1), temb))
             h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out: Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
 
 
 def build_unet(cfg: ModelConfig, resolution: int, out_channels: int = 3) -> UNet:

@@ -36,7 +36,9 @@ def save_weights(path: str | Path, model: UNet, meta: dict[str, Any]) -> None:
         torch.save(payload, f)
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+def load_weights(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[UNet, dict[str, Any]]:
     """Rebuild the UNet saved at ``path``; returns (model in eval mode, meta)."""
     path = Path(path)
     if not path.is_file():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -72,9 +73,11 @@ def resolve(what: str) -> Reproduction:
             raise UserError(f"run {what}: not a reproduction run and has no parent run")
         run = client.get_run(parent)
     tags = run.data.tags
-    experiment = client.get_experiment(run.info.experiment_id).name
+    experiment_name = client.get_experiment(run.info.experiment_id).name
     stand_in = " (stand-in)" if tags.get(TAG_STAND_IN) == "true" else ""
-    label = f"{experiment}/{run.info.run_name} {run.info.run_id[:8]}, {tags.get(TAG_SCALE)} scale"
+    label = (
+        f"{experiment_name}/{run.info.run_name} {run.info.run_id[:8]}, {tags.get(TAG_SCALE)} scale"
+    )
     runs = read_runs_by_parent(run.info.experiment_id, run.info.run_id)
     return Reproduction(run.info.run_id, label + stand_in, tags, runs)
 
@@ -83,7 +86,7 @@ def _get(runs: pd.DataFrame, variant: str, metric: str | None) -> float | None:
     column = f"metrics.{metric}"
     if metric is None or variant not in runs.index or column not in runs.columns:
         return None
-    value = runs.at[variant, column]
+    value: Any = runs.at[variant, column]  # a cell of a mixed-type frame
     return None if value is None or math.isnan(value) else float(value)
 
 

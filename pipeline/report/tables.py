@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -154,7 +155,7 @@ def _value(runs: pd.DataFrame, variant: str, metric: str) -> float | None:
     column = f"metrics.{metric}"
     if variant not in runs.index or column not in runs.columns:
         return None
-    value = runs.at[variant, column]
+    value: Any = runs.at[variant, column]  # a cell of a mixed-type frame
     missing = value is None or (isinstance(value, float) and math.isnan(value))
     return None if missing else float(value)
 
@@ -383,12 +384,14 @@ def _merged(row: pd.Series, column: str) -> str:
     ``<X> verdict`` with its margin: ``reproduced; ± 0.317``."""
     if column.endswith(" verdict"):
         text, margin = _cell(row[column]), row.get(column.removesuffix("verdict") + "margin")
-        return text if text == "—" or _cell(margin) == "—" else f"{text}; {margin_text(margin)}"
+        if text == "—" or margin is None or _cell(margin) == "—":
+            return text
+        return f"{text}; {margin_text(float(margin))}"
     text = _cell(row[column])
     err, n = row.get(f"{column} err"), row.get(f"{column} n")
     if text != "—" and _cell(err) != "—":
         text += f" ± {_cell(err)}"
-    if text != "—" and _cell(n) != "—":
+    if text != "—" and n is not None and _cell(n) != "—":
         text += f" ({int(n)})"
     return text
 

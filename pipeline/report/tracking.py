@@ -91,9 +91,15 @@ def setup(cfg: Config, root: Path | None = None) -> str:
 def git_commit(root: Path | None = None) -> str | None:
     """HEAD of the project's git repository (with a +dirty mark), or None outside git."""
     try:
-        run = {"cwd": root or Path.cwd(), "capture_output": True, "text": True, "timeout": 10}
-        head = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], check=True, **run)
+        cwd = root or Path.cwd()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno"], cwd=cwd, capture_output=True, text=True,
+            timeout=10, check=True,
+        )  # fmt: skip
         return head + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -213,9 +219,10 @@ def _previous_parent(run_ids: dict[str, str]) -> str | None:
 
     client = mlflow.MlflowClient()
     parents = {client.get_run(r).data.tags.get("mlflow.parentRunId") for r in run_ids.values()}
-    if len(parents) != 1 or None in parents:
+    parent_id = parents.pop() if len(parents) == 1 else None
+    if parent_id is None:
         return None
-    parent = client.get_run(parents.pop())
+    parent = client.get_run(parent_id)
     if parent.data.tags.get("ddpm.role") != "reproduction":
         return None
     if parent.data.params.get("variants") != ",".join(run_ids):

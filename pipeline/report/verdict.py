@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal, cast
+from typing import Final, Literal
 
 from pipeline.config import Amount, ReportConfig, parse_amount
 
@@ -253,7 +253,7 @@ def collect(built: dict) -> list[Entry]:
                 if outcome not in OUTCOMES:
                     raise ValueError(f"{stem} {label} {figure}: unknown verdict {outcome!r}")
                 found = Verdict(
-                    cast(Outcome, outcome),  # checked against OUTCOMES above
+                    outcome,  # checked against OUTCOMES above
                     _text(row.get(f"{figure} verdict reason")),
                     _num(row.get(f"{figure} margin")),
                     _text(row.get(f"{figure} verdict basis")),

@@ -34,6 +34,7 @@ import torch
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, save_npz, write_json
+from pipeline.choices import Precision
 from pipeline.cluster import devices
 from pipeline.cluster.blocks import BlockRun, run_blocks
 from pipeline.cluster.gputasks import submit
@@ -108,7 +109,7 @@ def sample_images(
     batch_size: int,
     bf16: bool = False,
     channels_last: bool = False,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
 ) -> np.ndarray:
     """Samples ``indices`` (Algorithm 2, per-image noise from (seed, i)): uint8 [n, R, R, 3].
 
@@ -152,7 +153,7 @@ def progressive_frames(
     frames: int,
     bf16: bool = False,
     channels_last: bool = False,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
 ) -> dict[str, np.ndarray]:
     """Fig. 6: the x_0 predictions of samples ``indices`` at evenly spaced steps.
 
@@ -170,6 +171,7 @@ def progressive_frames(
             if out["t"] in wanted:
                 shown.append(to_uint8(out["pred_xstart"]))
             final = out["sample"]
+    assert final is not None  # the reverse process has at least one step
     original = getattr(diffusion, "timesteps", np.arange(diffusion.num_timesteps))
     return {
         "frames": np.stack(shown, axis=1),
@@ -333,7 +335,7 @@ def make_manifest(
     variant: Variant,
     info: ModelInfo,
     job: SamplingJob,
-    images: np.ndarray,
+    images: np.ndarray | SampleShards,
     key: str,
     sha256: str | None = None,
 ) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.choices import LossType, MeanType, Precision, VarType
 from pipeline.cluster import devices
 from pipeline.config import Config, Variant
 from pipeline.errors import ConfigError, DataError
@@ -34,16 +35,16 @@ class SamplingJob:
     unet: dict[str, Any]  # UNet constructor kwargs
     state_dict: dict[str, Tensor]  # EMA weights
     betas: tuple[float, ...]  # the training schedule (float64 values)
-    mean_type: str
-    var_type: str
-    loss_type: str
+    mean_type: MeanType
+    var_type: VarType  # the sampler's (sampler_var_type)
+    loss_type: LossType
     steps: int | None  # None: all T steps (Algorithm 2); fewer: respaced
     seed: int
     batch_size: int
     bf16: bool = False
     channels_last: bool = False
     use_gpu: bool = False
-    precision: str = "fp32"  # model.precision (pipeline.model.precision)
+    precision: Precision = "fp32"  # model.precision (pipeline.model.precision)
     torch_threads: int = 1
 
     @property
@@ -84,7 +85,7 @@ class SamplingJob:
         base = GaussianDiffusion(
             np.array(self.betas), self.mean_type, self.var_type, self.loss_type
         )
-        if not self.respaced:
+        if not self.respaced or self.steps is None:  # (respaced implies steps)
             return base
         return RespacedDiffusion(base, space_timesteps(base.num_timesteps, self.steps))
 
@@ -99,7 +100,7 @@ class SamplingJob:
 
 
 def variant_types(variant: Variant) -> dict[str, str]:
-    """A variant's mean_type, var_type and loss_type, as GaussianDiffusion takes them."""
+    """A variant's mean_type, var_type and loss_type, as model.json records them."""
     return {
         "mean_type": variant.mean_type,
         "var_type": variant.var_type,
@@ -107,7 +108,7 @@ def variant_types(variant: Variant) -> dict[str, str]:
     }
 
 
-def sampler_var_type(cfg: Config, variant: Variant) -> str:
+def sampler_var_type(cfg: Config, variant: Variant) -> VarType:
     """The variance the sampler draws with: ``sample.var_type`` when set, else the variant's.
 
     Only a fixed variance can be swapped (the official LSUN sampler used beta~_t where CIFAR10
@@ -129,9 +130,8 @@ def make_job(cfg: Config, variant: Variant, weights: Path) -> SamplingJob:
     model, _ = load_weights(weights, "cpu")
     d, s = cfg.diffusion, cfg.sample
     betas = linear_beta_schedule(d.num_timesteps, d.beta_start, d.beta_end)
-    want = GaussianDiffusion(betas, **variant_types(variant)).model_output_channels(
-        model.in_channels
-    )
+    diffusion = GaussianDiffusion(betas, variant.mean_type, variant.var_type, variant.loss_type)
+    want = diffusion.model_output_channels(model.in_channels)
     if model.out_channels != want:
         raise DataError(
             f"{weights}: the network returns {model.out_channels} channels but var_type "

@@ -12,6 +12,7 @@ import os
 import struct
 import zipfile
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def map_member(path: str | os.PathLike, member: NpyMember) -> np.ndarray:
 
     Raises ValueError when the file is shorter than the header says (a truncated file).
     """
-    order = "F" if member.fortran else "C"
+    order: Literal["C", "F"] = "F" if member.fortran else "C"
     return np.memmap(
         path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order=order
     )

@@ -109,6 +109,7 @@ def publish_shards(
         hash_bytes(target, member.offset, member.nbytes, digest, total)
         entry = {"file": target.name, "start": start, "stop": stop, "count": stop - start}
         shards.append({**entry, "sha256": digest.hexdigest()})
+    assert first is not None  # there are blocks (checked above)
     return {
         "count": n_items,
         "shape": [n_items, *first.shape[1:]],
