@@ -54,15 +54,17 @@ class UnsafePathError(DataError):
 
 
 def safe_rel(rel: str | os.PathLike) -> PurePosixPath:
-    """``rel`` as a relative key inside a store; UnsafePathError if it is absolute or has a ``..``
-    part (``""`` and ``"."`` are the root)."""
+    """``rel`` as a relative key inside a store; UnsafePathError unless it is canonical: not
+    absolute, no ``..``, ``.`` or empty part (``a//b`` is another S3 key than ``a/b``). ``""``
+    and ``"."`` are the root."""
     text = os.fspath(rel)
-    path = PurePosixPath(text)
-    if text.startswith("/") or path.is_absolute() or ".." in path.parts or "\0" in text:
+    if text in ("", "."):
+        return PurePosixPath(".")
+    if "\0" in text or any(part in ("", ".", "..") for part in text.split("/")):
         raise UnsafePathError(
-            f"{text!r}: refused, a storage key must be a relative path without '..'"
+            f"{text!r}: refused, a storage key must be a relative path without '..' or '//'"
         )
-    return path
+    return PurePosixPath(text)
 
 
 def inside(folder: str | os.PathLike, rel: str | os.PathLike) -> Path:
