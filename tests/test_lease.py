@@ -248,3 +248,14 @@ def test_the_stop_hint_is_built_from_a_checked_job_id(store, monkeypatch):
     with pytest.raises(UserError) as held:
         Lease(store, "tiny", job=B, timeout=60).acquire()
     assert "curl" not in str(held.value) and "`" not in str(held.value)
+
+
+def test_a_lease_file_of_the_earlier_format_is_respected_then_replaced(tmp_path):
+    store = Store.parse(str(tmp_path / "shared"))
+    old = {"job": A, "host": "other-host", "pid": 1, "heartbeat": time.time()}
+    store.write_text("state/tiny/lease", json.dumps(old))
+    with pytest.raises(UserError, match=A):  # its holder is live: refused as before
+        Lease(store, "tiny", job=B, timeout=60).acquire()
+    store.write_text("state/tiny/lease", json.dumps({**old, "heartbeat": 0}))  # it died
+    Lease(store, "tiny", job=B, timeout=60).acquire()
+    assert read_lease(store, "tiny").job == B

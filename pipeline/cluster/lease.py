@@ -225,6 +225,7 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease (the next generation); UserError if another live job holds it or
         wins the race to it."""
+        self._drop_old_format()
         for _ in range(CREATE_TRIES):
             held = self.read()
             self._refuse_if_held(held)
@@ -248,6 +249,20 @@ class Lease:
             # another job created this generation first: its record decides (refused, or it
             # was released already and the next generation is tried)
         raise UserError(f"the lease {self.store.uri(self.folder)} is contended: try again")
+
+    def _drop_old_format(self) -> None:
+        """A lease file of the earlier format (one record at ``state/<scale>/lease``, left by a
+        job that crashed) in a folder store, where it blocks the lease folder: refused like a
+        record while its holder is live, else removed."""
+        if not self.store.is_local or not self.store.local_path(self.folder).is_file():
+            return
+        try:
+            record = json.loads(self.store.read_text(self.folder))
+        except (FileNotFoundError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            self._refuse_if_held(Held(0, record))
+        self.store.remove(self.folder)
 
     def _clean_up(self, generation: int) -> None:
         """Remove the records of generations before ``generation - 1`` (best effort)."""
@@ -301,9 +316,9 @@ class Lease:
         """Mark this generation released if it is still the newest (a later holder's record is
         never touched); stop the heartbeat."""
         self._stop.set()
-        for thread in self._threads:
+        for thread in self._threads:  # a renewal hung in a stalled storage call: not waited for
             if thread is not threading.current_thread():
-                thread.join()
+                thread.join(timeout=self.heartbeat_s)
         if self.generation is None or self._lost:
             return
         with contextlib.suppress(Exception):  # a storage outage: the lease times out instead
