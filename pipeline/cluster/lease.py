@@ -155,7 +155,9 @@ def read_lease(store: Store, scale: str) -> Held | None:
         except ValueError:
             record = None
         if not isinstance(record, dict):
-            record = {"job": None, "heartbeat": 0}
+            record = {"job": None}
+        if not isinstance(record.get("heartbeat"), int | float):
+            record["heartbeat"] = 0  # no usable heartbeat: as old as can be
         return Held(newest, record)
     raise UserError(f"the lease {store.uri(folder)} keeps changing while it is read")
 
