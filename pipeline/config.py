@@ -51,6 +51,9 @@ from pipeline.choices import (
 from pipeline.errors import ConfigError
 
 SECTIONS = ("data", "model", "diffusion", "train", "sample", "eval")
+# Preset and variant names become parts of paths (data/<scale>, models/<variant>) and of the
+# commands dvc.yaml runs (--variant ${key}): plain names only.
+NAME = re.compile(r"[a-z0-9_]+")
 
 STAND_IN_NOTE = "stand-in, not comparable to published numbers"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -458,9 +461,14 @@ def config_from_dict(raw: dict[str, Any], scale: str | None = None) -> Config:
     top.add("report")
     _check_keys("params.yaml", raw, top)
     presets = raw.get("presets") or {}
+    for name in presets:
+        check_name("presets", name)
+    for name in raw.get("variants") or {}:
+        check_name("variants", name)
     scale = scale or raw.get("scale")
     if not scale:
         raise ConfigError("params.yaml: set `scale` to one of the presets")
+    check_name("scale", scale)
     if scale not in presets:
         raise ConfigError(f"scale {scale!r} is not a preset; choose one of: {', '.join(presets)}")
     preset = presets[scale] or {}
@@ -495,6 +503,18 @@ FLIPS_OFF: dict[FlipSource, tuple[Dataset, ...]] = {
     "official": ("lsun_cat",),  # run_lsun.py: randflip=1 by default, `--randflip 0` for cat
     "paper": ("lsun_bedroom",),  # App. B: "random horizontal flips ... except LSUN Bedroom"
 }
+
+
+def check_name(where: str, name: object) -> str:
+    """``name`` if it is a plain name (:data:`NAME`: lowercase letters, digits, ``_``), else a
+    ConfigError naming ``where``: preset and variant names reach paths and shell commands."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        shown = repr(name)[:80]
+        raise ConfigError(
+            f"{where}: {shown} is not a plain name; use lowercase letters, digits and _ only "
+            "(it becomes part of paths and commands)"
+        )
+    return name
 
 
 def seed_key(variant: str, seed: int, main_seed: int) -> str:
@@ -559,6 +579,7 @@ def _check_seed_keys(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
     where = f"presets.{cfg.scale}"
+    check_name(f"{where}.model.checkpoint_variant", cfg.model.checkpoint_variant)
     if cfg.model.source == "checkpoint" and cfg.model.checkpoint_variant not in cfg.variants:
         _check_choice(
             f"{where}.model.checkpoint_variant", cfg.model.checkpoint_variant, tuple(cfg.variants)

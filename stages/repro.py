@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.cli import entry_point
 from pipeline.cluster.blocks import check_gpu_preset
 from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
@@ -45,7 +46,7 @@ from pipeline.cluster.raycluster import check_single_node, local_head, ray_addre
 from pipeline.cluster.stopping import Stopped, stop_grace_s, warn_short_stop_wait
 from pipeline.cluster.storage import check_storage
 from pipeline.cluster.storage_fs import Store
-from pipeline.config import Config, load_config
+from pipeline.config import Config, check_name, load_config
 from pipeline.errors import UserError
 from pipeline.forkserver import stage_server, wait_ready
 
@@ -60,13 +61,15 @@ def in_git_repo() -> bool:
 
 
 def set_scale(params: Path, scale: str) -> None:
-    """Point params.yaml's top-level ``scale:`` at ``scale`` (checked against the presets)."""
+    """Point params.yaml's top-level ``scale:`` at ``scale``, checked first (a plain name, one
+    of the presets): a bad value is one error line and params.yaml is left as it was."""
+    check_name("--scale", scale)
+    load_config(params, scale)  # an unknown preset: one error line before anything is written
     text = params.read_text()
     new, count = re.subn(r"(?m)^scale:[^\n#]*", f"scale: {scale}", text, count=1)
     if count != 1:
         raise UserError(f"{params}: no top-level `scale:` line to set")
-    params.write_text(new)
-    load_config(params)  # fails with a clear error for an unknown preset
+    atomic.write_text(params, new)
 
 
 TERMINATING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

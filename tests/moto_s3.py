@@ -2,6 +2,11 @@
 
 :func:`moto_server` starts ``moto_server`` as a subprocess on a free 127.0.0.1 port and stops it
 by its pid; :func:`s3_env` is the environment that points boto/s3fs/pyarrow/DVC at it.
+
+S3 applies a conditional PUT (``If-None-Match``/``If-Match``) atomically; moto's threaded server
+checks the condition and then stores the object, so two requests at the same moment could both
+pass. ``atomic_puts=True`` (the lease tests) serialises its PutObject handler with a lock, which
+gives the stand-in S3's guarantee; nothing else about the server changes.
 """
 
 from __future__ import annotations
@@ -29,14 +34,29 @@ def s3_env(endpoint: str) -> dict[str, str]:
     return {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
 
 
+ATOMIC_PUTS = """
+import sys, threading
+from moto.s3.responses import S3Response
+from moto.server import main
+lock, put = threading.Lock(), S3Response.put_object
+def put_object(self):
+    with lock:
+        return put(self)
+S3Response.put_object = put_object
+main(sys.argv[1:])
+"""
+
+
 @contextlib.contextmanager
-def moto_server(log: Path, timeout_s: float = 30.0) -> Iterator[str]:
+def moto_server(log: Path, timeout_s: float = 30.0, atomic_puts: bool = False) -> Iterator[str]:
     """A running moto S3 server; yields its endpoint URL (http://127.0.0.1:PORT)."""
     (port,) = free_ports(1)
-    server = Path(sys.executable).parent / "moto_server"
+    server = [str(Path(sys.executable).parent / "moto_server")]
+    if atomic_puts:
+        server = [sys.executable, "-c", ATOMIC_PUTS]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(server), "-H", "127.0.0.1", "-p", str(port)],
+            [*server, "-H", "127.0.0.1", "-p", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **CREDENTIALS},

@@ -33,8 +33,7 @@ from repo_copy import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ddpm-ops"
-A = ("raysubmit_A", "ray job stop raysubmit_A")
-B = ("raysubmit_B", "ray job stop raysubmit_B")
+A, B = "raysubmit_A", "raysubmit_B"
 
 
 def wait_until(condition, what: str, timeout: float = 30) -> None:
@@ -54,7 +53,6 @@ def endpoint(tmp_path_factory):
 
 @pytest.fixture(params=["folder", "s3"])
 def store(request, tmp_path, monkeypatch):
-    monkeypatch.setattr(lease, "SETTLE_S", 0.05)
     if request.param == "folder":
         return Store.parse(str(tmp_path / "shared"))
     for key, value in s3_env(request.getfixturevalue("endpoint")).items():
@@ -62,45 +60,53 @@ def store(request, tmp_path, monkeypatch):
     return Store.parse(f"s3://{BUCKET}/{request.node.name.split('[')[0]}-{time.time_ns()}")
 
 
+def plant(store: Store, generation: int, record: dict) -> None:
+    """A lease record written as its holder would have."""
+    store.write_text(lease.lease_dir("tiny") / lease.record_name(generation), json.dumps(record))
+
+
 def test_a_second_job_is_refused_while_the_first_holds_the_lease(store):
     first = Lease(store, "tiny", job=A, timeout=60)
     first.acquire()
-    assert store.exists("state/tiny/lease")
+    assert store.exists("state/tiny/lease/000000000001.json") and first.generation == 1
     second = Lease(store, "tiny", job=B, timeout=60)
     with pytest.raises(UserError) as refused:
         second.acquire()
     text = str(refused.value)
     assert "\n" not in text and "raysubmit_A" in text and "`ray job stop raysubmit_A`" in text
-    assert first.read()["job"] == "raysubmit_A"  # the refused job wrote nothing
+    assert first.read().job == A and first.read().generation == 1  # the refused job wrote nothing
     Lease(store, "paper", job=B, timeout=60).acquire()  # another scale: its own lease
     first.release()
-    assert not store.exists("state/tiny/lease")
-    second.acquire()  # released: the next job takes it
-    assert second.read()["job"] == "raysubmit_B"
+    assert first.read().record["released"]
+    second.acquire()  # released: the next job takes the next generation
+    assert second.read().job == B and second.generation == 2
 
 
 def test_a_stale_lease_is_taken_over_and_its_holder_stops(store):
-    lost: list[dict] = []
-    first = Lease(store, "tiny", job=A, timeout=0.8, on_lost=lost.append)
+    lost: list[str] = []
+    T = 2.0  # renewed every 0.25 s, within its deadline of 1 s on a busy moto)
+    first = Lease(store, "tiny", job=A, timeout=T, on_lost=lost.append)
     first.acquire()
-    first.start_heartbeat()  # every 0.1 s: the lease stays fresh past its timeout
+    first.start_heartbeat()  # every T/8: the lease stays fresh past its timeout
     started = first.record["started"]
-    wait_until(lambda: first.read()["heartbeat"] > started + 0.8, "a heartbeat past the timeout")
+    wait_until(lambda: first.read().record["heartbeat"] > started + T, "a heartbeat past T")
     with pytest.raises(UserError, match="raysubmit_A"):
-        Lease(store, "tiny", job=B, timeout=0.8).acquire()
+        Lease(store, "tiny", job=B, timeout=T).acquire()
+    assert not lost
     first._stop.set()  # the holder dies (no more heartbeat) ...
-    first._thread.join()
-    wait_until(lambda: time.time() - first.read()["heartbeat"] > 0.8, "the lease gone stale")
-    second = Lease(store, "tiny", job=B, timeout=0.8)
+    for thread in first._threads:
+        thread.join()
+    wait_until(lambda: first.read().age() > T, "the lease gone stale")
+    second = Lease(store, "tiny", job=B, timeout=T)
     second.acquire()
-    assert second.read()["job"] == "raysubmit_B"
-    first._stop.clear()  # a holder that was only stalled: its next heartbeat finds B's lease
-    first.start_heartbeat()
+    assert second.read().job == B and second.generation == 2
+    first._renewed = time.monotonic()  # a holder that was only stalled: its next heartbeat
+    first.start_heartbeat()  # finds generation 2 and stops
     wait_until(lambda: lost, "the stalled holder told it lost the lease")
-    assert lost[0]["job"] == "raysubmit_B"
-    assert second.read()["job"] == "raysubmit_B"  # the stalled job did not overwrite it
+    assert "job raysubmit_B took over" in lost[0]
+    assert second.read().job == B  # the stalled job did not overwrite it
     first.release()  # not its lease any more: left alone
-    assert second.read()["job"] == "raysubmit_B"
+    assert second.read().job == B and not second.read().record["released"]
 
 
 def test_a_lease_of_an_ended_job_on_this_host_is_taken_over_at_once(store, capsys):
@@ -109,28 +115,26 @@ def test_a_lease_of_an_ended_job_on_this_host_is_taken_over_at_once(store, capsy
     lease at once, heartbeat fresh or not."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    first = Lease(store, "tiny", job=A, timeout=60)
-    first.record = {"job": A[0], "host": socket.gethostname(), "pid": gone.pid, "stop": A[1]}
-    first._write()  # a fresh heartbeat, a dead process
+    now = time.time()
+    plant(store, 1, {"job": A, "host": socket.gethostname(), "pid": gone.pid, "heartbeat": now})
     second = Lease(store, "tiny", job=B, timeout=60)
     second.acquire()
-    assert second.read()["job"] == "raysubmit_B"
+    assert second.read().job == B and second.generation == 2
     assert f"process {gone.pid} is gone" in capsys.readouterr().err
-    elsewhere = Lease(store, "tiny", job=A, timeout=60)  # a live job on another host: refused
-    elsewhere.record = {"job": A[0], "host": "other-host", "pid": gone.pid, "stop": A[1]}
-    elsewhere._write()
-    with pytest.raises(UserError, match="raysubmit_A"):
-        Lease(store, "tiny", job=B, timeout=60).acquire()
+    plant(store, 3, {"job": A, "host": "other-host", "pid": gone.pid, "heartbeat": now})
+    with pytest.raises(UserError, match="raysubmit_A"):  # a live job on another host: refused
+        Lease(store, "tiny", job=B + "2", timeout=60).acquire()
 
 
 def test_the_lease_is_released_when_the_job_ends_or_fails(store, monkeypatch):
     monkeypatch.setenv(lease.RAY_JOB_ENV, json.dumps({"metadata": {"job_submission_id": "j1"}}))
     with job_lease(store, "tiny") as held:
-        assert held.read()["job"] == "j1" and held.read()["stop"] == "ray job stop j1"
-    assert not store.exists("state/tiny/lease")
+        assert held.read().job == "j1" and not held.read().record["released"]
+        assert json.loads(os.environ[lease.HELD_ENV])["generation"] == 1
+    assert held.read().record["released"] and lease.HELD_ENV not in os.environ
     with pytest.raises(UserError, match="a stage failed"), job_lease(store, "tiny"):
         raise UserError("a stage failed")
-    assert not store.exists("state/tiny/lease")
+    assert lease.read_lease(store, "tiny").record["released"]
     with job_lease(None, "tiny") as nothing:  # no storage: no lease
         assert nothing is None
 

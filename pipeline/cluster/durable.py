@@ -16,6 +16,12 @@ needs the ``dvc-s3``/``dvc-gs`` plugin, and ``AWS_ENDPOINT_URL`` is given to it 
    keeps every stage it finished; a resubmitted job (new working directory, same params) skips
    them, training continues from its stored checkpoint and finished blocks are reused.
 
+Every save first checks that this job still holds the storage lease
+(:func:`pipeline.cluster.lease.fence`): a job that lost it saves nothing more. A file whose
+upload fails is retried with backoff (:data:`SAVE_BACKOFF`). Every file restored lands inside
+the working directory (a key with ``..`` or a link leading out of storage is refused), and the
+recorded data location must be inside storage's ``data/``.
+
 A push the remote rejects fails the run after the stage, with its local outputs kept.
 :func:`check_job_tracking` stops a Ray job whose MLflow store would live in its temporary
 working directory.
@@ -31,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.cluster.lease import fence
+from pipeline.cluster.retry import Backoff, retrying
 from pipeline.cluster.stopping import Stopped
 from pipeline.cluster.storage import (
     dvc_remote,
@@ -39,7 +47,7 @@ from pipeline.cluster.storage import (
     state_dir,
     store_data,
 )
-from pipeline.cluster.storage_fs import Store, copy_file_atomic
+from pipeline.cluster.storage_fs import Store, UnsafePathError, copy_file_atomic, inside
 from pipeline.config import Config
 from pipeline.errors import DataError, UserError
 from pipeline.layout import data_dir
@@ -141,6 +149,7 @@ def save_data(project: Path, store: Store, state: Path, scale: str) -> None:
     (``data/<scale>-<digest>/``, as the training ranks read it) and recorded in the state."""
     local = project / data_dir(scale)
     if (local / "manifest.json").is_file():
+        fence(store, state.name)  # state is state/<scale>
         where = store_data(store, local)
         if not store.exists(state / DATA_RECORD) or store.read_text(state / DATA_RECORD) != where:
             store.write_text(state / DATA_RECORD, where)
@@ -152,7 +161,13 @@ def restore_data(store: Store, state: Path, project: Path, scale: str) -> None:
     local = project / data_dir(scale)
     if local.exists() or not store.exists(state / DATA_RECORD):
         return
-    source = node_local_data(store.read_text(state / DATA_RECORD).strip())
+    where = store.read_text(state / DATA_RECORD).strip()
+    stored = store.uri("data").rstrip("/") + "/"
+    if not where.startswith(stored) or ".." in Path(where.removeprefix(stored)).parts:
+        raise UnsafePathError(f"{store.uri(state / DATA_RECORD)}: {where!r} is not in {stored}")
+    if store.is_local:
+        where = str(store.local_path(Path("data") / where.removeprefix(stored)))
+    source = node_local_data(where)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.parent / f".{local.name}.restoring"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -194,6 +209,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 _SAVED: dict[str, tuple[int, int]] = {}  # bucket objects this process wrote: (size, mtime)
+SAVE_BACKOFF = Backoff()  # retries of one state file's upload
 
 
 def save_state(project: Path, store: Store, state: Path) -> int:
@@ -203,6 +219,7 @@ def save_state(project: Path, store: Store, state: Path) -> int:
     A folder store compares size and mtime with the stored copy; a bucket, with what this
     process uploaded last (a new job uploads the small state once, then only changes).
     """
+    fence(store, state.name)  # state is state/<scale>: a job that lost its lease saves nothing
     copied = 0
     # dvc.lock last: a save cut short leaves the old lock with new outputs (the stages rerun
     # or are found unchanged), never a new lock beside the outputs of an earlier stage
@@ -230,7 +247,7 @@ def _save_file(source: Path, store: Store, dest: Path) -> int:
         stat, uri = source.stat(), store.uri(dest)
         if _SAVED.get(uri) == (stat.st_size, stat.st_mtime_ns):
             return 0
-        store.put_file(source, dest)
+        retrying(lambda: store.put_file(source, dest), f"save of {uri}", SAVE_BACKOFF)
         _SAVED[uri] = (stat.st_size, stat.st_mtime_ns)
     return source.stat().st_size
 
@@ -244,7 +261,7 @@ def restore_state(store: Store, state: Path, project: Path) -> bool:
         return False
     with tempfile.TemporaryDirectory(prefix=".restore-", dir=project) as tmp:
         for rel in files:
-            store.get_file(state / rel, Path(tmp) / rel)
+            store.get_file(state / rel, inside(tmp, rel))
         _restore_folder(Path(tmp), project)
     return True
 
@@ -255,13 +272,14 @@ def _restore_folder(state: Path, project: Path) -> bool:
     if not any(rel == Path("dvc.lock") for rel in files):
         return False
     for rel in files:
-        if rel.suffix == ".pt":
-            try:
-                safe_load(state / rel)
-            except DataError as e:
-                print(f"warning: not restored: {e}", flush=True)
-                continue
-        if not _same(state / rel, project / rel):
-            (project / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(state / rel, project / rel)
+        try:
+            source, target = inside(state, rel), inside(project, rel)
+            if rel.suffix == ".pt":
+                safe_load(source)
+        except DataError as e:  # a refused torch file, a link out of storage or the project
+            print(f"warning: not restored: {e}", flush=True)
+            continue
+        if not _same(source, target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
     return True

@@ -30,8 +30,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -39,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cluster.lease import LeaseLostError, fence
+from pipeline.cluster.retry import Backoff
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config
 from pipeline.errors import DataError, UserError
@@ -96,8 +100,12 @@ def synced(
 
     Downloads the files storage holds there first (finished blocks of an earlier job), then
     uploads every new or changed file matching ``patterns`` every :data:`SYNC_EVERY_S` seconds
-    and once more on exit, also when the body fails (what finished is kept). Nothing to do for
-    a folder store or without storage.
+    and once more on exit, also when the body fails (what finished is kept). A file whose
+    upload fails is retried with backoff (:data:`UPLOAD_BACKOFF`) while the others go on; the
+    stage fails at the end (UserError) only for a file that still failed after the last retry,
+    or when this job lost its lease (:func:`~pipeline.cluster.lease.fence`, checked before each
+    round of uploads: nothing more is uploaded). Nothing to do for a folder store or without
+    storage.
     """
     store = storage_root(cfg)
     mirror = (Path(root) / MIRROR).resolve()
@@ -108,29 +116,12 @@ def synced(
     rel = folder.relative_to(mirror)
     for name in store.get_dir(rel, folder):
         _uploaded(folder / name)
-    sent: dict[str, tuple[int, int]] = {}
-    stop, errors = threading.Event(), []
-
-    def upload() -> None:
-        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            name = str(path.relative_to(folder))
-            if not path.is_file() or path.name.startswith(".") or path.suffix == ".tmp":
-                continue
-            if not any(fnmatch(path.name, p) for p in patterns):
-                continue
-            stat = path.stat()
-            key = (stat.st_size, stat.st_mtime_ns)
-            if sent.get(name) != key and _UPLOADED.get(str(path)) != key:
-                store.put_file(path, rel / name)
-                sent[name] = key
+    uploads = Uploads(store, rel, folder, patterns, cfg.scale, UPLOAD_BACKOFF)
+    stop = threading.Event()
 
     def loop() -> None:
-        while not stop.wait(SYNC_EVERY_S):
-            try:
-                upload()
-            except Exception as e:  # reported at exit
-                errors.append(e)
-                return
+        while not stop.wait(SYNC_EVERY_S) and uploads.lost is None:
+            uploads.run_pass()
 
     thread = threading.Thread(target=loop, name="storage-sync", daemon=True)
     thread.start()
@@ -139,9 +130,128 @@ def synced(
     finally:
         stop.set()
         thread.join()
-        upload()
-        if errors:
-            raise UserError(f"upload to {store.uri(rel)} failed: {errors[0]}")
+        uploads.flush()
+        uploads.raise_failed()
+
+
+UPLOAD_BACKOFF = Backoff()  # per-file upload retries of synced (tests: seeded and short)
+LEASE_CHECK = "\0lease"  # Uploads' key for the retries of the lease check (no file's name)
+
+
+class Uploads:
+    """The uploads of one synced folder: what was sent, what failed how often and when it is
+    due again, what failed for good. :meth:`run_pass` never raises and never waits."""
+
+    def __init__(
+        self,
+        store: Store,
+        rel: Path,
+        folder: Path,
+        patterns: tuple[str, ...],
+        scale: str,
+        backoff: Backoff,
+    ):
+        self.store, self.rel, self.folder, self.patterns = store, rel, folder, patterns
+        self.scale, self.backoff = scale, backoff
+        self.sent: dict[str, tuple[int, int]] = {}
+        self.failures: dict[str, int] = {}
+        self.due: dict[str, float] = {}  # time.monotonic() of a failed file's next try
+        self.failed: dict[str, Exception] = {}  # persistent: given up
+        self.lost: LeaseLostError | None = None
+
+    def pending(self) -> list[tuple[str, Path, tuple[int, int]]]:
+        """(name, path, (size, mtime)) of every file to upload, not given up on."""
+        found = []
+        for path in sorted(self.folder.rglob("*")) if self.folder.is_dir() else []:
+            name = str(path.relative_to(self.folder))
+            if not path.is_file() or path.name.startswith(".") or path.suffix == ".tmp":
+                continue
+            if not any(fnmatch(path.name, p) for p in self.patterns) or name in self.failed:
+                continue
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns)
+            if self.sent.get(name) != key and _UPLOADED.get(str(path)) != key:
+                found.append((name, path, key))
+        return found
+
+    def run_pass(self) -> None:
+        """Upload what is pending and due; check the lease first (none of it if lost)."""
+        todo = self.pending()
+        if not todo or self.lost is not None or not self._lease_checked():
+            return
+        now = time.monotonic()
+        for name, path, key in todo:
+            if self.due.get(name, 0.0) > now:
+                continue
+            try:
+                self.store.put_file(path, self.rel / name)
+            except Exception as e:
+                self._failed(name, e)
+                continue
+            self.sent[name] = key
+            self.failures.pop(name, None)
+            self.due.pop(name, None)
+
+    def _lease_checked(self) -> bool:
+        """:func:`fence`: True if the lease is still this job's; a lease that cannot be read
+        for now is retried with the same backoff (and given up on as a lost lease)."""
+        if self.due.get(LEASE_CHECK, 0.0) > time.monotonic():
+            return False
+        try:
+            fence(self.store, self.scale)
+        except LeaseLostError as e:
+            self.lost = e
+            return False
+        except Exception as e:
+            self._failed(LEASE_CHECK, e)
+            if LEASE_CHECK in self.failed:
+                self.lost = LeaseLostError(f"the lease could not be checked: {e}")
+            return False
+        self.failures.pop(LEASE_CHECK, None)
+        self.due.pop(LEASE_CHECK, None)
+        return True
+
+    def _failed(self, name: str, error: Exception) -> None:
+        count = self.failures[name] = self.failures.get(name, 0) + 1
+        what = (
+            "lease check" if name == LEASE_CHECK else f"upload of {self.store.uri(self.rel / name)}"
+        )
+        reason = f"{type(error).__name__}: {str(error)[:120]}"
+        if self.backoff.gives_up(count) or isinstance(error, UserError):
+            self.failed[name] = error
+            print(f"warning: {what} failed {count} times ({reason})", file=sys.stderr, flush=True)
+            return
+        wait = self.backoff.delay(count)
+        self.due[name] = time.monotonic() + wait
+        print(
+            f"warning: {what} failed ({reason}); retry {count} in {wait:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def flush(self) -> None:
+        """Passes until every pending file is sent or given up on (waiting for retries)."""
+        while True:
+            self.run_pass()
+            todo = [name for name, _, _ in self.pending()]
+            if not todo or self.lost is not None:
+                return
+            due = min(self.due.get(name, 0.0) for name in todo)
+            due = max(due, self.due.get(LEASE_CHECK, 0.0))
+            time.sleep(max(due - time.monotonic(), 0.0))
+
+    def raise_failed(self) -> None:
+        """UserError for a lost lease or for the files given up on."""
+        if self.lost is not None:
+            raise LeaseLostError(f"{self.lost}; the files left in {self.folder} are not uploaded")
+        if self.failed:
+            name, error = next(iter(sorted(self.failed.items())))
+            more = f" (and {len(self.failed) - 1} more)" if len(self.failed) > 1 else ""
+            raise UserError(
+                f"upload to {self.store.uri(self.rel / name)}{more} failed "
+                f"{self.failures.get(name, 1)} times: {type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}"
+            )
 
 
 _UPLOADED: dict[str, tuple[int, int]] = {}  # local files downloaded from storage: not resent
