@@ -6,7 +6,7 @@ raises the threshold to its size (up to 32 MiB), so from then on the Inception n
 activation buffers (several MB each on the CPU) come from the heap arenas, where freed space is
 reused imperfectly between batches of the 2+ torch threads and the arenas keep growing.
 Measured on the reference path's stand-in Inception pass over 400 256x256 images
-(``benchmarks/README.md``): peak anonymous memory crept from 748 to 1,079 MB over the pass with
+(docs/decisions.md, mmap threshold): peak anonymous memory went from 748 to 1,079 MB with
 the default, and stayed at 704-726 MB from the first batches on with the threshold fixed at
 128 KiB. :func:`bound_heap` fixes it (which also turns glibc's dynamic raise off) and trims the
 heap above 128 KiB of free space. The price: every mapped buffer comes back as fresh zeroed

@@ -3,8 +3,8 @@
 On one machine with one CPU worker Ray Train brings nothing the stage needs and costs it twice:
 ~20 s to start its controller and worker group, and its background processes (controller,
 placement-group cleaner, dataset manager, health checks: ~15% of a core together), which a
-2-thread CPU step on a 2-core machine pays ~2x, ~25% of every step (benchmarks/README.md,
-"The step, the stage and the bare loop"). So the smoke preset trains here.
+2-thread CPU step on a 2-core machine pays ~2x, ~25% of every step (docs/decisions.md,
+"The smoke preset trains in the stage's own process"). So the smoke preset trains here.
 
 Nothing else changes: the loop is :func:`pipeline.training.loop.run_worker`, the one every Ray Train
 worker runs (same batches, t, noise, dropout seeds, clipping, EMA), so the weights are
