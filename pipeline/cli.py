@@ -18,8 +18,8 @@ from pipeline.errors import UserError
 F = TypeVar("F", bound=Callable[..., object])
 
 # Environment that keeps Ray, MLflow and DVC quiet and offline-friendly (errors still show).
+# Ray's authentication is left as it is (pipeline.cluster.raycluster: token on a local cluster).
 QUIET_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DEDUP_LOGS": "1",
