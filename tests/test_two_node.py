@@ -28,7 +28,7 @@ import yaml
 from repo_copy import BIN, copy_repo, env
 from test_end_to_end import check_results, variant_runs
 from train_project import registered
-from two_node import TwoNodes, can_run, mlflow_server, two_nodes
+from two_node import TwoNodes, can_run, job_client, mlflow_server, state_list, two_nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
 
@@ -68,7 +68,7 @@ def submit(
         "--working-dir", str(repo), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
         "--", "python", "-m", "stages.repro",
     ]  # fmt: skip
-    job_env = env(RAY_AUTH_MODE="disabled")
+    job_env = env(**cluster.client_env)
     if log is None:
         return subprocess.run(cmd, env=job_env, capture_output=True, text=True)
     with open(log, "w") as out:
@@ -81,13 +81,8 @@ def placements(cluster: TwoNodes, storage: Path) -> dict[str, set[str]]:
     The ranks record their node in storage (``nodes/`` of the run); the block tasks are Ray's
     task records.
     """
-    from ray.util.state import list_nodes, list_tasks
-
-    url = cluster.dashboard_url
-    nodes = list_nodes(address=url, limit=10)
-    tasks = list_tasks(
-        address=url, limit=9999
-    )  # blocks run through pipeline.cluster.gputasks' _call
+    nodes = state_list(cluster, "nodes", limit=10)
+    tasks = state_list(cluster, "tasks", limit=9999)  # blocks: pipeline.cluster.gputasks' _call
     block_fns = ("_run_block", "_call", "_call_on_gpu")
     blocks = [t for t in tasks if t.func_or_class_name.split(".")[-1] in block_fns]
     return {
@@ -224,7 +219,6 @@ def test_a_job_with_bucket_storage_runs_on_both_nodes(cluster, tracking, tmp_pat
     it shares the network namespace): ranks on both nodes, data, blocks and remote in the bucket.
     """
     from moto_s3 import list_keys, make_bucket, moto_server, read_object, s3_env
-    from ray.util.state import list_nodes
 
     repo = project(tmp_path / "repo")
     with moto_server(tmp_path / "moto.log") as endpoint:
@@ -242,7 +236,7 @@ def test_a_job_with_bucket_storage_runs_on_both_nodes(cluster, tracking, tmp_pat
         ranks = [k for k in keys if "/nodes/rank-" in k]
         assert len(ranks) == 2, ranks
         trained = {json.loads(read_object(endpoint, "two-node", k))["node_id"] for k in ranks}
-    nodes = {n.node_id for n in list_nodes(address=cluster.dashboard_url, limit=10)}
+    nodes = {n.node_id for n in state_list(cluster, "nodes", limit=10)}
     assert trained == nodes, (trained, nodes)  # one rank on each node, each read the data
     top = {k.split("/")[1] for k in keys}
     assert {"checkpoints", "data", "work", "dvc", "state"} <= top, top
@@ -337,10 +331,9 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
 
 def running_job(cluster: TwoNodes) -> str:
     """The submission id of the one running job."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(cluster.dashboard_url)
-    (job,) = [j for j in client.list_jobs() if j.status == JobStatus.RUNNING]
+    (job,) = [j for j in job_client(cluster).list_jobs() if j.status == JobStatus.RUNNING]
     return job.submission_id
 
 
@@ -348,6 +341,6 @@ def stop_job(cluster: TwoNodes, proc: subprocess.Popen) -> None:
     """``ray job stop`` the running job (``proc`` is its ``ray job submit``, which then ends)."""
     subprocess.run(
         [BIN / "ray", "job", "stop", "--address", cluster.dashboard_url, running_job(cluster)],
-        env=env(RAY_AUTH_MODE="disabled"), check=True, capture_output=True,
+        env=env(**cluster.client_env), check=True, capture_output=True,
     )  # fmt: skip
     proc.wait(120)

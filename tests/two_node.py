@@ -11,12 +11,20 @@ storage" folder outside /tmp and the checkout (standing in for NFS) are visible 
 With one CPU a node, two 1-CPU training workers or blocks land one on each node. Every process
 started here is stopped by its pid (the head's process group, then the node's), never
 ``ray stop``.
+
+The cluster runs with Ray's token authentication (RAY_AUTH_MODE=token): a token made for the
+cluster (256 random bits) in a file of its own, user-only, in a private folder outside /tmp (both
+nodes read it through RAY_AUTH_TOKEN_PATH, as a mounted Secret would be read) and removed with
+the cluster. Clients pass ``TwoNodes.client_env`` (``ray job submit``, drivers) or
+``TwoNodes.headers`` (Ray's HTTP clients in this process: :func:`job_client`,
+:func:`state_list`); nothing without the token gets in.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -32,7 +40,7 @@ import psutil
 import pytest
 from repo_copy import BIN, ROOT, env, free_port, free_ports
 
-from pipeline.cluster.raycluster import local_head, wait_for_url
+from pipeline.cluster.raycluster import LOCAL_ONLY, local_head, wait_for_url
 
 STORAGE_PARENT = Path("/var/tmp")  # outside /tmp and the checkout: visible to both nodes
 
@@ -45,6 +53,52 @@ class TwoNodes:
     dashboard_url: str  # job API (ray job submit --address)
     storage: Path
     node_log: Path
+    token_file: Path  # the cluster's token (RAY_AUTH_TOKEN_PATH)
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a client process adds to its environment to be let in."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers of a request to the job and state API that is let in."""
+        token = self.token_file.read_text().strip()
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+
+
+def job_client(cluster: TwoNodes):
+    """Ray's JobSubmissionClient for ``cluster``, with its token."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.dashboard_url, headers=cluster.headers)
+
+
+def state_list(cluster: TwoNodes, resource: str, **options) -> list:
+    """Ray's state API: ``list`` of ``resource`` ("nodes", "tasks", "actors") with the token;
+    ``options`` are ListApiOptions' (limit, detail, timeout)."""
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=cluster.dashboard_url, headers=cluster.headers)
+    return client.list(
+        StateResource(resource), options=ListApiOptions(**options), raise_on_missing_output=False
+    )
+
+
+@contextlib.contextmanager
+def cluster_token() -> Iterator[Path]:
+    """A new token in a file of its own (0600, in a 0700 folder under /var/tmp, which both nodes
+    see); removed on exit."""
+    folder = Path(tempfile.mkdtemp(prefix="ddpm-token-", dir=STORAGE_PARENT))
+    try:
+        path = folder / "token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def can_run() -> str | None:
@@ -103,7 +157,7 @@ def two_nodes(
     venv = Path(sys.prefix).resolve()
     proc = None
     try:
-        with local_head(head_cpus, env=env(RAY_AUTH_MODE="disabled")) as head:
+        with cluster_token() as token, local_head(head_cpus, env=auth_env(token)) as head:
             node_log = head.temp_dir / "node2.log"
             temp = f"/tmp/ddpm-node2-{os.urandom(6).hex()}"
             script = node_script(head.address, ROOT, venv, temp, node_cpus, node_gpus)
@@ -111,15 +165,23 @@ def two_nodes(
                 proc = subprocess.Popen(
                     ["unshare", "--mount", "--propagation", "private", "--fork",
                      "bash", "-c", script],
-                    env=env(RAY_AUTH_MODE="disabled"), stdout=log, stderr=subprocess.STDOUT,
+                    env=auth_env(token), stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )  # fmt: skip
-            wait_for_nodes(head.address, 2, proc, node_log, timeout_s)
-            yield TwoNodes(head.address, head.dashboard_url, storage, node_log)
+            wait_for_nodes(head.address, 2, proc, node_log, timeout_s, auth_env(token))
+            yield TwoNodes(head.address, head.dashboard_url, storage, node_log, token)
     finally:
         if proc is not None:
             stop_node(proc, temp)
         shutil.rmtree(storage, ignore_errors=True)
+
+
+def auth_env(token: Path) -> dict[str, str]:
+    """The tests' environment with the cluster's token (RAY_AUTH_TOKEN wins over a token file:
+    it is dropped) and nothing from an earlier local cluster (Ray's single-machine mode would
+    stop the second node from joining)."""
+    base = {k: v for k, v in env().items() if k not in ("RAY_AUTH_TOKEN", LOCAL_ONLY)}
+    return {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
 
 
 def stop_node(proc: subprocess.Popen, temp: str) -> None:
@@ -142,9 +204,15 @@ def _names(p: psutil.Process, temp: str) -> bool:
 
 
 def wait_for_nodes(
-    address: str, count: int, proc: subprocess.Popen, log: Path, timeout_s: float
+    address: str,
+    count: int,
+    proc: subprocess.Popen,
+    log: Path,
+    timeout_s: float,
+    client_env: dict[str, str],
 ) -> None:
-    """Wait until ``count`` nodes are alive (asked through a short-lived driver)."""
+    """Wait until ``count`` nodes are alive (asked through a short-lived driver that runs with
+    ``client_env``)."""
     code = (
         "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
         "print(sum(n['Alive'] for n in ray.nodes()))"
@@ -154,7 +222,7 @@ def wait_for_nodes(
         if proc.poll() is not None:
             pytest.fail(f"the second node exited ({proc.returncode}): {log.read_text()[-2000:]}")
         out = subprocess.run(
-            [BIN / "python", "-c", code, address], env=env(), capture_output=True, text=True
+            [BIN / "python", "-c", code, address], env=client_env, capture_output=True, text=True
         )
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
             return

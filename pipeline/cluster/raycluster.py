@@ -37,6 +37,7 @@ import ray
 from pipeline.cluster.watchdog import watch
 from pipeline.config import RayConfig
 from pipeline.errors import UserError
+from pipeline.uri import redact_uri
 
 
 def ray_address(cfg: RayConfig) -> str | None:
@@ -130,8 +131,8 @@ def connect(address: str, **kwargs: object) -> None:
         ray.init(address=address, **kwargs)
     except AuthenticationError as e:
         raise UserError(
-            f"the Ray cluster at {address} refused this process: {e.message} (set RAY_AUTH_MODE="
-            "token and the cluster's token in RAY_AUTH_TOKEN or a file named by "
+            f"the Ray cluster at {redact_uri(address)} refused this process: {e.message} (set "
+            "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or a file named by "
             "RAY_AUTH_TOKEN_PATH; docs/running.md, Authentication)"
         ) from None
 
@@ -177,10 +178,10 @@ def check_single_node(cfg: RayConfig, has_storage: bool) -> None:
     nodes = alive_nodes(cfg)
     if nodes > 1:
         raise UserError(
-            f"the Ray cluster at {ray_address(cfg)} has {nodes} alive nodes and no cluster "
-            "storage is set: set cluster.storage in params.yaml or DDPM_CLUSTER_STORAGE (a "
-            "folder every node mounts at the same path, or s3://..., gs://...; see "
-            "docs/cluster.md)"
+            f"the Ray cluster at {redact_uri(str(ray_address(cfg)))} has {nodes} alive nodes and "
+            "no cluster storage is set: set cluster.storage in params.yaml or "
+            "DDPM_CLUSTER_STORAGE (a folder every node mounts at the same path, or s3://..., "
+            "gs://...; see docs/cluster.md)"
         )
 
 
