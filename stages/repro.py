@@ -54,6 +54,7 @@ from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
 from pipeline.forkserver import stage_server, wait_ready
+from pipeline.report import tracking
 
 
 def in_git_repo() -> bool:
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         set_scale(Path("params.yaml"), args.scale)
     cfg = load_config(Path("params.yaml"))
     check_job_tracking(cfg, Path.cwd())  # before any work: one error line
+    tracking.check_access(cfg)  # an MLflow server that refuses us: one error line
     storage = check_storage(cfg)
     check_single_node(cfg.ray, storage is not None)  # several nodes need storage: one line
     check_cluster_gpus(cfg)  # a GPU preset on a cluster without GPUs: one line

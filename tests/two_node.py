@@ -22,7 +22,9 @@ the cluster. Clients pass ``TwoNodes.client_env`` (``ray job submit``, drivers) 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import secrets
 import shlex
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,20 +234,73 @@ def wait_for_nodes(
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
+def mlflow_server(
+    folder: Path,
+    port: int | None = None,
+    app: tuple[str, ...] = (),
+    server_env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 (``port``, default a free one) with a SQLite store
-    in ``folder``; yields its URI."""
+    in ``folder``; yields its URI. ``app``: more arguments (``--app-name basic-auth``),
+    ``server_env``: more environment."""
     port = port or free_port()
     proc = subprocess.Popen(
         [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "server-artifacts")],
-        env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+         "--artifacts-destination", str(folder / "server-artifacts"), *app],
+        env=env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(server_env or {})),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        wait_for_url(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
+        wait_for_url(f"http://127.0.0.1:{port}/health", proc, 240, "mlflow server")
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@dataclass(frozen=True)
+class AuthServer:
+    """An MLflow server with MLflow's basic-auth app: its URI and the environment (MLflow reads
+    the credentials from it) of its admin and of a user made for the test."""
+
+    uri: str
+    admin: dict[str, str]
+    user: dict[str, str]
+
+
+def credentials(username: str, password: str) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+@contextlib.contextmanager
+def auth_mlflow_server(folder: Path) -> Iterator[AuthServer]:
+    """``mlflow server --app-name basic-auth`` on 127.0.0.1: users in a SQLite database in
+    ``folder`` (basic_auth.ini through MLFLOW_AUTH_CONFIG_PATH), default permission READ, an
+    admin with a random password, and a user ``ddpm-test`` (random password) created through
+    the REST API by the admin; a new experiment's creator may edit it."""
+    ini = folder / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    admin = credentials("admin", secrets.token_urlsafe(18))
+    server_env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin["MLFLOW_TRACKING_PASSWORD"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+    with mlflow_server(folder, app=("--app-name", "basic-auth"), server_env=server_env) as uri:
+        user = credentials("ddpm-test", secrets.token_urlsafe(18))
+        basic = base64.b64encode(f"admin:{admin['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+        request = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/users/create",
+            data=json.dumps(
+                {"username": "ddpm-test", "password": user["MLFLOW_TRACKING_PASSWORD"]}
+            ).encode(),
+            headers={"Authorization": f"Basic {basic}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            assert answer.status == 200
+        yield AuthServer(uri, admin, user)

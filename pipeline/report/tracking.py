@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import mlflow_refusal
 from pipeline.config import Config, Variant
+from pipeline.errors import UserError
 from pipeline.uri import redact_uri
 
 TAG_SCALE = "ddpm.scale"
@@ -54,6 +56,23 @@ def shown_uri(cfg: Config, root: Path | None = None) -> str:
     uri = tracking_uri(cfg, root)
     default = f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
     return "sqlite:///mlflow.db (in the project folder)" if uri == default else redact_uri(uri)
+
+
+def check_access(cfg: Config) -> None:
+    """Before any work: a tracking server (http, https) that refuses this process (HTTP 401,
+    403: credentials missing or wrong, pipeline.cli.mlflow_refusal) or cannot be reached is one
+    UserError, not a failure of the first stage that logs. One read request."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        unusable = f"the MLflow server {redact_uri(uri)} cannot be used: {redact_uri(why)}"
+        raise UserError(mlflow_refusal(e) or unusable) from None
 
 
 def setup(cfg: Config, root: Path | None = None) -> str:
