@@ -4,7 +4,9 @@ Real components: the tests' session cluster (``init_local``, as every stage with
 starts one) and a private ``ray start --head`` (``local_head``, as ``stages.repro --local-ray``
 and the two-node tests start one) with a token file made for the test. ``ray job submit`` is run
 three times against the head: without a token, with a wrong one (both refused: Ray's
-authentication error, the job never runs) and with the head's token (the job runs).
+authentication error, the job never runs) and with the head's token (the job runs); a stage's
+driver (``init_ray`` with the head's address, RAY_AUTH_MODE=token) without the token stops with
+one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from repo_copy import BIN, env
 from pipeline.cluster.raycluster import local_head
 
 LOOPBACK = ("127.0.0.1", "[::ffff:127.0.0.1]", "[::1]")
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = """
+import sys
+from pipeline.cli import entry_point
+from pipeline.cluster.raycluster import init_ray
+from pipeline.config import RayConfig
+entry_point(lambda argv: init_ray(RayConfig(address=sys.argv[1])))([])
+"""
 
 
 def listening(pids: set[int]) -> list[str]:
@@ -72,9 +82,6 @@ def test_a_private_head_listens_on_loopback_and_refuses_jobs_without_its_token(t
     home.mkdir()
     base = {k: v for k, v in env(HOME=str(home)).items() if not k.startswith("RAY_AUTH")}
     with local_head(1, env={**base, "RAY_AUTH_TOKEN_PATH": str(token)}) as head:
-        sockets = listening(cluster_pids(str(head.temp_dir)))
-        assert len(sockets) >= 4 and only_loopback(sockets) == [], sockets
-
         refused = []
         for client in (
             base,  # Ray's default client: no token mode, no token
@@ -85,10 +92,22 @@ def test_a_private_head_listens_on_loopback_and_refuses_jobs_without_its_token(t
             refused.append(job.stdout + job.stderr)
         assert all("AuthenticationError" in out for out in refused), refused
 
+        driver = subprocess.run(  # a stage's driver in token mode without the token: one line
+            [BIN / "python", "-c", DRIVER, head.address], env={**base, "RAY_AUTH_MODE": "token"},
+            cwd=ROOT,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        errors = [x for x in driver.stderr.splitlines() if x.startswith("error:")]
+        assert driver.returncode == 2 and len(errors) == 1, driver.stdout + driver.stderr
+        assert "refused this process" in errors[0] and "RAY_AUTH_TOKEN" in errors[0]
+        assert "Traceback" not in driver.stderr
+
         ok = submit(head.dashboard_url, {**base, "RAY_AUTH_MODE": "token",
                                          "RAY_AUTH_TOKEN_PATH": str(token)})  # fmt: skip
         assert ok.returncode == 0 and "succeeded" in ok.stdout, ok.stdout + ok.stderr
         assert "the job ran" in ok.stdout
+        sockets = listening(cluster_pids(str(head.temp_dir)))  # every component is up by now
+        assert len(sockets) >= 4 and only_loopback(sockets) == [], sockets
     print(f"\nprivate head sockets: {sorted(sockets)}; refused: {refused[0].strip()[-300:]}")
 
 

@@ -12,7 +12,9 @@ With one CPU a node, two 1-CPU training workers or blocks land one on each node.
 started here is stopped by its pid (the head's process group, then the node's), never
 ``ray stop``.
 
-The cluster runs with Ray's token authentication (RAY_AUTH_MODE=token): a token made for the
+Unlike a local run's, the head is not in Ray's single-machine mode (a node cannot join that): its
+servers listen on the machine's address as on a real cluster, and so the cluster runs with Ray's
+token authentication (RAY_AUTH_MODE=token): a token made for the
 cluster (256 random bits) in a file of its own, user-only, in a private folder outside /tmp (both
 nodes read it through RAY_AUTH_TOKEN_PATH, as a mounted Secret would be read) and removed with
 the cluster. Clients pass ``TwoNodes.client_env`` (``ray job submit``, drivers) or
@@ -160,7 +162,10 @@ def two_nodes(
     venv = Path(sys.prefix).resolve()
     proc = None
     try:
-        with cluster_token() as token, local_head(head_cpus, env=auth_env(token)) as head:
+        with (
+            cluster_token() as token,
+            local_head(head_cpus, env=auth_env(token), single_machine=False) as head,
+        ):
             node_log = head.temp_dir / "node2.log"
             temp = f"/tmp/ddpm-node2-{os.urandom(6).hex()}"
             script = node_script(head.address, ROOT, venv, temp, node_cpus, node_gpus)

@@ -78,12 +78,15 @@ def ensure_token(env: Mapping[str, str]) -> None:
         temp.unlink(missing_ok=True)
 
 
-def local_ray_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+def local_ray_env(
+    env: Mapping[str, str] | None = None, single_machine: bool = True
+) -> dict[str, str]:
     """``env`` (default os.environ) for a local Ray cluster and the processes that join it:
-    Ray on 127.0.0.1 only, and token authentication on unless ``env`` sets RAY_AUTH_MODE (set
+    Ray on 127.0.0.1 only (``single_machine``; else Ray's default addresses, for a head other
+    nodes join), and token authentication on unless ``env`` sets RAY_AUTH_MODE (set
     explicitly, Ray logs no notice about it)."""
-    base = dict(os.environ if env is None else env)
-    return {AUTH_MODE: "token", **base, LOCAL_ONLY: "0"}
+    base = {k: v for k, v in (os.environ if env is None else env).items() if k != LOCAL_ONLY}
+    return {AUTH_MODE: "token", **base, **({LOCAL_ONLY: "0"} if single_machine else {})}
 
 
 class _DropAuthOnNotice(logging.Filter):
@@ -284,6 +287,7 @@ def local_head(
     env: dict[str, str] | None = None,
     timeout_s: float = 120,
     dashboard: bool = True,
+    single_machine: bool = True,
 ) -> Iterator[LocalHead]:
     """Start a private Ray head on 127.0.0.1 for the duration of the block, then stop it.
 
@@ -298,6 +302,9 @@ def local_head(
     (:func:`local_ray_env`; RAY_AUTH_MODE in ``env``, default os.environ, is kept): the clients
     get the same environment (RAY_AUTH_MODE=token; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH if
     ``env`` names the token, else Ray's default token file, created when missing).
+    ``single_machine=False`` (a head that other nodes join, tests/two_node.py): Ray's default
+    addresses (the node's LAN address; a joining node resolves 127.0.0.1 to it), the token
+    still required.
 
     ``dashboard=False`` starts no dashboard (no ``ray job submit`` to this head; its
     ``dashboard_url`` is empty): its processes take ~2-3% of a 2-core CPU while idle, taken
@@ -309,13 +316,13 @@ def local_head(
     cmd = [
         str(ray_bin if ray_bin.exists() else "ray"), "start", "--head", "--block",
         f"--temp-dir={temp}", f"--port={port}", "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
+        "--dashboard-host=127.0.0.1",  # (a LAN address unless single_machine: Ray's rule)
         f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent}",
         f"--ray-client-server-port={client}", "--disable-usage-stats",
         *([f"--num-cpus={num_cpus}"] if num_cpus else []),
         *([] if dashboard else ["--include-dashboard=false"]),
     ]  # fmt: skip
-    env = local_ray_env(env)
+    env = local_ray_env(env, single_machine)
     ensure_token(env)
     proc = None
     started = False
