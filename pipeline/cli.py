@@ -140,12 +140,6 @@ def entry_point(fn: F) -> F:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except Exception as e:
-            refused = mlflow_refusal(e)  # an authenticated MLflow server said no: one line
-            if refused is None:
-                raise
-            print(f"error: {refused}", file=sys.stderr)
-            sys.exit(2)
         except (KeyboardInterrupt, Terminated) as e:
             print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)
             sys.exit(e.code if isinstance(e, Terminated) else 130)
@@ -153,6 +147,12 @@ def entry_point(fn: F) -> F:
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+        except Exception as e:
+            refused = mlflow_refusal(e)  # an authenticated MLflow server said no: one line
+            if refused is None:
+                raise
+            print(f"error: {refused}", file=sys.stderr)
+            sys.exit(2)
         finally:
             _STAGE_LABEL = outer
             for sig, handler in saved.items():
