@@ -119,9 +119,9 @@ def init_local(**kwargs: object) -> None:
     """``ray.init(address="local", **kwargs)`` on 127.0.0.1 with Ray's default authentication
     (token, as ray.init turns on for a new cluster; its notice about that is dropped)."""
     ensure_token(os.environ)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        _DropAuthOnNotice()
-    )
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropAuthOnNotice) for f in notices.filters):
+        notices.addFilter(_DropAuthOnNotice())
     with _single_machine():
         ray.init(address="local", **kwargs)
 
