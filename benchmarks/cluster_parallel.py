@@ -101,7 +101,7 @@ def submit(cluster: Any, repo: Path, env_vars: dict[str, str], submission_id: st
         "--", "python", "-m", "stages.repro",
     ]  # fmt: skip
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env(RAY_AUTH_MODE="disabled"), capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env(**cluster.client_env), capture_output=True, text=True)
     job = Job(submission_id, done.returncode, done.stdout + done.stderr, 0.0)
     job.wall_s = time.perf_counter() - start
     (repo.parent / f"job-{submission_id}.log").write_text(job.log)  # whole, for a closer look
@@ -114,22 +114,16 @@ def _records(cluster: Any, job: Job) -> None:
 
     Every DVC stage is a Ray driver (a Ray job id) of its own, so tasks are taken by time (one
     submission runs at a time)."""
-    from ray.job_submission import JobSubmissionClient
-    from ray.util.state import list_actors, list_tasks
+    from two_node import job_client, state_list
 
-    info = JobSubmissionClient(cluster.dashboard_url).get_job_info(job.submission_id)
+    info = job_client(cluster).get_job_info(job.submission_id)
     job.start_ms, job.end_ms = int(info.start_time or 0), int(info.end_time or 0)
-    url = cluster.dashboard_url
-    tasks = list_tasks(
-        address=url, limit=10000, detail=True, raise_on_missing_output=False, timeout=300
-    )
+    tasks = state_list(cluster, "tasks", limit=10000, detail=True, timeout=300)
     job.tasks = [
         t for t in tasks if t.creation_time_ms and job.start_ms <= t.creation_time_ms <= job.end_ms
     ]
     ids = {t.actor_id for t in job.tasks if t.actor_id}
-    actors = list_actors(
-        address=url, limit=10000, detail=True, raise_on_missing_output=False, timeout=300
-    )
+    actors = state_list(cluster, "actors", limit=10000, detail=True, timeout=300)
     job.actors = [a for a in actors if a.actor_id in ids]
 
 
@@ -324,16 +318,15 @@ def run_all(
     workdir: Path, variants: list[str], gpus: int, parallel: int | None = None
 ) -> dict[str, Any]:
     """The three jobs on a fresh two-node cluster; the figures (see the module docstring)."""
-    from ray.util.state import list_nodes
     from repo_copy import free_port
-    from two_node import two_nodes
+    from two_node import state_list, two_nodes
 
     parallel = parallel or gpus
     port = free_port()
     results: dict[str, Any] = {"variants": variants, "fake_gpus": gpus, "parallel": parallel}
     results["load_average_before"] = os.getloadavg()
     with two_nodes(node_cpus=gpus, node_gpus=gpus, timeout_s=300) as cluster:
-        nodes = list_nodes(address=cluster.dashboard_url, limit=10, detail=True)
+        nodes = state_list(cluster, "nodes", limit=10, detail=True)
         head = {n.node_id for n in nodes if n.is_head_node}
         results["head_gpus"] = sum(n.resources_total.get("GPU", 0) for n in nodes if n.is_head_node)
         storage = cluster.storage / "s"  # the same path for both runs (it is in dvc.lock)

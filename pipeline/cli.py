@@ -14,12 +14,13 @@ from typing import NoReturn, TypeVar
 
 from pipeline import forkserver
 from pipeline.errors import UserError
+from pipeline.uri import redact_uri
 
 F = TypeVar("F", bound=Callable[..., object])
 
 # Environment that keeps Ray, MLflow and DVC quiet and offline-friendly (errors still show).
+# Ray's authentication is left as it is (pipeline.cluster.raycluster: token on a local cluster).
 QUIET_ENV = {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DEDUP_LOGS": "1",
@@ -67,6 +68,48 @@ def _label(fn: Callable[..., object], argv: object) -> str | None:
     return " ".join(parts)
 
 
+# MLflow's error codes for a refusal by an authenticated tracking server (HTTP 401 and 403)
+MLFLOW_REFUSALS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+def mlflow_refusal(e: BaseException) -> str | None:
+    """The one-line message for an MLflow server's refusal (401, 403) of a request, else None.
+
+    Credentials come only from the environment (MLflow reads MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, itself); the message names what is set,
+    never a value, and the store's URI without credentials (pipeline.uri).
+    """
+    exceptions = sys.modules.get("mlflow.exceptions")
+    if exceptions is None or not isinstance(e, exceptions.MlflowException):
+        return None
+    code = getattr(e, "error_code", None)
+    if code not in MLFLOW_REFUSALS:
+        return None
+    store = redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or "the MLflow tracking store")
+    given = [k for k in MLFLOW_CREDENTIALS if os.environ.get(k)]
+    if code == "PERMISSION_DENIED":
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this token's user"
+        return (
+            f"{store} refused the request (HTTP 403): {who} may not do it; ask the server's "
+            "admin for EDIT (or MANAGE) permission on the experiment (docs/running.md, "
+            "Authentication)"
+        )
+    if given:
+        what = f"the credentials in {' and '.join(given)} were not accepted"
+    else:
+        what = "no credentials given"
+    return (
+        f"{store} refused the request (HTTP 401): {what}; set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment "
+        "(docs/running.md, Authentication)"
+    )
+
+
 class Terminated(SystemExit):
     """SIGTERM or SIGHUP, raised in the main thread so that ``finally`` blocks run."""
 
@@ -76,7 +119,8 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def entry_point(fn: F) -> F:
-    """Wrap a ``main(argv)``: user errors become one ``error:`` line on stderr and exit 2.
+    """Wrap a ``main(argv)``: user errors become one ``error:`` line on stderr and exit 2, and
+    so does an MLflow server's refusal (:func:`mlflow_refusal`).
 
     Ctrl-C (SIGINT) exits with 130, SIGTERM with 143 and SIGHUP with 129, after the ``finally``
     blocks (temporary outputs removed, Ray disconnected); outputs are only ever renamed into
@@ -103,6 +147,12 @@ def entry_point(fn: F) -> F:
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)  # 128 + SIGPIPE, as a shell reports it
+        except Exception as e:
+            refused = mlflow_refusal(e)  # an authenticated MLflow server said no: one line
+            if refused is None:
+                raise
+            print(f"error: {refused}", file=sys.stderr)
+            sys.exit(2)
         finally:
             _STAGE_LABEL = outer
             for sig, handler in saved.items():

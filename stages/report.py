@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = sorted(k for k, r in run_ids.items() if r not in found)
     if missing:
         raise UserError(
-            f"MLflow store {tracking.tracking_uri(cfg)} has no run for: {', '.join(missing)} "
+            f"MLflow store {tracking.shown_uri(cfg)} has no run for: {', '.join(missing)} "
             "(was MLFLOW_TRACKING_URI changed since training?)"
         )
     runs = tables.by_variant(per_seed)  # several seeds: mean ± std of the seeds

@@ -42,13 +42,20 @@ from pipeline.cluster.blocks import check_gpu_preset
 from pipeline.cluster.durable import check_job_tracking, reproduce_with_storage
 from pipeline.cluster.lease import job_lease
 from pipeline.cluster.parallel import max_parallel_stages, run_parallel
-from pipeline.cluster.raycluster import check_single_node, local_head, ray_address
+from pipeline.cluster.raycluster import (
+    check_single_node,
+    connect,
+    local_head,
+    local_ray_env,
+    ray_address,
+)
 from pipeline.cluster.stopping import Stopped, stop_grace_s, warn_short_stop_wait
 from pipeline.cluster.storage import check_storage
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, check_name, load_config
 from pipeline.errors import UserError
 from pipeline.forkserver import stage_server, wait_ready
+from pipeline.report import tracking
 
 
 def in_git_repo() -> bool:
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         set_scale(Path("params.yaml"), args.scale)
     cfg = load_config(Path("params.yaml"))
     check_job_tracking(cfg, Path.cwd())  # before any work: one error line
+    tracking.check_access(cfg)  # an MLflow server that refuses us: one error line
     storage = check_storage(cfg)
     check_single_node(cfg.ray, storage is not None)  # several nodes need storage: one line
     check_cluster_gpus(cfg)  # a GPU preset on a cluster without GPUs: one line
@@ -233,7 +241,7 @@ def check_cluster_gpus(cfg: Config) -> None:
 
     import ray
 
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    connect(address, logging_level=logging.WARNING, log_to_driver=False)
     try:
         check_gpu_preset(cfg)
     finally:
@@ -265,10 +273,12 @@ def run(
     """Everything after the checks: DVC's setting, the private Ray head, the repro, the push."""
     if not in_git_repo():
         dvc("config", "--local", "core.no_scm", "true")
-    with stage_server(PRELOAD) as env:  # its imports overlap the Ray head's start
-        if args.local_ray and not ray_address(cfg.ray):
+    local = args.local_ray and not ray_address(cfg.ray)
+    ray_env = local_ray_env() if local else None  # the head's and its clients' (127.0.0.1, token)
+    with stage_server(PRELOAD, env=ray_env) as env:  # its imports overlap the Ray head's start
+        if local:
             print("starting a local Ray cluster for this run", flush=True)
-            with local_head(cfg.ray.num_cpus, dashboard=False) as head:
+            with local_head(cfg.ray.num_cpus, env=ray_env, dashboard=False) as head:
                 env = {**env, "RAY_ADDRESS": head.address}
                 wait_ready(env, SERVER_WAIT_S)
                 reproduce(storage, cfg.scale, repro_args, env, parallel)

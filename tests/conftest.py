@@ -63,8 +63,10 @@ def ray_session():
     """One local Ray instance (2 CPUs) shared by every test that needs Ray (ray.init costs ~5 s)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipeline.cluster.raycluster import init_local
+
+    if not ray.is_initialized():  # on 127.0.0.1, with a token, as a stage starts one
+        init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -2,7 +2,8 @@
 
 Real components (tests/two_node.py): a ``ray start --head`` node and a second node in its own
 mount namespace that cannot see the checkout, /tmp or /dev/shm of the head; a real ``mlflow
-server``; DVC with the storage remote. a. (default suite): the job succeeds with one training
+server`` with MLflow's basic-auth app (the job logs as a user made for the test); DVC with
+the storage remote. a. (default suite): the job succeeds with one training
 worker on each node and blocks on both, which Ray's own task and actor records (node ids) show;
 MLflow holds every metric; storage holds the checkpoints, the data, the blocks, the DVC remote.
 b. (default suite, dvc.yaml cut to prepare and train): a job stopped (``ray job stop``) during
@@ -28,7 +29,14 @@ import yaml
 from repo_copy import BIN, copy_repo, env
 from test_end_to_end import check_results, variant_runs
 from train_project import registered
-from two_node import TwoNodes, can_run, mlflow_server, two_nodes
+from two_node import (
+    TwoNodes,
+    auth_mlflow_server,
+    can_run,
+    job_client,
+    state_list,
+    two_nodes,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(can_run() is not None, reason=str(can_run()))]
 
@@ -43,8 +51,15 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
+    """An authenticated MLflow server (MLflow's basic-auth app): the jobs log to it as its user
+    (the credentials in the job's environment), and this process reads it as that user."""
+    with (
+        auth_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        for name, value in server.user.items():
+            patch.setenv(name, value)
+        yield server
 
 
 def project(dest: Path) -> Path:
@@ -68,7 +83,7 @@ def submit(
         "--working-dir", str(repo), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
         "--", "python", "-m", "stages.repro",
     ]  # fmt: skip
-    job_env = env(RAY_AUTH_MODE="disabled")
+    job_env = env(**cluster.client_env)
     if log is None:
         return subprocess.run(cmd, env=job_env, capture_output=True, text=True)
     with open(log, "w") as out:
@@ -81,13 +96,8 @@ def placements(cluster: TwoNodes, storage: Path) -> dict[str, set[str]]:
     The ranks record their node in storage (``nodes/`` of the run); the block tasks are Ray's
     task records.
     """
-    from ray.util.state import list_nodes, list_tasks
-
-    url = cluster.dashboard_url
-    nodes = list_nodes(address=url, limit=10)
-    tasks = list_tasks(
-        address=url, limit=9999
-    )  # blocks run through pipeline.cluster.gputasks' _call
+    nodes = state_list(cluster, "nodes", limit=10)
+    tasks = state_list(cluster, "tasks", limit=9999)  # blocks: pipeline.cluster.gputasks' _call
     block_fns = ("_run_block", "_call", "_call_on_gpu")
     blocks = [t for t in tasks if t.func_or_class_name.split(".")[-1] in block_fns]
     return {
@@ -113,7 +123,8 @@ def job_a(cluster, tracking, tmp_path_factory) -> tuple[Path, float, subprocess.
     storage = cluster.storage / "a"
     shutil.rmtree(storage, ignore_errors=True)
     start = time.perf_counter()
-    env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
+    env_vars = {"MLFLOW_TRACKING_URI": tracking.uri, **tracking.user}
+    env_vars["DDPM_CLUSTER_STORAGE"] = str(storage)
     job = submit(cluster, repo, env_vars)
     return storage, time.perf_counter() - start, job
 
@@ -125,7 +136,7 @@ def test_a_job_trains_and_computes_blocks_on_both_nodes(cluster, job_a, tracking
     assert len(list(storage.glob("checkpoints/*/*/nodes/rank-*.json"))) == 2  # ranks 0 and 1
     assert where["train"] == where["head"] | where["other"], where  # one rank on each node
     assert where["blocks"] == where["head"] | where["other"], where  # blocks on both
-    runs = variant_runs(tracking)
+    runs = variant_runs(tracking.uri)
     check_results(runs, tables_from_mlflow(tmp_path), {VARIANT})
     sizes = {p.name: du(p) for p in sorted(storage.iterdir()) if p.is_dir()}
     weights = [du(run) for run in storage.glob("checkpoints/*/*/checkpoint_000000008")]
@@ -178,7 +189,8 @@ def test_b_a_job_stopped_in_training_and_resubmitted_resumes_bit_identical(
     storage = cluster.storage / "resume"
     shutil.rmtree(storage, ignore_errors=True)
     env_vars = {
-        "MLFLOW_TRACKING_URI": tracking,
+        "MLFLOW_TRACKING_URI": tracking.uri,
+        **tracking.user,
         "DDPM_CLUSTER_STORAGE": str(storage),
         "DDPM_TEST_FAULT": "hang:0:6",  # rank 0 hangs before step 6, after the checkpoint at 4
     }
@@ -224,13 +236,13 @@ def test_a_job_with_bucket_storage_runs_on_both_nodes(cluster, tracking, tmp_pat
     it shares the network namespace): ranks on both nodes, data, blocks and remote in the bucket.
     """
     from moto_s3 import list_keys, make_bucket, moto_server, read_object, s3_env
-    from ray.util.state import list_nodes
 
     repo = project(tmp_path / "repo")
     with moto_server(tmp_path / "moto.log") as endpoint:
         make_bucket(endpoint, "two-node")
         env_vars = {
-            "MLFLOW_TRACKING_URI": tracking,
+            "MLFLOW_TRACKING_URI": tracking.uri,
+            **tracking.user,
             "DDPM_CLUSTER_STORAGE": "s3://two-node/a",
             **s3_env(endpoint),
         }
@@ -242,7 +254,7 @@ def test_a_job_with_bucket_storage_runs_on_both_nodes(cluster, tracking, tmp_pat
         ranks = [k for k in keys if "/nodes/rank-" in k]
         assert len(ranks) == 2, ranks
         trained = {json.loads(read_object(endpoint, "two-node", k))["node_id"] for k in ranks}
-    nodes = {n.node_id for n in list_nodes(address=cluster.dashboard_url, limit=10)}
+    nodes = {n.node_id for n in state_list(cluster, "nodes", limit=10)}
     assert trained == nodes, (trained, nodes)  # one rank on each node, each read the data
     top = {k.split("/")[1] for k in keys}
     assert {"checkpoints", "data", "work", "dvc", "state"} <= top, top
@@ -290,7 +302,8 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     the first job runs, a second on the same storage is refused (the lease); c. dvc pull."""
     repo = project(tmp_path / "repo")  # a package of its own (project())
     storage = cluster.storage / "b"
-    env_vars = {"MLFLOW_TRACKING_URI": tracking, "DDPM_CLUSTER_STORAGE": str(storage)}
+    env_vars = {"MLFLOW_TRACKING_URI": tracking.uri, **tracking.user}
+    env_vars["DDPM_CLUSTER_STORAGE"] = str(storage)
     start = time.perf_counter()
     first = tmp_path / "first.log"
     hung = submit(cluster, repo, {**env_vars, "DDPM_TEST_FAULT": "hang:0:6"}, first)
@@ -332,15 +345,14 @@ def test_b_c_a_stopped_job_resubmitted_continues_and_a_clone_pulls_everything(
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     for out in (f"models/{VARIANT}/ema.pt", f"samples/{VARIANT}", "reports/table2.csv"):
         assert (clone / out).exists(), out
-    assert len(variant_runs(tracking)) >= 1
+    assert len(variant_runs(tracking.uri)) >= 1
 
 
 def running_job(cluster: TwoNodes) -> str:
     """The submission id of the one running job."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(cluster.dashboard_url)
-    (job,) = [j for j in client.list_jobs() if j.status == JobStatus.RUNNING]
+    (job,) = [j for j in job_client(cluster).list_jobs() if j.status == JobStatus.RUNNING]
     return job.submission_id
 
 
@@ -348,6 +360,6 @@ def stop_job(cluster: TwoNodes, proc: subprocess.Popen) -> None:
     """``ray job stop`` the running job (``proc`` is its ``ray job submit``, which then ends)."""
     subprocess.run(
         [BIN / "ray", "job", "stop", "--address", cluster.dashboard_url, running_job(cluster)],
-        env=env(RAY_AUTH_MODE="disabled"), check=True, capture_output=True,
+        env=env(**cluster.client_env), check=True, capture_output=True,
     )  # fmt: skip
     proc.wait(120)

@@ -28,6 +28,7 @@ from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.layout import checkpoint_dir, model_dir
 from pipeline.report import tracking
+from pipeline.uri import redact_uri
 
 MLFLOW_RECORD = "mlflow_run.json"  # in the Ray run folder: {"tracking_uri", "run_id"}
 
@@ -88,13 +89,13 @@ def model_run_id(cfg: Config, key: str, meta: dict[str, Any], root: Path = Path(
     uri = tracking.tracking_uri(cfg, root)
     client = MlflowClient(uri)
     record = read_record(cfg, root, key, name)
-    if record and record.get("tracking_uri") == uri and _live(client, record["run_id"]):
+    if record and record.get("tracking_uri") == redact_uri(uri) and _live(client, record["run_id"]):
         return str(record["run_id"])
     found = search_run(client, cfg.mlflow.experiment, meta.get("variant"), name)
     if found is None:
         raise DataError(
             f"{model_dir(key) / 'model.json'}: no MLflow run of {name} (tag "
-            f"{tracking.TAG_RUN}) in {uri}, experiment {cfg.mlflow.experiment}; point "
+            f"{tracking.TAG_RUN}) in {redact_uri(uri)}, experiment {cfg.mlflow.experiment}; point "
             "MLFLOW_TRACKING_URI at the store the train stage used, or rerun it"
         )
     return found

@@ -36,6 +36,7 @@ from pipeline.evaluation.figures import (
 from pipeline.evaluation.reconstruction import lambdas
 from pipeline.report import tables
 from pipeline.report.tracking import TAG_STAND_IN, tracking_uri, variant_run
+from pipeline.uri import redact_uri
 
 CSV_COLUMNS = (
     "t",
@@ -187,9 +188,11 @@ def log_to_mlflow(cfg: Config, result: Evaluation, figures: list[Path], plots: l
             mlflow.log_dict(result.metrics, f"metrics/{result.variant}.json")
     except MlflowException as e:
         raise DataError(
-            f"MLflow run {result.run_id} of models/{result.key}/model.json cannot be logged "
-            f"to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point MLFLOW_TRACKING_URI "
-            f"at the store the train stage used, or rerun it"
+            redact_uri(
+                f"MLflow run {result.run_id} of models/{result.key}/model.json cannot be logged "
+                f"to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point "
+                "MLFLOW_TRACKING_URI at the store the train stage used, or rerun it"
+            )
         ) from None
     return True
 

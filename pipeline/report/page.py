@@ -32,6 +32,7 @@ from pipeline.report.html import (
     line_plot_png,
 )
 from pipeline.report.tracking import TAG_STAND_IN
+from pipeline.uri import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def build_page(
         ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}"),
         ("sampling", f"{cfg.sample.n_samples} samples, {sampler}"),
         ("variants", ", ".join(run_ids)),
-        ("MLflow", f"{tracking_uri}, experiment {cfg.mlflow.experiment}"),
+        ("MLflow", f"{redact_uri(tracking_uri)}, experiment {cfg.mlflow.experiment}"),
     ]  # no time of writing: DVC hashes the page into dvc.lock, equal for equal inputs
     if commit:
         facts.append(("git commit", commit))

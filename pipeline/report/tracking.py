@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import mlflow_refusal
 from pipeline.config import Config, Variant
+from pipeline.errors import UserError
+from pipeline.uri import redact_uri
 
 TAG_SCALE = "ddpm.scale"
 TAG_VARIANT = "ddpm.variant"
@@ -47,12 +50,29 @@ def tracking_uri(cfg: Config, root: Path | None = None) -> str:
 
 
 def shown_uri(cfg: Config, root: Path | None = None) -> str:
-    """The tracking URI as reports/index.html shows it: the default store relative to the
-    project (its absolute path would make the page, and its hash in dvc.lock, depend on where
-    the project folder is)."""
+    """The tracking URI as reports/index.html and messages show it: credentials redacted
+    (pipeline.uri), the default store relative to the project (its absolute path would make the
+    page, and its hash in dvc.lock, depend on where the project folder is)."""
     uri = tracking_uri(cfg, root)
     default = f"sqlite:///{(root or Path.cwd()).resolve() / 'mlflow.db'}"
-    return "sqlite:///mlflow.db (in the project folder)" if uri == default else uri
+    return "sqlite:///mlflow.db (in the project folder)" if uri == default else redact_uri(uri)
+
+
+def check_access(cfg: Config) -> None:
+    """Before any work: a tracking server (http, https) that refuses this process (HTTP 401,
+    403: credentials missing or wrong, pipeline.cli.mlflow_refusal) or cannot be reached is one
+    UserError, not a failure of the first stage that logs. One read request."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        unusable = f"the MLflow server {redact_uri(uri)} cannot be used: {redact_uri(why)}"
+        raise UserError(mlflow_refusal(e) or unusable) from None
 
 
 def setup(cfg: Config, root: Path | None = None) -> str:
@@ -146,7 +166,8 @@ def start_variant_run(
     ) as run:
         params: dict[str, Any] = {k: _param(v) for k, v in cfg.flat().items()}
         params.update({f"variant.{k}": v for k, v in vars(variant).items()})
-        mlflow.log_params(params)
+        # mlflow.tracking_uri, ray.address, cluster.storage: no credentials in a param
+        mlflow.log_params({k: redact_uri(str(v)) for k, v in params.items()})
         return run.info.run_id
 
 
@@ -234,7 +255,7 @@ def ui_link(cfg: Config, experiment_id: str) -> str:
     """Where the experiment's runs are in MLflow's UI (``mlflow ui`` on a local store). MLflow
     3.17's UI shows what its GenAI / Model-training switch says, whatever the experiment's
     kind; ``workflowType=machine_learning`` sets the switch."""
-    uri = tracking_uri(cfg)
+    uri = redact_uri(tracking_uri(cfg))
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 

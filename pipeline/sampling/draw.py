@@ -53,6 +53,7 @@ from pipeline.sampling.figures import save_progressive, save_sample_grid
 from pipeline.sampling.job import SamplingJob, make_job, variant_types
 from pipeline.sampling.noise import ImageNoise
 from pipeline.sampling.shards import SampleShards, map_blocks, publish_shards
+from pipeline.uri import redact_uri
 
 FORMAT = "ddpm-repro/samples-v2"  # v2: shards + manifest (v1: one samples.npz)
 TAG_SAMPLER = "ddpm.sampler"  # MLflow tag: how the samples were drawn
@@ -433,8 +434,10 @@ def log_to_mlflow(cfg: Config, result: SampleSet, figures: list[Path]) -> bool:
                 mlflow.log_artifact(str(path), "samples")
     except MlflowException as e:
         raise DataError(
-            f"MLflow run {run_id} of models/{result.manifest['variant']}/model.json cannot be "
-            f"logged to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point "
-            f"MLFLOW_TRACKING_URI at the store the train stage used, or rerun it"
+            redact_uri(
+                f"MLflow run {run_id} of models/{result.manifest['variant']}/model.json cannot "
+                f"be logged to at {tracking_uri(cfg)} ({str(e).splitlines()[0]}); point "
+                "MLFLOW_TRACKING_URI at the store the train stage used, or rerun it"
+            )
         ) from None
     return True

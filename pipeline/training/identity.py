@@ -33,6 +33,7 @@ from pipeline.atomic import write_json
 from pipeline.cluster.runrecord import MLFLOW_RECORD
 from pipeline.config import Config, Variant, config_hash
 from pipeline.data import read_manifest
+from pipeline.uri import redact_uri
 
 # Train keys that do not change the weights (beyond float rounding): the cluster's shape,
 # threads and memory layout, retries, logging and checkpoint cadence, evaluation during training
@@ -90,13 +91,16 @@ def write_identity(run_dir: Path, cfg: Config, variant: Variant, data_dir: str |
 
 
 def recorded_mlflow_run(run_dir: Path, tracking_uri: str) -> str | None:
-    """The MLflow run id recorded for this Ray run in this tracking store, if any."""
+    """The MLflow run id recorded for this Ray run in this tracking store, if any (the store
+    compared without credentials: the record holds none)."""
     path = run_dir / MLFLOW_RECORD
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record["run_id"] if record.get("tracking_uri") == tracking_uri else None
+    return record["run_id"] if record.get("tracking_uri") == redact_uri(tracking_uri) else None
 
 
 def record_mlflow_run(run_dir: Path, tracking_uri: str, run_id: str) -> None:
-    write_json(run_dir / MLFLOW_RECORD, {"tracking_uri": tracking_uri, "run_id": run_id})
+    """Record the run id and the store (its URI without credentials: pipeline.uri)."""
+    record = {"tracking_uri": redact_uri(tracking_uri), "run_id": run_id}
+    write_json(run_dir / MLFLOW_RECORD, record)
