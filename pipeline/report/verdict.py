@@ -115,6 +115,7 @@ def sampling_se(figure: str, err: float | None, n: float | None) -> float | None
     FID's (bootstrap), NLL's and Table 4's (over the images) already are standard errors."""
     if _missing(err):
         return None
+    assert err is not None  # _missing(None) is True
     if figure.split()[0] == "IS":
         return None if _missing(n) or not n else err / math.sqrt(n)
     return err
@@ -191,7 +192,8 @@ def judge(
         return Verdict(INCONCLUSIVE, "no value of ours", margin, basis)
     if _missing(ours_se):
         return Verdict(INCONCLUSIVE, "no error estimate of ours", margin, basis)
-    se = math.hypot(ours_se, 0.0 if _missing(paper_se) else paper_se)
+    assert ours is not None and ours_se is not None and paper is not None  # _missing(None)
+    se = math.hypot(ours_se, 0.0 if paper_se is None or _missing(paper_se) else paper_se)
     q = quantile(confidence, df)
     diff = ours - paper
     low, high = diff - q * se, diff + q * se

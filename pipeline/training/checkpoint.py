@@ -25,7 +25,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,9 @@ class TrainState:
 
 def capture_rng() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values."""
-    _kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the global RandomState is MT19937: the legacy tuple (numpy's stub picks the dict overload)
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    _kind, keys, pos, has_gauss, gauss = state
     rng: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},

@@ -33,13 +33,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster import devices
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, Variant
 from pipeline.evaluation.inception import InceptionWeights
 from pipeline.training.selection import BEST, EVALS, EvalRecords, due_steps
+
+if TYPE_CHECKING:  # ray is imported where used (a scorer run in this process needs none)
+    from ray import ObjectRef
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ def driver_weights(cfg: Config, root: Path) -> InceptionWeights:
 
 def scorer_resources(cfg: Config) -> dict[str, float]:
     """One scoring task's Ray resources: the sample section's (CPUs, and GPUs with use_gpu)."""
-    resources = {"num_cpus": cfg.sample.cpus_per_worker}
+    resources: dict[str, float] = {"num_cpus": cfg.sample.cpus_per_worker}
     if cfg.sample.use_gpu:
         resources["num_gpus"] = cfg.sample.gpus_per_worker
     return resources
@@ -253,6 +256,7 @@ class CheckpointEvaluator:
         """(step, path in the store) of the complete checkpoints in the bucket not yet done."""
         from pipeline.training.checkpoint import META, STATE
 
+        assert self.bucket is not None  # called by poll() for a bucket run only
         store, rel = self.bucket
         files: dict[str, set[str]] = {}
         for name in store.list(rel):
@@ -280,8 +284,9 @@ class CheckpointEvaluator:
             if self.run_task:
                 import ray
 
-                reference, data = ray.put(reference), ray.put(data)
-            self._shared = (reference, weights, data)
+                self._shared = (ray.put(reference), weights, ray.put(data))
+            else:
+                self._shared = (reference, weights, data)
         return self._shared
 
     def _submit(self, step: int, source: Path) -> None:
@@ -317,6 +322,7 @@ class CheckpointEvaluator:
         self.unreadable.discard(step)
         reference, weights, data = self._inputs()
         args = (self.cfg, self.variant, step, ema, reference, weights, data)
+        ref: ObjectRef[float] | float  # the task's, or the score itself (run_task=False)
         if self.run_task:
             from pipeline.cluster.gputasks import submit
 

@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -105,7 +105,7 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     start = state.step
     model = session.wrap(state.model)  # DDP over the ranks; state.model stays unwrapped
     if train.compile:  # the wrapped model: DDP's hooks stay outside the compiled graph
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))  # an OptimizedModule
     diffusion = make_diffusion(job.cfg, job.variant)
     inputs = StepInputs(job, session)
     stats = IntervalStats(session.device)
@@ -123,7 +123,8 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
         checkpoint = state.step % train.checkpoint_every == 0 or state.step == train.steps
         if state.step % train.log_every == 0 or checkpoint:
             interval = stats.close()  # over the ranks: the same on every rank
-            metrics = monitor.interval(state.step, interval, state.schedule.get_last_lr()[0])
+            lr = cast(float, state.schedule.get_last_lr()[0])  # Adam's lr is a float (not a Tensor)
+            metrics = monitor.interval(state.step, interval, lr)
             if interval.first_bad_step is not None:
                 monitor.close()
                 return _outcome("diverged", start, state.step, interval.first_bad_step)
@@ -349,6 +350,7 @@ class StepInputs:
 
     def __init__(self, job: TrainJob, session: Session):
         cfg, train = job.cfg, job.cfg.train
+        assert cfg.data.random_flip is not None  # resolved by config_from_dict
         self.batches = TrainBatches(
             open_split(node_local_data(job.data_dir), "train"),
             train.batch_size,

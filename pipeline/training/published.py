@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline import layout
 from pipeline.atomic import atomic_dir, write_json, write_text
@@ -111,7 +111,7 @@ def _check_schedule(cfg: Config, scheduler: dict[str, Any] | None, where: str) -
         k: scheduler.get(k)
         for k, v in want.items()
         if not (
-            math.isclose(scheduler.get(k), v, rel_tol=1e-9)
+            math.isclose(cast(float, scheduler.get(k)), v, rel_tol=1e-9)
             if isinstance(v, float) and isinstance(scheduler.get(k), int | float)
             else scheduler.get(k) == v
         )
@@ -134,7 +134,7 @@ def _check_variance(
 
     if scheduler is None:
         return
-    theirs = scheduler.get("variance_type")
+    theirs: Any = scheduler.get("variance_type")  # a JSON value: a str in a valid file
     ours = sampler_var_type(cfg, variant)
     if VARIANCE_TYPES.get(theirs, theirs) != ours:
         raise ConfigError(

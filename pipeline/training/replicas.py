@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,12 @@ from pipeline.training.randomness import seed_dropout
 
 # loss(model, x_start, t, noise) -> the mean loss of those images (a scalar tensor)
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+
+
+class _NoSync(Protocol):
+    """A model with DDP's ``no_sync()`` (DDP itself, or torch.compile of it, which forwards it)."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 class ReplicaClipping:
@@ -101,7 +108,11 @@ class ReplicaClipping:
         self._bind(module)
         n = x_start.shape[0] // self.local
         losses, norms = [], []
-        sync = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+        sync = (
+            cast(_NoSync, model).no_sync()
+            if hasattr(model, "no_sync")
+            else contextlib.nullcontext()
+        )
         self._total.zero_()
         with sync:
             for i in range(self.local):

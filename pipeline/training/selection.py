@@ -107,8 +107,12 @@ def select_checkpoint(select: str, records: EvalRecords, last: Path) -> tuple[Pa
     evaluated = records.all()
     info: dict[str, Any] = {"select": select, "evaluations": len(evaluated)}
     best = records.best()
-    if select == "best_fid" and best is not None and records.best_checkpoint() is not None:
-        return records.best_checkpoint(), {
+    if (  # best_checkpoint() once: the folder it checked is the one returned
+        select == "best_fid"
+        and best is not None
+        and (folder := records.best_checkpoint()) is not None
+    ):
+        return folder, {
             **info,
             "selected_step": best["step"],
             "fid": best["fid"],

@@ -124,8 +124,8 @@ def make_trainer(job: TrainJob) -> Any:
     t = job.cfg.train
     storage_path, filesystem = _ray_storage(job.run_dir)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    return TorchTrainer(
-        train_loop_per_worker,
+    return TorchTrainer(  # Ray Train V2 (the default) takes any return: mypy sees V1's type
+        train_loop_per_worker,  # type: ignore[arg-type]  # V1's Callable[[dict], None]
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend=devices.train_backend(t.use_gpu)),
         scaling_config=ScalingConfig(
@@ -137,7 +137,8 @@ def make_trainer(job: TrainJob) -> Any:
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # V2's RunConfig has logging_config; mypy sees ray.air's (V1), which has not
+            logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
     )
 
@@ -301,7 +302,7 @@ def fit(
 
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     init_ray(job.cfg.ray)
-    board = ProgressBoard.remote()
+    board = ProgressBoard.remote()  # type: ignore[attr-defined]  # added by @ray.remote
     job = dataclasses.replace(job, board=board)
     trainer = make_trainer(job)
     display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
