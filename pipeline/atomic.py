@@ -167,4 +167,4 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Save named arrays in one uncompressed .npz, atomically."""
     with atomic_path(path, ".npz") as tmp, tmp.open("wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a key may be allow_pickle

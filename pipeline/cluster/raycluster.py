@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -115,7 +116,7 @@ def _single_machine() -> Iterator[None]:
             os.environ[LOCAL_ONLY] = saved[0]
 
 
-def init_local(**kwargs: object) -> None:
+def init_local(**kwargs: Any) -> None:
     """``ray.init(address="local", **kwargs)`` on 127.0.0.1 with Ray's default authentication
     (token, as ray.init turns on for a new cluster; its notice about that is dropped)."""
     ensure_token(os.environ)
@@ -126,7 +127,7 @@ def init_local(**kwargs: object) -> None:
         ray.init(address="local", **kwargs)
 
 
-def connect(address: str, **kwargs: object) -> None:
+def connect(address: str, **kwargs: Any) -> None:
     """``ray.init(address=address, **kwargs)``; a refused or missing token is one UserError."""
     from ray.exceptions import AuthenticationError
 

@@ -381,7 +381,7 @@ def state_dir(store: Store, scale: str) -> Path:
 # What a torch file read from storage may hold besides tensors: numpy arrays (torch-fidelity's
 # statistics), nothing that runs code when unpickled.
 NUMPY_GLOBALS = [
-    np._core.multiarray._reconstruct,
+    np._core.multiarray._reconstruct,  # type: ignore[attr-defined]  # numpy 2's, not in its stubs
     np.ndarray,
     np.dtype,
     type(np.dtype(np.float32)),

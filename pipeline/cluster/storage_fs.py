@@ -29,6 +29,7 @@ be sent to Ray workers; each process builds its own filesystem client on first u
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import importlib.util
@@ -220,7 +221,7 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def get_dir(self, rel: str | os.PathLike, local: str | os.PathLike) -> list[str]:
+    def get_dir(self, rel: str | os.PathLike, local: str | os.PathLike) -> builtins.list[str]:
         """Copy every file under ``rel`` into the local folder ``local``; the files copied.
         Every destination is checked to resolve inside ``local`` (UnsafePathError otherwise)."""
         names = self.list(rel)
