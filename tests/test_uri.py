@@ -118,3 +118,12 @@ def test_the_page_and_the_ui_link_show_the_store_without_credentials(project, mo
     assert shown == "https://***@mlflow.example.com/"
     assert link.startswith("https://***@mlflow.example.com/#/experiments/1/")
     assert not any(s in out for out in (text, shown, link) for s in SECRETS)
+
+
+def test_storage_messages_show_a_bucket_without_its_credentials():
+    """The lease, restore and upload messages name storage through ``Store.shown``."""
+    from pipeline.cluster.storage_fs import Store
+
+    store = Store("s3://AKIDEXAMPLE:s3cr3t@bucket/ddpm")
+    assert store.shown("state/tiny/lease") == "s3://***@bucket/ddpm/state/tiny/lease"
+    assert "s3cr3t" in store.uri("state")  # the address itself keeps them: it is used

@@ -119,7 +119,7 @@ def reproduce_with_storage(
     for option, value in store.dvc_remote_options().items():
         dvc("remote", "modify", "--local", REMOTE, option, value)
     if restore_state(store, state, Path.cwd()):
-        print(f"restored the state of an earlier run from {store.uri(state)}", flush=True)
+        print(f"restored the state of an earlier run from {store.shown(state)}", flush=True)
         restore_data(store, state, Path.cwd(), scale)
         dvc("pull", "--allow-missing")
     if repro_args:  # targets or options of the user's: one repro, then one push
@@ -164,7 +164,7 @@ def restore_data(store: Store, state: Path, project: Path, scale: str) -> None:
     where = store.read_text(state / DATA_RECORD).strip()
     stored = store.uri("data").rstrip("/") + "/"
     if not where.startswith(stored) or ".." in Path(where.removeprefix(stored)).parts:
-        raise UnsafePathError(f"{store.uri(state / DATA_RECORD)}: {where!r} is not in {stored}")
+        raise UnsafePathError(f"{store.shown(state / DATA_RECORD)}: {where!r} is not in {stored}")
     if store.is_local:
         where = str(store.local_path(Path("data") / where.removeprefix(stored)))
     source = node_local_data(where)

@@ -159,7 +159,7 @@ def read_lease(store: Store, scale: str) -> Held | None:
         if not isinstance(record.get("heartbeat"), int | float):
             record["heartbeat"] = 0  # no usable heartbeat: as old as can be
         return Held(newest, record)
-    raise UserError(f"the lease {store.uri(folder)} keeps changing while it is read")
+    raise UserError(f"the lease {store.shown(folder)} keeps changing while it is read")
 
 
 class Lease:
@@ -220,7 +220,7 @@ class Lease:
         raise UserError(
             f"job {name} (host {str(held.record.get('host'))[:64]}, heartbeat "
             f"{max(age, 0):.0f} s ago) is running on cluster storage "
-            f"{self.store.uri(self.folder.parent)}: {how} or wait for it to end; a lease "
+            f"{self.store.shown(self.folder.parent)}: {how} or wait for it to end; a lease "
             f"without a heartbeat for {self.timeout:.0f} s is taken over"
         )
 
@@ -250,7 +250,7 @@ class Lease:
                 return
             # another job created this generation first: its record decides (refused, or it
             # was released already and the next generation is tried)
-        raise UserError(f"the lease {self.store.uri(self.folder)} is contended: try again")
+        raise UserError(f"the lease {self.store.shown(self.folder)} is contended: try again")
 
     def _drop_old_format(self) -> None:
         """A lease file of the earlier format (one record at ``state/<scale>/lease``, left by a
@@ -296,7 +296,9 @@ class Lease:
         """Fencing: LeaseLostError unless this job still holds the lease (renewed within the
         deadline and its generation the newest)."""
         if self.generation is None:
-            raise LeaseLostError(f"this job does not hold the lease {self.store.uri(self.folder)}")
+            raise LeaseLostError(
+                f"this job does not hold the lease {self.store.shown(self.folder)}"
+            )
         if self._lost or not self._in_time():
             raise LeaseLostError(self._lost or self._late())
         held = self.read()

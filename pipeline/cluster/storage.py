@@ -214,7 +214,9 @@ class Uploads:
     def _failed(self, name: str, error: Exception) -> None:
         count = self.failures[name] = self.failures.get(name, 0) + 1
         what = (
-            "lease check" if name == LEASE_CHECK else f"upload of {self.store.uri(self.rel / name)}"
+            "lease check"
+            if name == LEASE_CHECK
+            else f"upload of {self.store.shown(self.rel / name)}"
         )
         reason = f"{type(error).__name__}: {str(error)[:120]}"
         if self.backoff.gives_up(count) or isinstance(error, UserError):
@@ -248,7 +250,7 @@ class Uploads:
             name, error = next(iter(sorted(self.failed.items())))
             more = f" (and {len(self.failed) - 1} more)" if len(self.failed) > 1 else ""
             raise UserError(
-                f"upload to {self.store.uri(self.rel / name)}{more} failed "
+                f"upload to {self.store.shown(self.rel / name)}{more} failed "
                 f"{self.failures.get(name, 1)} times: {type(error).__name__}: "
                 f"{str(error).splitlines()[0][:200] if str(error) else ''}"
             )

@@ -43,6 +43,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.uri import redact_uri
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 # scheme -> (the fsspec package it needs, the pip extra that installs it with the DVC plugin)
@@ -132,6 +133,10 @@ class Store:
         """The URL (or absolute path) of ``rel`` in storage (see :func:`safe_rel`)."""
         rel = str(safe_rel(rel)).rstrip("/")
         return f"{self.url.rstrip('/')}/{rel}" if rel and rel != "." else self.url
+
+    def shown(self, rel: str | os.PathLike = "") -> str:
+        """:meth:`uri` for messages and logs: any credentials in it replaced by ``***``."""
+        return redact_uri(self.uri(rel))
 
     def local_path(self, rel: str | os.PathLike = "") -> Path:
         """``rel`` as a local path (a folder store only), checked to resolve inside the store's
