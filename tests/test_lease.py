@@ -259,3 +259,33 @@ def test_a_lease_file_of_the_earlier_format_is_respected_then_replaced(tmp_path)
     store.write_text("state/tiny/lease", json.dumps({**old, "heartbeat": 0}))  # it died
     Lease(store, "tiny", job=B, timeout=60).acquire()
     assert read_lease(store, "tiny").job == B
+
+
+def test_a_stale_holders_training_uploads_are_refused(endpoint, tmp_path, monkeypatch):
+    """The training wing's own uploads to a bucket run (the driver's run records, and the
+    evaluations during training through the same fence) stop once the lease is another's."""
+    from repo_copy import PARAMS
+
+    from pipeline.cluster import storage
+    from pipeline.config import load_config
+    from pipeline.training import trainer
+
+    for key, value in s3_env(endpoint).items():
+        monkeypatch.setenv(key, value)
+    url = f"s3://{BUCKET}/train-{time.time_ns()}"
+    monkeypatch.setenv(storage.ENV, url)
+    store, cfg, T = Store.parse(url), load_config(PARAMS, "tiny"), 2.0
+    run_dir = tmp_path / storage.MIRROR / "runs" / "v"
+    run_dir.mkdir(parents=True)
+    (run_dir / trainer.IDENTITY_RECORD).write_text("{}")
+    stale = Lease(store, "tiny", job=A, timeout=T, on_lost=lambda why: None)
+    stale.acquire()
+    monkeypatch.setitem(lease._HELD, (store.url, "tiny"), stale)
+    trainer._push_records(cfg, tmp_path, run_dir)  # still its lease: uploaded
+    assert store.exists(Path("runs/v") / trainer.IDENTITY_RECORD)
+    (run_dir / trainer.IDENTITY_RECORD).write_text('{"late": true}')
+    wait_until(lambda: read_lease(store, "tiny").age() >= T, "the lease gone stale")
+    Lease(store, "tiny", job=B, timeout=T).acquire()
+    with pytest.raises(LeaseLostError):
+        trainer._push_records(cfg, tmp_path, run_dir)
+    assert "late" not in store.read_text(Path("runs/v") / trainer.IDENTITY_RECORD)

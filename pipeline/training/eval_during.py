@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster import devices
+from pipeline.cluster.lease import fence
 from pipeline.cluster.storage_fs import Store
 from pipeline.config import Config, Variant
 from pipeline.evaluation.inception import InceptionWeights
@@ -383,6 +384,7 @@ class CheckpointEvaluator:
             return
         store, rel = self.bucket
         try:
+            fence(store, self.cfg.scale)  # a job that lost its lease uploads nothing more
             if new_best:
                 store.put_dir(self.records.folder / BEST, rel / EVALS / BEST)
             path = self.records.path(record["step"])

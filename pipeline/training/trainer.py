@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster import devices
+from pipeline.cluster.lease import fence
 from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
@@ -248,6 +249,7 @@ def _push_records(cfg: Config, root: Path, run_dir: Path) -> None:
     bucket = _bucket_run(cfg, root, run_dir)
     if bucket is not None:
         store, rel = bucket
+        fence(store, cfg.scale)  # a job that lost its lease uploads nothing more
         for name in (IDENTITY_RECORD, MLFLOW_RECORD):
             if (run_dir / name).is_file():
                 store.put_file(run_dir / name, rel / name)
