@@ -127,7 +127,7 @@ def test_a_derived_default_and_a_rule_in_config_py_rerun_every_stage(repo):
 def test_a_comment_and_a_preset_key_set_to_its_default_rerun_only_config(repo):
     """Nothing real changed: config reruns, its output is the same bytes, no other stage."""
     path = repo / "pipeline" / "config.py"
-    edit(path, "MEAN_TYPES = (", "# a comment\nMEAN_TYPES = (")
+    edit(path, "\ndef load_config(", "\n# a comment\ndef load_config(")
     edit(path, '"""The forward process: a linear', '"""The forward process, a linear')
     params = yaml.safe_load((repo / "params.yaml").read_text())
     tiny = params["presets"]["tiny"]
