@@ -567,13 +567,8 @@ def _check_seed_keys(cfg: Config) -> None:
             f"published weights (model.source: checkpoint), which have no training seed; "
             f"pass -S 'seeds=[{cfg.main_seed}]' -S 'extra_seeds=[]'"
         )
-    keys = {seed_key(v, s, cfg.main_seed) for v in cfg.variants for s in cfg.seeds[1:]}
-    clash = sorted(keys & set(cfg.variants))
-    if clash:
-        raise ConfigError(
-            f"variants: {', '.join(clash)} is also the name of another variant's further "
-            f"training seed (<variant>-s<seed>); rename the variant"
-        )
+    # A further seed's outputs are <variant>-s<seed>: no variant can be named so, since a
+    # variant's name is plain (check_name: no "-").
 
 
 def validate(cfg: Config) -> None:

@@ -82,9 +82,10 @@ def test_published_weights_have_no_further_seeds():
 
 
 def test_a_variant_named_like_a_seed_output_is_refused():
+    """Further seeds' outputs are <variant>-s<seed>; a variant's name may not hold a "-"."""
     raw = params(seeds=[0, 1], extra_seeds=[1])
     raw["variants"]["eps_fixed_mse-s1"] = raw["variants"]["eps_fixed_mse"]
-    with pytest.raises(ConfigError, match="eps_fixed_mse-s1 is also the name"):
+    with pytest.raises(ConfigError, match="'eps_fixed_mse-s1' is not a plain name"):
         config_from_dict(raw)
 
 
