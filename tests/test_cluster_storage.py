@@ -90,6 +90,7 @@ def test_state_round_trip_skips_a_tampered_torch_file(tmp_path):
     project, state, again = tmp_path / "p", tmp_path / "state", tmp_path / "q"
     (project / "metrics").mkdir(parents=True)
     (project / "dvc.lock").write_text("schema: '2.0'\n")
+    (project / "params.resolved.yaml").write_text("scale: tiny\n")  # in git as another scale's
     (project / "metrics" / "v.json").write_text("{}")
     (project / "work" / "fid" / "v").mkdir(parents=True)
     torch.save({"mu": np.zeros(2)}, project / "work" / "fid" / "v" / "good.pt")
@@ -100,8 +101,11 @@ def test_state_round_trip_skips_a_tampered_torch_file(tmp_path):
     assert durable.save_state(project, store, rel) > 0
     assert durable.save_state(project, store, rel) == 0  # unchanged files are not copied again
     assert not (state / "models").exists()
+    again.mkdir()
+    (again / "params.resolved.yaml").write_text("scale: smoke\n")  # the fresh job's checkout
     assert durable.restore_state(store, rel, again)
     assert (again / "dvc.lock").is_file() and (again / "metrics" / "v.json").is_file()
+    assert (again / "params.resolved.yaml").read_text() == "scale: tiny\n"  # what dvc.lock holds
     assert (again / "work" / "fid" / "v" / "good.pt").is_file()
     assert (
         not (again / "work" / "fid" / "v" / "bad.pt").exists() and not (tmp_path / "ran").exists()

@@ -157,3 +157,18 @@ def test_default_parallelism_is_one_on_a_node_and_what_fits_on_a_cluster(monkeyp
     assert max_parallel_stages(paper, on_cluster=True) == 1  # no cluster to ask
     raw["cluster"] = {"max_parallel_stages": 6}
     assert max_parallel_stages(config_from_dict(raw, "paper"), on_cluster=False) == 6
+
+
+def test_an_upstream_rerun_that_changes_nothing_reruns_nothing_downstream(tmp_path):
+    """The first ``dvc status`` is stale once an upstream stage reran: a resubmitted job whose
+    checkout held another params.resolved.yaml reran `config`, which wrote back what dvc.lock
+    holds, and then every stage (the first status had called them all changed)."""
+    root = _project(tmp_path / "p")
+    done = subprocess.run(["dvc", "repro", "-q"], cwd=root, env=_env(tmp_path / "s0"))
+    assert done.returncode == 0
+    (root / "prep" / "seed.txt").write_text("another")  # prep and all of work@* now changed
+    run = _parallel(root, tmp_path / "spans")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ran = [line.split("'")[1] for line in run.stdout.splitlines() if "Running stage" in line]
+    assert ran == ["prep"], run.stdout[-3000:]  # prep wrote "s" again: the rest is unchanged
+    assert not (tmp_path / "spans").exists()

@@ -6,8 +6,9 @@ Storage is a folder or a bucket (:class:`pipeline.cluster.storage_fs.Store`; a b
 needs the ``dvc-s3``/``dvc-gs`` plugin, and ``AWS_ENDPOINT_URL`` is given to it as ``endpointurl``).
 
 1. restore: copy ``<storage>/state/<scale>/`` (dvc.lock and the outputs DVC does not cache:
-   metrics/, plots/, the pointer files and Inception caches of checkpoints/ and work/) into the
-   working directory, then ``dvc pull --allow-missing`` from the storage remote. Every torch
+   params.resolved.yaml, metrics/, plots/, the pointer files and Inception caches of
+   checkpoints/ and work/) into the working directory, then ``dvc pull --allow-missing`` from
+   the storage remote. Every torch
    file restored is first loaded with ``weights_only=True``
    (:func:`pipeline.cluster.storage.safe_load`);
    one that is refused is not restored (its stage then simply reruns).
@@ -55,7 +56,9 @@ from pipeline.report import tracking
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in every `ray job submit` driver
 REMOTE = "cluster-storage"
-STATE = ("dvc.lock", "metrics", "plots", "checkpoints", "work")  # relative to the project
+# relative to the project: dvc.lock and the outputs DVC does not cache (params.resolved.yaml is
+# in git, as the committed scale's: a job of another scale needs the one its dvc.lock records)
+STATE = ("dvc.lock", "params.resolved.yaml", "metrics", "plots", "checkpoints", "work")
 DATA_RECORD = "data.txt"  # in the state: where in storage the prepared data (uncached) is
 
 Dvc = Callable[..., None]

@@ -13,8 +13,10 @@ Why not DVC's own means (docs/cluster.md, "Variants side by side"):
 So this module does what ``dvc repro`` does for one stage, split where the lock is not needed:
 
 1. ``dvc status --json`` once: the stages DVC would rerun now. A stage downstream of one rerun
-   here is checked again (``dvc status --json <stage>``) once its upstream stages are done, as
-   ``dvc repro`` does (an upstream rerun that leaves its outputs unchanged reruns nothing).
+   here is checked again (``dvc status --json <stage>``) once its upstream stages are done, and
+   that answer replaces the first, as ``dvc repro`` does (an upstream rerun that leaves its
+   outputs unchanged reruns nothing: `config` rewriting params.resolved.yaml with the values
+   dvc.lock holds reruns no other stage).
 2. A stage whose upstream stages are all done runs its dvc.yaml ``cmd`` as a process of its own
    (its non-persistent outputs removed first, as ``dvc repro`` does), up to ``max_parallel``
    at a time, stages in dvc.yaml's order. The stage commands never touch DVC.
@@ -175,9 +177,9 @@ def run_parallel(
                 if not stage.upstream <= done:
                     continue
                 waiting.remove(name)
-                dirty = name in changed or (
-                    bool(stage.upstream & rerun) and name in dvc_status([name])
-                )
+                # once an upstream stage reran, the first status is stale (e.g. `config`
+                # rewrote params.resolved.yaml): ask DVC again, for this stage only
+                dirty = name in dvc_status([name]) if stage.upstream & rerun else name in changed
                 if not dirty:
                     done.add(name)
                     outcome.skipped.append(name)
