@@ -25,6 +25,7 @@ METRICS = Path("metrics")
 PLOTS = Path("plots")
 FIGURES = Path("figures")
 REPORTS = Path("reports")
+EXPORT = Path("export")
 
 
 def data_dir(scale: str) -> Path:
@@ -76,3 +77,8 @@ def plots_dir(variant: str) -> Path:
 def figures_dir(variant: str) -> Path:
     """PNG figures of a variant (also logged to MLflow)."""
     return FIGURES / variant
+
+
+def export_dir(variant: str) -> Path:
+    """A variant's model leaving the pipeline: a diffusers folder with its model card."""
+    return EXPORT / variant

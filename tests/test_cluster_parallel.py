@@ -62,4 +62,4 @@ def test_variants_side_by_side_on_fake_gpus_equal_the_serial_run(tmp_path):
     locks = r["locks"]
     assert locks["same_order"] and locks["differ"] == {}, locks
     # config, prepare, featurenet, reference, train_reference, report; train, sample, evaluate
-    assert len(locks["equal"]) == locks["stages"] == 6 + 3 * VARIANTS, locks
+    assert len(locks["equal"]) == locks["stages"] == 6 + 4 * VARIANTS, locks

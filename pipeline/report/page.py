@@ -200,6 +200,17 @@ def build_page(
         ("sampling", f"{cfg.sample.n_samples} samples, {sampler}"),
         ("variants", ", ".join(run_ids)),
         ("MLflow", f"{redact_uri(tracking_uri)}, experiment {cfg.mlflow.experiment}"),
+        # the models leaving the pipeline (stage export, docs/export.md); <V>: a variant
+        (
+            "load with diffusers",
+            'DDPMPipeline.from_pretrained("export/<V>")'
+            f"(batch_size=4, num_inference_steps={cfg.diffusion.num_timesteps}).images",
+        ),
+        (
+            "load from MLflow",
+            f'mlflow.pyfunc.load_model("models:/ddpm-{cfg.scale}-<V>@best")'
+            '.predict({"n": 4, "seed": 0})',
+        ),
     ]  # no time of writing: DVC hashes the page into dvc.lock, equal for equal inputs
     if commit:
         facts.append(("git commit", commit))
