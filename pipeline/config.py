@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -651,6 +652,12 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
             f"{where}.train.clip_replicas ({t.clip_replicas}) must divide train.batch_size "
             f"({t.batch_size}) and be a multiple of train.num_workers ({t.num_workers}): each "
             "worker clips whole replicas of batch_size / clip_replicas images"
+        )
+    if t.clip_replicas > 1 and not (t.grad_clip > 0 and math.isfinite(t.grad_clip)):
+        raise ConfigError(
+            f"{where}.train.clip_replicas ({t.clip_replicas}) clips each replica's gradient and "
+            f"needs a positive train.grad_clip (got {t.grad_clip}): the clip bounds the exact "
+            "sum over the replicas (docs/training.md); without a clip use clip_replicas: 1"
         )
     for name in t.variants or ():
         _check_choice(f"{where}.train.variants", name, tuple(cfg.variants))
