@@ -85,15 +85,19 @@ def _train(rank: int, world_size: int, store: str | None) -> dict[str, np.ndarra
 
 def _child(rank: int, stores: dict[int, str], queue) -> None:
     """Rank ``rank`` of every worker count in ``stores`` it belongs to, largest first."""
+    import os
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's sockets on the loopback only
     for world_size in sorted(stores, reverse=True):
         if rank < world_size:
             queue.put((world_size, rank, _train(rank, world_size, stores[world_size])))
 
 
 def _gloo(stores: dict[int, str]) -> dict[tuple[int, int], dict[str, np.ndarray]]:
-    """Every (W, rank)'s result: ranks 1.. in spawned processes (one each, through every W),
+    """Every (W, rank)'s result: ranks 1.. in child processes (one each, through every W),
     rank 0 in this one."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # a fresh process imports torch once; children fork it
+    ctx.set_forkserver_preload(["torch", "pipeline.training.loop", "train_project"])
     queue = ctx.Queue()
     children = [ctx.Process(target=_child, args=(r, stores, queue))
                 for r in range(1, max(stores))]  # fmt: skip
@@ -115,10 +119,11 @@ def _gloo(stores: dict[int, str]) -> dict[tuple[int, int], dict[str, np.ndarray]
     return results
 
 
-def test_one_two_and_four_gloo_workers_give_the_same_bits(tmp_path):
+def test_one_two_and_four_gloo_workers_give_the_same_bits(tmp_path, monkeypatch):
     """clip_replicas 4 over W = 1, 2, 4 real gloo workers (DDP, its all-reduce off, the int64
     all-reduce on): every rank's .grad after one step, and the weights, EMA and Adam moments
     after three, equal W = 1's bit for bit."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # gloo's sockets on the loopback only
     threads = torch.get_num_threads()
     try:
         one = _train(0, 1, None)
