@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import types
@@ -653,11 +652,13 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
             f"({t.batch_size}) and be a multiple of train.num_workers ({t.num_workers}): each "
             "worker clips whole replicas of batch_size / clip_replicas images"
         )
-    if t.clip_replicas > 1 and not (t.grad_clip > 0 and math.isfinite(t.grad_clip)):
+    # the bounds of pipeline.training.replicas.fixed_point_exponent (k in 40..126)
+    if t.clip_replicas > 1 and not 2.0**-65 <= t.clip_replicas * t.grad_clip < 2.0**22:
         raise ConfigError(
-            f"{where}.train.clip_replicas ({t.clip_replicas}) clips each replica's gradient and "
-            f"needs a positive train.grad_clip (got {t.grad_clip}): the clip bounds the exact "
-            "sum over the replicas (docs/training.md); without a clip use clip_replicas: 1"
+            f"{where}.train.clip_replicas ({t.clip_replicas}) clips each replica's gradient: "
+            f"it needs 2^-65 <= clip_replicas x train.grad_clip < 2^22 (got grad_clip "
+            f"{t.grad_clip}), the clip sets the exact sum's fixed-point scale "
+            "(docs/training.md); without a clip use clip_replicas: 1"
         )
     for name in t.variants or ():
         _check_choice(f"{where}.train.variants", name, tuple(cfg.variants))

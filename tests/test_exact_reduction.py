@@ -302,10 +302,13 @@ def test_a_run_resumed_on_another_worker_count_gives_the_same_bits(tmp_path, mon
 @pytest.mark.parametrize("replicas,grad_clip,k", [(8, 1.0, 58), (4, 0.5, 60), (3, 1.0, 60),
                                                   (8, 0.3, 60), (1, 1e-3, 71)])  # fmt: skip
 def test_the_scale_is_the_largest_that_keeps_the_sum_below_2_62(replicas, grad_clip, k):
-    """k: R grad_clip 2^k < 2^62 <= R grad_clip 2^(k+1); no positive finite clip: no scale."""
+    """k: R grad_clip 2^k < 2^62 <= R grad_clip 2^(k+1); no positive finite clip, or one that
+    leaves k outside 40..126 (a resolution above 2^-40, a scale beyond fp32): no scale."""
     assert fixed_point_exponent(replicas, grad_clip) == k
     bound = replicas * grad_clip
     assert bound * 2.0**k < 2.0**FIXED_POINT_BITS <= bound * 2.0 ** (k + 1)
-    for bad in (0.0, -1.0, math.inf, math.nan):
-        with pytest.raises(ValueError, match="needs a positive grad_clip"):
+    for bad in (0.0, -1.0, math.inf, math.nan, 2.0**22 / replicas, 2.0**-66 / replicas):
+        with pytest.raises(ValueError, match=r"needs 2\^-65 <= clip_replicas x grad_clip < 2\^22"):
             fixed_point_exponent(replicas, bad)
+    assert fixed_point_exponent(replicas, 2.0**22 / replicas * 0.99) == 40
+    assert fixed_point_exponent(replicas, 2.0**-65 / replicas) == 126

@@ -36,7 +36,8 @@ clipped value scaled exactly, ``torch.round`` rounds half to even and the intege
 (< 2^62) converts to int64 exactly: no double rounding. The sum is divided by R * 2^k in
 float64 (one rounding) and rounded to fp32 (a second: a fixed function of the integer sum).
 No clip (``grad_clip <= 0``) leaves no bound, so no scale: per-replica clipping without a clip is
-the whole batch's mean gradient, and the config refuses it (use ``clip_replicas: 1``). A
+the whole batch's mean gradient, and the config refuses it (use ``clip_replicas: 1``), as it
+refuses R * grad_clip >= 2^22 (k < 40: a clip that never bites would coarsen the sum). A
 non-finite replica gradient has no integer value: that step's update is meaningless, as the
 NaN update was before; its norm is non-finite, so the loop stops at the next log step before
 anything is saved (the divergence stop). Cost: per replica three more flat kernels (copy into
@@ -68,20 +69,28 @@ class _NoSync(Protocol):
 
 
 FIXED_POINT_BITS = 62  # |sum of R clipped replicas| * 2^k < 2^62: int64 with a factor 2 spare
+# k >= 40 (R * grad_clip < 2^22): a resolution of at most 2^-40 = 9e-13; k <= 126: 2^k is an fp32
+EXPONENTS = range(40, 127)
 
 
 def fixed_point_exponent(replicas: int, grad_clip: float) -> int:
     """The largest k with ``replicas * grad_clip * 2^k < 2^62`` (the module doc's argument).
 
-    Raises ValueError without a finite positive ``grad_clip`` (no clip: no bound on a sum).
+    Raises ValueError without a finite positive ``grad_clip`` (no clip: no bound on a sum) or
+    when k falls outside ``EXPONENTS``: a clip so large that it never bites (1e12 "to switch it
+    off") would leave a resolution of ~2e-6 and erase the small gradients; one below 2^-65 / R
+    has no fp32 scale. pipeline.config checks the same bounds.
     """
-    if not (grad_clip > 0 and math.isfinite(grad_clip)):
+    k = -1
+    if grad_clip > 0 and math.isfinite(grad_clip):
+        _, e = math.frexp(replicas * grad_clip)  # replicas * grad_clip = f * 2^e, 0.5 <= f < 1
+        k = FIXED_POINT_BITS - e
+    if k not in EXPONENTS:
         raise ValueError(
-            f"clip_replicas {replicas} needs a positive grad_clip (got {grad_clip}): the exact "
-            "sum's fixed-point scale comes from the clip's bound"
+            f"clip_replicas {replicas} needs 2^-65 <= clip_replicas x grad_clip < 2^22 (got "
+            f"grad_clip {grad_clip}): the exact sum's fixed-point scale comes from the clip"
         )
-    _, e = math.frexp(replicas * grad_clip)  # replicas * grad_clip = f * 2^e, 0.5 <= f < 1
-    return FIXED_POINT_BITS - e
+    return k
 
 
 class ReplicaClipping:
