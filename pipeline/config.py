@@ -652,6 +652,14 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
             f"({t.batch_size}) and be a multiple of train.num_workers ({t.num_workers}): each "
             "worker clips whole replicas of batch_size / clip_replicas images"
         )
+    # the bounds of pipeline.training.replicas.fixed_point_exponent (k in 40..126)
+    if t.clip_replicas > 1 and not 2.0**-65 <= t.clip_replicas * t.grad_clip < 2.0**22:
+        raise ConfigError(
+            f"{where}.train.clip_replicas ({t.clip_replicas}) clips each replica's gradient: "
+            f"it needs 2^-65 <= clip_replicas x train.grad_clip < 2^22 (got grad_clip "
+            f"{t.grad_clip}), the clip sets the exact sum's fixed-point scale "
+            "(docs/training.md); without a clip use clip_replicas: 1"
+        )
     for name in t.variants or ():
         _check_choice(f"{where}.train.variants", name, tuple(cfg.variants))
     if t.eval_every < 0 or t.eval_samples < 0:

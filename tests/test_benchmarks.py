@@ -113,6 +113,7 @@ SMALLEST = {  # module: the smallest documented setting
     "eval_during_training": ["--scale", "tiny", "--samples", "8"],
     "forward_cpu": ["--nets", "smoke", "--batch", "4", "--repeats", "1", "--calls", "1",
                     "--loop-steps", "2", "--train"],
+    "exact_reduction": ["--scale", "tiny", "--seconds", "0.1", "--rounds", "1"],
 }  # fmt: skip
 
 

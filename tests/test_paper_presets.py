@@ -81,6 +81,9 @@ def _with(scale: str, **train) -> dict:
     [
         ({"clip_replicas": 3}, "clip_replicas (3) must divide train.batch_size (8)"),
         ({"clip_replicas": 4, "num_workers": 8, "batch_size": 8}, "multiple of train.num_workers"),
+        ({"clip_replicas": 4, "grad_clip": 0.0}, "clips each replica's gradient: it needs"),
+        ({"clip_replicas": 4, "grad_clip": -1.0}, "(got grad_clip -1.0), the clip sets"),
+        ({"clip_replicas": 4, "grad_clip": 1e12}, "(got grad_clip 1000000000000.0)"),
         ({"kl_units": "nepers"}, "kl_units: 'nepers' is not one of bits, nats"),
         ({"select": "best_fid"}, "best_fid needs evaluation during training"),
         ({"eval_every": 4}, "must both be positive"),

@@ -1,7 +1,8 @@
 """Gradient clipping per virtual replica and the kl loss in bits (the official run's semantics).
 
 Against hand-computed gradients of a one-weight model, and a real 2-process gloo group with
-DistributedDataParallel against one process: the same update from 1 and 2 workers.
+DistributedDataParallel against one process: the same update from 1 and 2 workers, bit for bit
+(the exact reduction: more in tests/test_exact_reduction.py).
 """
 
 from __future__ import annotations
@@ -115,9 +116,9 @@ def test_one_and_two_workers_give_the_same_update(tmp_path):
     results.update([out.get(timeout=120)])
     child.join(timeout=60)
     assert child.exitcode == 0
-    for rank in (0, 1):  # every worker holds the same averaged gradient, equal to one worker's
+    for rank in (0, 1):  # every worker holds the same averaged gradient: one worker's, exactly
         for g, ref in zip(results[rank], one, strict=True):
-            np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-7)
+            np.testing.assert_array_equal(g, ref)
 
 
 def test_kl_loss_trains_in_bits_and_nats_stay_selectable():
@@ -165,8 +166,8 @@ def test_the_loop_trains_with_replica_clipping(tmp_path):
 
 
 class _PerParameterReplicas(ReplicaClipping):
-    """The implementation before issue 27 (per-parameter accumulation, cat, clones back): the
-    reference the flat-buffer one must match bit for bit."""
+    """The implementation before issue 27 (per-parameter accumulation in fp32, cat, clones
+    back): the flat fixed-point one must stay within fp32 rounding of it."""
 
     def backward(self, model, module, loss_fn, x_start, t, noise, step):
         import contextlib
@@ -199,11 +200,14 @@ class _PerParameterReplicas(ReplicaClipping):
         return torch.stack(losses).mean(), torch.stack(norms).mean()
 
 
-def test_flat_buffer_update_is_bit_identical_to_per_parameter_accumulation():
+def test_fixed_point_update_is_within_fp32_rounding_of_per_parameter_accumulation():
     """Four train_steps of the tiny U-Net (dropout on, 4 replicas, a clip that bites on some
-    replicas and not others) with the flat-buffer ReplicaClipping and with the per-parameter
-    implementation it replaced (whose train_step zeroed .grad with set_to_none): the same
-    losses, norms, weights, EMA and Adam state, bit for bit."""
+    replicas and not others) with the flat fixed-point ReplicaClipping and with the fp32
+    per-parameter implementation it replaced: the same losses and norms where the weights are
+    the same (step 0: warmup's lr is 0), the gradients apart by fp32 rounding only (at most
+    1e-6 of the largest element: the fp32 sum of 4 rounds each addition to 2^-24 of its
+    partial sum) but not bit-identical (the fp32 sum is not the exact one), and the losses of
+    the later steps within 1e-5."""
     from dataclasses import replace
 
     from train_project import tiny_config
@@ -218,32 +222,29 @@ def test_flat_buffer_update_is_bit_identical_to_per_parameter_accumulation():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
     runs = {}
-    for name, cls in (("flat", ReplicaClipping), ("old", _PerParameterReplicas)):
+    for name, cls in (("fixed", ReplicaClipping), ("old", _PerParameterReplicas)):
         state = make_state(cfg, variant, torch.device("cpu"))
         replicas = cls(4, 0, 1, cfg.train.grad_clip, cfg.train.seed)
-        out = []
+        out, grads = [], []
         for step in range(4):
             t, noise = diffusion_inputs(0, step, cfg.diffusion.num_timesteps, tuple(x.shape))
             out.append(train_step(state.model, state, diffusion, x, t, noise, cfg, replicas))
-        runs[name] = (out, state)
-    (out_a, a), (out_b, b) = runs["flat"], runs["old"]
+            grads.append(torch.cat([p.grad.reshape(-1) for p in state.model.parameters()]))
+        runs[name] = (out, grads)
+    (out_a, grads_a), (out_b, grads_b) = runs["fixed"], runs["old"]
     norms = torch.stack([n for _, n in out_a])
     assert (norms > 0.5).any() and len({round(float(n), 4) for n in norms}) > 1
-    for (la, na), (lb, nb) in zip(out_a, out_b, strict=True):
-        assert torch.equal(la, lb) and torch.equal(na, nb)
-    for sa, sb in (
-        (a.model.state_dict(), b.model.state_dict()),
-        (a.ema.state_dict(), b.ema.state_dict()),
-    ):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    oa, ob = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
-    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in ("exp_avg", "exp_avg_sq"))
-    fresh = make_state(cfg, variant, torch.device("cpu")).model.state_dict()
-    assert any(not torch.equal(v, fresh[k]) for k, v in a.model.state_dict().items())  # trained
+    assert torch.equal(out_a[0][0], out_b[0][0]) and torch.equal(out_a[0][1], out_b[0][1])
+    diff = (grads_a[0] - grads_b[0]).abs().max()
+    assert 0 < diff <= 1e-6 * grads_b[0].abs().max()
+    for (la, na), (lb, nb) in zip(out_a[1:], out_b[1:], strict=True):
+        assert float(la) == pytest.approx(float(lb), rel=1e-5)
+        assert float(na) == pytest.approx(float(nb), rel=1e-5)
 
 
 ACCUMULATION_OPS = {"aten::add_", "aten::_foreach_add_", "aten::cat", "aten::clone",
-                    "aten::zeros_like", "aten::copy_", "aten::div", "aten::mul_"}  # fmt: skip
+                    "aten::zeros_like", "aten::copy_", "aten::div", "aten::mul_",
+                    "aten::_foreach_copy_", "aten::round_"}  # fmt: skip
 
 
 def test_flat_buffer_launches_do_not_grow_with_the_parameters():

@@ -8,6 +8,7 @@ work                          asks                                computes on
 Ray Train worker              :func:`train_worker_device`         Ray Train's device (its GPU
                                                                   with ``train.use_gpu``)
 its process group             :func:`train_backend`               NCCL on GPUs, else gloo
+its kernels                   :func:`deterministic_training`      deterministic on CUDA
 sample / NLL block task,      :func:`task_device`                 cuda with ``use_gpu``, else
 Fig. 6/7/8 chains             (:func:`compute_device` for keys)   cpu
 evaluation during training    :func:`scorer_devices`              the sample section's device;
@@ -112,6 +113,31 @@ def train_worker_device() -> torch.device:
     import ray.train.torch
 
     return ray.train.torch.get_device()
+
+
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # one of the two settings deterministic cuBLAS accepts
+
+
+def deterministic_training(device_type: str) -> None:
+    """In a training worker on ``device_type`` (cpu | cuda): deterministic kernels on CUDA.
+
+    cuDNN's deterministic algorithms without benchmarking (the kernel chosen by timing would
+    change the bits), ``torch.use_deterministic_algorithms(True)`` (every other op: a
+    deterministic kernel or a RuntimeError, never a silent atomic sum) and the cuBLAS workspace
+    setting it requires, ``CUBLAS_WORKSPACE_CONFIG`` (kept when already ``:4096:8`` or
+    ``:16:8``): torch reads it when it creates this process's first cuBLAS workspace, so this
+    runs before the worker's first matmul. The precision flags (TF32) stay
+    :func:`pipeline.model.precision.set_matmul_precision`'s, set explicitly beside it. On the
+    CPU nothing changes: its kernels already repeat for a fixed thread count, and the global
+    switch would only add work (it fills every ``torch.empty`` with NaN).
+    """
+    if device_type != "cuda":
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def scorer_devices(use_gpu: bool, inception: str) -> tuple[torch.device, str]:

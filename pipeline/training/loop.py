@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from pipeline.cluster import devices
 from pipeline.cluster.storage import node_local_data, record_placement
 from pipeline.config import Config, TrainConfig, Variant
 from pipeline.data import TrainBatches, open_split
@@ -97,6 +98,7 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     train = job.cfg.train
     if session.device.type == "cpu":
         torch.set_num_threads(train.torch_threads)
+    devices.deterministic_training(session.device.type)  # before the first CUDA matmul
     set_matmul_precision(job.cfg.model.precision, session.device.type)  # backward too
     state = make_state(job.cfg, job.variant, session.device)
     with session.latest_checkpoint() as folder:
