@@ -111,3 +111,31 @@ def read_object(endpoint: str, bucket: str, key: str) -> bytes:
 
     client = boto3.client("s3", endpoint_url=endpoint, **_credentials())
     return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def endpoint_fixture(bucket: str, atomic_puts: bool = False):
+    """A module-scoped pytest fixture: a moto server holding an empty ``bucket``, its URL.
+    ``endpoint = endpoint_fixture(BUCKET)`` in a test module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def endpoint(tmp_path_factory) -> Iterator[str]:
+        log = tmp_path_factory.mktemp("moto") / "moto.log"
+        with moto_server(log, atomic_puts=atomic_puts) as url:
+            make_bucket(url, bucket)
+            yield url
+
+    return endpoint
+
+
+def folder_or_bucket(request, tmp_path: Path, monkeypatch, bucket: str):
+    """The body of a ``store`` fixture parametrised over ``["folder", "s3"]``: a folder store
+    in ``tmp_path``, or a fresh prefix of ``bucket`` on the test module's ``endpoint`` fixture
+    (its S3 environment set for the test)."""
+    from pipeline.cluster.storage_fs import Store
+
+    if request.param == "folder":
+        return Store.parse(str(tmp_path / "shared"))
+    for key, value in s3_env(request.getfixturevalue("endpoint")).items():
+        monkeypatch.setenv(key, value)
+    return Store.parse(f"s3://{bucket}/{request.node.name.split('[')[0]}-{time.time_ns()}")

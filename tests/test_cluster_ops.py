@@ -28,7 +28,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moto_s3 import make_bucket, moto_server, s3_env
+from moto_s3 import endpoint_fixture, folder_or_bucket, s3_env
 from repo_copy import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,20 +44,12 @@ def wait_until(condition, what: str, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory):
-    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
-        make_bucket(url, BUCKET)
-        yield url
+endpoint = endpoint_fixture(BUCKET)
 
 
 @pytest.fixture(params=["folder", "s3"])
 def store(request, tmp_path, monkeypatch):
-    if request.param == "folder":
-        return Store.parse(str(tmp_path / "shared"))
-    for key, value in s3_env(request.getfixturevalue("endpoint")).items():
-        monkeypatch.setenv(key, value)
-    return Store.parse(f"s3://{BUCKET}/{request.node.name.split('[')[0]}-{time.time_ns()}")
+    return folder_or_bucket(request, tmp_path, monkeypatch, BUCKET)
 
 
 def plant(store: Store, generation: int, record: dict) -> None:

@@ -18,16 +18,12 @@ from pipeline.cluster import durable
 from pipeline.cluster.storage_fs import Store, UnsafePathError, inside, safe_rel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moto_s3 import make_bucket, moto_server, s3_env
+from moto_s3 import endpoint_fixture, s3_env
 
 BUCKET = "ddpm-paths"
 
 
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory):
-    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
-        make_bucket(url, BUCKET)
-        yield url
+endpoint = endpoint_fixture(BUCKET)
 
 
 def files_under(root: Path) -> set[Path]:

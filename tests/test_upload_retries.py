@@ -25,18 +25,14 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from moto_s3 import list_keys, make_bucket, moto_server, s3_env
+from moto_s3 import endpoint_fixture, list_keys, s3_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ddpm-retries"
 ATTEMPTS = 4
 
 
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory):
-    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
-        make_bucket(url, BUCKET)
-        yield url
+endpoint = endpoint_fixture(BUCKET)
 
 
 class Flaky:
