@@ -132,6 +132,9 @@ def project(tmp_path, variant="eps_fixed_mse", fid=41.5):
 
 def test_export_folder_and_model_card(tmp_path):
     cfg, var = project(tmp_path)
+    lock = {"stages": {"train@eps_fixed_mse": {"outs": [
+        {"path": "models/eps_fixed_mse", "hash": "md5", "md5": "9b05.dir"}]}}}  # fmt: skip
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     done = write_export(cfg, var, "fixedlarge", tmp_path)
     folder = tmp_path / "export" / "eps_fixed_mse"
     assert done.folder == folder and (folder / "model_index.json").is_file()
@@ -146,6 +149,7 @@ def test_export_folder_and_model_card(tmp_path):
     assert "| FID | 3.17 | 41.5 ± 1.5 (16) | 0.5 | n/a (stand-in) |" in card
     assert "DDPMPipeline.from_pretrained" in card and "models:/ddpm-tiny-eps_fixed_mse@best" in card
     assert f"num_inference_steps={T}" in card
+    assert "recorded models/eps_fixed_mse as `md5 9b05.dir`" in card
     first = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     write_export(cfg, var, "fixedlarge", tmp_path)  # the same inputs: the same bytes
     again = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

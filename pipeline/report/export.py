@@ -58,6 +58,23 @@ def report_table(cfg: Config, root: Path) -> tuple[str, pd.DataFrame | None]:
     return title, pd.read_csv(path) if path.is_file() else None
 
 
+def weights_lock_hash(cfg: Config, variant: str, root: Path) -> str | None:
+    """The hash dvc.lock records for ``models/<V>`` (stage train@V's output, e.g.
+    ``md5 9b05...dir``), or None when dvc.lock has no such entry yet."""
+    import yaml
+
+    path = root / "dvc.lock"
+    try:
+        stages = yaml.safe_load(path.read_text()).get("stages", {})
+        outs = stages[cfg.stage_name("train", variant)]["outs"]
+    except (OSError, AttributeError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    for out in outs:
+        if out.get("path") == str(layout.model_dir(variant)) and out.get("hash") in out:
+            return f"{out['hash']} {out[out['hash']]}"
+    return None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
@@ -102,6 +119,7 @@ def write_export(
         train=train,
         steps_trained=meta.get("steps", meta.get("step")),
         weights_sha256=sha256_file(weights),
+        weights_lock=weights_lock_hash(cfg, name, root),
         git_commit=git_commit(root),
         metrics=metrics,
         table=title,

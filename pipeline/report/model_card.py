@@ -43,6 +43,7 @@ class CardFacts:
     train: dict[str, Any]  # steps, batch_size, lr, ema_decay, seed, ...
     steps_trained: int | None  # model.json's: the step of the selected weights
     weights_sha256: str
+    weights_lock: str | None  # dvc.lock's hash of models/<V> (stage train@V), None if absent
     git_commit: str | None
     metrics: dict[str, Any]  # metrics/<V>.json
     table: str  # "Table 2" or "Table 3 (...)"
@@ -189,8 +190,9 @@ def render_card(facts: CardFacts) -> str:
     lines += [
         f"- steps trained (the selected EMA weights' step): {_fmt(facts.steps_trained)}",
         f"- git commit: {facts.git_commit or 'unknown (not run in a git checkout)'}",
-        f"- EMA weights sha256: `{facts.weights_sha256}` (models/{facts.variant}/ema.pt; "
-        "dvc.lock records this folder's hash beside the run's params)",
+        f"- EMA weights sha256: `{facts.weights_sha256}` (models/{facts.variant}/ema.pt)",
+        f"- dvc.lock: train@{facts.variant} recorded models/{facts.variant} as "
+        f"`{facts.weights_lock or 'not recorded yet'}`, beside every resolved param that made it",
         "",
         f"## Results: the paper's {facts.table}",
         "",
