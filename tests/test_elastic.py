@@ -10,6 +10,7 @@ import io
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from train_project import VARIANT, make_project, tiny_config, tiny_params
 
 from pipeline.cluster.progress import ProgressDisplay
@@ -19,7 +20,7 @@ from pipeline.layout import data_dir
 from pipeline.report.page import variant_part, world_size_notes
 from pipeline.report.tracking import TAG_WORLD_SIZES
 from pipeline.training.identity import run_identity
-from pipeline.training.loop import TrainJob
+from pipeline.training.loop import StepInputs, TrainJob, _replica_clipping
 from pipeline.training.trainer import make_trainer, scaling_options
 from pipeline.training.worldsize import WorldSizes, format_changes, parse_changes
 
@@ -154,3 +155,29 @@ def test_the_report_shows_a_line_per_change(tmp_path):
     runs = pd.DataFrame({f"tags.{TAG_WORLD_SIZES}": ["4: 2 -> 1"]}, index=[VARIANT])
     part = variant_part(cfg, runs, VARIANT, tmp_path)
     assert "world size 2 -> 1 at step 4" in part.note.split("; ")
+
+
+class _Session:
+    """What StepInputs and the replica split read from a session: rank, live world size."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+
+
+def test_a_restart_on_any_allowed_w_splits_the_same_batch_and_replicas(tmp_path):
+    """The loop builds its batch shard and replica share from the session's live world size
+    (not from train.num_workers): over the ranks of W = 1, 2 or 4 the images, t and noise of a
+    step are the global batch's, in order, and the 4 replicas are each clipped by one rank."""
+    cfg = make_project(tmp_path, num_workers=[1, 2], clip_replicas=4)
+    run = {"name": "r", "config_hash": "h"}
+    job = TrainJob(cfg, cfg.variant(VARIANT), str(tmp_path / data_dir(cfg.scale)), "", run)
+    whole = StepInputs(job, _Session(0, 1))(5)
+    for world in allowed_world_sizes(cfg.train, 4):
+        ranks = [_Session(rank, world) for rank in range(world)]
+        shards = [StepInputs(job, session)(5) for session in ranks]
+        for part, full in zip(zip(*shards, strict=True), whole, strict=True):
+            assert torch.equal(torch.cat(part), full)
+        shares = [_replica_clipping(cfg, session) for session in ranks]
+        owned = [s.first + i for s in shares if s is not None for i in range(s.local)]
+        assert owned == list(range(4)), world
+        assert all(s is not None and s.world_size == world for s in shares)
