@@ -674,8 +674,8 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
     if t.clip_replicas > 1 and (t.batch_size % t.clip_replicas or t.clip_replicas % fixed):
         raise ConfigError(
             f"{where}.train.clip_replicas ({t.clip_replicas}) must divide train.batch_size "
-            f"({t.batch_size}) and be a multiple of train.num_workers ({t.num_workers}): each "
-            "worker clips whole replicas of batch_size / clip_replicas images"
+            f"({t.batch_size}) and be a multiple of train.num_workers ({_yaml(t.num_workers)}): "
+            "each worker clips whole replicas of batch_size / clip_replicas images"
         )
     check_elastic_sizes(t, where)
     for name in t.variants or ():

@@ -3,7 +3,8 @@
 Ray's own multi-node cluster on this machine (``ray.cluster_utils.Cluster``: a head and a second
 node, a raylet each, 1 CPU each, with Ray's token authentication, sharing this machine's
 files: lighter than tests/two_node.py's hidden node), the tiny preset with ``num_workers: [1,
-2]`` (12 steps, a checkpoint every 4; elastic_resize_s 1) trained by ``train_variant`` from this
+2]`` and ``clip_replicas: 4`` (12 steps, a checkpoint every 4; elastic_resize_s 1; 4 replicas:
+with 2 the sum's order could not matter) trained by ``train_variant`` from this
 process. Rank 0 hangs before step 6 (``hang:0:6``, once), after the checkpoint of step 4 is
 registered; then
 
@@ -14,8 +15,9 @@ registered; then
 
 Both record the change (tag ``ddpm.world_size_changes``, metric ``world_size``, the run's final
 ``ddpm.world_size``). Bit-identical weights across the change need the exact reduction over
-workers (another branch); with DDP's float all-reduce a 1-worker and a 2-worker step round
-differently, so the weights are not compared here. ~1-2 min each on 2 cores.
+workers (another branch); with today's float sum of the replicas' clipped gradients (per
+worker, then the all-reduce) a 1-worker and a 2-worker step round differently, so the weights
+are not compared here. ~1-2 min each on 2 cores.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def when_rank0_hangs(root: Path, action: Callable[[], None]) -> threading.Thread
 def train(root: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.setenv(faults.ENV, "hang:0:6")
-    cfg = make_project(root, num_workers=[1, 2], elastic_resize_s=1, max_failures=2)
+    cfg = make_project(
+        root, num_workers=[1, 2], clip_replicas=4, elastic_resize_s=1, max_failures=2
+    )
     return train_variant(cfg, cfg.variant(VARIANT), root)
 
 

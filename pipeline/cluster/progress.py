@@ -35,6 +35,18 @@ class ProgressBoard:
         return updates
 
 
+def new_board() -> Any:
+    """A :class:`ProgressBoard` on this driver's node (Ray would place a 0-CPU actor on any
+    node): it lives as long as the driver, whichever worker node is lost (a spot node
+    reclaimed), so the updates of the restarted workers still arrive."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # @ray.remote made the class an actor class, which mypy does not see
+    board = ProgressBoard.options(scheduling_strategy=here)  # type: ignore[attr-defined]
+    return board.remote()
+
+
 class Sink(Protocol):
     def show(self, update: dict[str, Any]) -> None: ...
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster import devices
 from pipeline.cluster.lease import fence
-from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
+from pipeline.cluster.progress import BoardReader, ProgressDisplay, new_board
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
 from pipeline.cluster.storage_fs import Store
@@ -321,7 +321,7 @@ def fit(
 
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     init_ray(job.cfg.ray)
-    board = ProgressBoard.remote()  # type: ignore[attr-defined]  # added by @ray.remote
+    board = new_board()  # on the driver's node: outlives a lost worker node
     job = dataclasses.replace(job, board=board)
     trainer = make_trainer(job)
     display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
