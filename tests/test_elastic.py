@@ -134,6 +134,16 @@ def test_every_restart_is_logged_and_every_change_tagged(tmp_path):
     assert client.get_run(run_id).data.tags[TAG_WORLD_SIZES] == "4: 2 -> 1; 8: 1 -> 2; 16: 2 -> 1"
 
 
+def test_a_failing_store_is_one_warning_and_training_goes_on(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()  # the store exists; the run does not
+    sink = WorldSizes(uri, "0" * 32)
+    for step, size in ((0, 2), (4, 1)):
+        sink.show({"event": "start", "step": step, "total": 8, "world_size": size})
+    warnings = [r for r in caplog.records if "MLflow logging failed" in r.getMessage()]
+    assert len(warnings) == 1 and sink.changes == [(4, 2, 1)]
+
+
 def test_a_restart_on_other_workers_says_so_in_the_progress_lines():
     stream = io.StringIO()
     display = ProgressDisplay("train v", total=12, stream=stream)

@@ -47,12 +47,17 @@ class WorldSizes:
         from mlflow import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
-        run = self.client.get_run(run_id)
-        self.changes = parse_changes(run.data.tags.get(TAG_WORLD_SIZES))
-        history = self.client.get_metric_history(run_id, METRIC)
-        latest = max(history, key=lambda m: (m.step, m.timestamp), default=None)
-        self.last: int | None = None if latest is None else int(latest.value)
+        self.changes: list[Change] = []
+        self.last: int | None = None
         self._warned = False
+        try:  # an earlier job's record of this run
+            run = self.client.get_run(run_id)
+            self.changes = parse_changes(run.data.tags.get(TAG_WORLD_SIZES))
+            history = self.client.get_metric_history(run_id, METRIC)
+            latest = max(history, key=lambda m: (m.step, m.timestamp), default=None)
+            self.last = None if latest is None else int(latest.value)
+        except Exception as e:  # a tracking outage must not stop a long run
+            self._warn(e)
 
     def show(self, update: dict[str, Any]) -> None:
         if update["event"] != "start" or "world_size" not in update:
@@ -67,6 +72,9 @@ class WorldSizes:
             if changed:
                 self.client.set_tag(self.run_id, TAG_WORLD_SIZES, format_changes(self.changes))
         except Exception as e:  # a tracking outage must not stop a long run
-            if not self._warned:
-                log.warning("MLflow logging failed (training continues): %s", e)
-                self._warned = True
+            self._warn(e)
+
+    def _warn(self, error: Exception) -> None:
+        if not self._warned:
+            log.warning("MLflow logging failed (training continues): %s", error)
+            self._warned = True
