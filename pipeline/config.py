@@ -162,7 +162,12 @@ class TrainConfig:
     log_every: int = 100  # steps between MLflow metric points
     checkpoint_every: int = 10_000  # steps between Ray Train checkpoints
     keep_checkpoints: int = 3
-    num_workers: int = 1  # Ray Train workers (one per GPU on a GPU cluster)
+    # Ray Train workers (one per GPU on a GPU cluster): a number, or [min, max] for elastic
+    # training (Ray presets): Ray Train runs as many as the cluster holds, min to max, restarts
+    # on the workers left when a node is lost and grows the group when one joins (checked every
+    # elastic_resize_s seconds); every W in the range must divide batch_size and clip_replicas.
+    num_workers: int | tuple[int, ...] = 1
+    elastic_resize_s: float = 60.0  # Ray's elastic_resize_monitor_interval_s (a range only)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     gpus_per_worker: float = 1.0
@@ -179,6 +184,25 @@ class TrainConfig:
     eval_samples: int = 0
     select: Selection = "last"
     variants: tuple[str, ...] | None = None  # the variants trained at this scale; None: all
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers training runs on (``num_workers``, or the range's min)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers training runs on (``num_workers``, or the range's max)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def elastic(self) -> bool:
+        """``num_workers`` is a range of more than one worker count (Ray Train resizes)."""
+        return self.min_workers != self.max_workers
+
+    def worker_counts(self) -> range:
+        """Every world size W training may run on: min_workers .. max_workers."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 AUTO = "auto"  # sample/eval num_workers: follow the cluster's GPUs
@@ -585,7 +609,6 @@ def validate(cfg: Config) -> None:
         "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
         "train.steps": cfg.train.steps,
         "train.batch_size": cfg.train.batch_size,
-        "train.num_workers": cfg.train.num_workers,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.log_every": cfg.train.log_every,
         "sample.n_samples": cfg.sample.n_samples,
@@ -601,11 +624,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where}.{key} must be positive (got {value})")
+    check_worker_range(cfg.train, where)
     for key, workers in (("sample", cfg.sample.num_workers), ("eval", cfg.eval.num_workers)):
         if workers != AUTO and (isinstance(workers, str) or workers < 1):
             raise ConfigError(f"{where}.{key}.num_workers must be a positive number or auto "
                               f"(got {workers!r})")  # fmt: skip
-    if cfg.train.batch_size % cfg.train.num_workers:
+    if isinstance(cfg.train.num_workers, int) and cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(
             f"{where}.train.batch_size ({cfg.train.batch_size}) must be divisible by "
             f"train.num_workers ({cfg.train.num_workers}): the global batch is split evenly"
@@ -638,19 +662,20 @@ def validate(cfg: Config) -> None:
 def _validate_official_semantics(cfg: Config, where: str) -> None:
     """Replica clipping, the process backend's limits and checkpoint selection."""
     t = cfg.train
-    if t.backend == "process" and (t.num_workers != 1 or t.use_gpu or t.eval_every):
+    if t.backend == "process" and (t.max_workers != 1 or t.use_gpu or t.eval_every):
         raise ConfigError(
             f"{where}.train.backend: process trains one CPU worker in the stage's process, so "
-            f"it needs num_workers 1, use_gpu false and eval_every 0 (got {t.num_workers}, "
+            f"it needs num_workers 1, use_gpu false and eval_every 0 (got {_yaml(t.num_workers)}, "
             f"{str(t.use_gpu).lower()}, {t.eval_every}); use backend: ray"
         )
     if t.clip_replicas < 1:
         raise ConfigError(f"{where}.train.clip_replicas must be at least 1 (got {t.clip_replicas})")
-    if t.clip_replicas > 1 and (t.batch_size % t.clip_replicas or t.clip_replicas % t.num_workers):
+    fixed = t.num_workers if isinstance(t.num_workers, int) else 1  # a range: below
+    if t.clip_replicas > 1 and (t.batch_size % t.clip_replicas or t.clip_replicas % fixed):
         raise ConfigError(
             f"{where}.train.clip_replicas ({t.clip_replicas}) must divide train.batch_size "
-            f"({t.batch_size}) and be a multiple of train.num_workers ({t.num_workers}): each "
-            "worker clips whole replicas of batch_size / clip_replicas images"
+            f"({t.batch_size}) and be a multiple of train.num_workers ({_yaml(t.num_workers)}): "
+            "each worker clips whole replicas of batch_size / clip_replicas images"
         )
     # the bounds of pipeline.training.replicas.fixed_point_exponent (k in 40..126)
     if t.clip_replicas > 1 and not 2.0**-65 <= t.clip_replicas * t.grad_clip < 2.0**22:
@@ -660,6 +685,7 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
             f"{t.grad_clip}), the clip sets the exact sum's fixed-point scale "
             "(docs/training.md); without a clip use clip_replicas: 1"
         )
+    check_elastic_sizes(t, where)
     for name in t.variants or ():
         _check_choice(f"{where}.train.variants", name, tuple(cfg.variants))
     if t.eval_every < 0 or t.eval_samples < 0:
@@ -674,6 +700,63 @@ def _validate_official_semantics(cfg: Config, where: str) -> None:
             f"{where}.train.select: best_fid needs evaluation during training "
             "(set train.eval_every and train.eval_samples)"
         )
+
+
+def check_worker_range(t: TrainConfig, where: str) -> None:
+    """``train.num_workers`` is a positive number or ``[min, max]`` with 1 <= min <= max (a
+    Ray preset); ``elastic_resize_s`` is 0 or more. One ConfigError line otherwise."""
+    n = t.num_workers
+    if isinstance(n, int):
+        if n < 1:
+            raise ConfigError(f"{where}.train.num_workers must be positive (got {n})")
+    elif len(n) != 2 or not 1 <= n[0] <= n[1]:
+        raise ConfigError(
+            f"{where}.train.num_workers must be a positive number or a range [min, max] with "
+            f"1 <= min <= max (got {_yaml(n)})"
+        )
+    if t.elastic_resize_s < 0:
+        raise ConfigError(
+            f"{where}.train.elastic_resize_s must be 0 or more (got {t.elastic_resize_s})"
+        )
+
+
+def _yaml(value: int | tuple[int, ...]) -> str:
+    """A worker count as params.yaml writes it: 8, or [1, 2]."""
+    return str(value) if isinstance(value, int) else _yaml_list(list(value))
+
+
+def allowed_world_sizes(t: TrainConfig, upto: int) -> list[int]:
+    """The world sizes W in 1..``upto`` that split the global batch, and the virtual replicas
+    (``clip_replicas`` > 1), evenly over W workers."""
+    R = t.clip_replicas
+    return [w for w in range(1, upto + 1) if not t.batch_size % w and (R <= 1 or not R % w)]
+
+
+def check_elastic_sizes(t: TrainConfig, where: str) -> None:
+    """A range of workers: Ray Train may run any W in it, so every W must be allowed
+    (:func:`allowed_world_sizes`); one ConfigError line naming the W that are not."""
+    if isinstance(t.num_workers, int):
+        return
+    allowed = allowed_world_sizes(t, t.max_workers)
+    bad = [w for w in t.worker_counts() if w not in allowed]
+    if not bad:
+        return
+    runs: list[list[int]] = []  # allowed W in consecutive runs: the ranges that would pass
+    for w in allowed:
+        if runs and runs[-1][-1] == w - 1:
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    passing = ", ".join(_yaml((r[0], r[-1]) if len(r) > 1 else r[0]) for r in runs)
+    what = f"train.batch_size ({t.batch_size})"
+    if t.clip_replicas > 1:
+        what += f" and train.clip_replicas ({t.clip_replicas})"
+    raise ConfigError(
+        f"{where}.train.num_workers {_yaml(t.num_workers)}: Ray Train may run any number of "
+        f"workers W in the range, but W = {', '.join(map(str, bad))} "
+        f"{'does' if len(bad) == 1 else 'do'} not split {what} evenly; allowed W up to "
+        f"{t.max_workers}: {', '.join(map(str, allowed))} (ranges that pass: {passing})"
+    )
 
 
 # Image counts of the splits that are known before `prepare` runs (LSUN's depend on the LMDB).

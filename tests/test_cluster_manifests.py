@@ -58,9 +58,11 @@ def test_rayjob_cpu_head_gpu_workers_and_volumes():
     assert head["rayStartParams"]["num-gpus"] == "0"
     head_limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert "nvidia.com/gpu" not in head_limits
-    (gpu8,) = spec["workerGroupSpecs"]
-    assert gpu8["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert gpu8["minReplicas"] == 0 and spec["enableInTreeAutoscaling"] is True
+    assert [g["groupName"] for g in spec["workerGroupSpecs"]] == ["gpu8", "gpu8-spot"]
+    for group in spec["workerGroupSpecs"]:  # on-demand and spot: the same 8-GPU workers
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "8" and group["minReplicas"] == 0
+    assert spec["enableInTreeAutoscaling"] is True
     for pod in _pods(job):
         volumes = {v["name"]: v for v in pod["volumes"]}
         (container,) = pod["containers"]
@@ -124,6 +126,38 @@ def test_ray_up_cluster_cpu_head_no_idle_gpu_node_and_its_fixes():
     code = _source_strings()
     for name in set(re.findall(r"\b(DDPM_[A-Z_]+)=", starts)):
         assert f'"{name}"' in code, name
+
+
+def test_rayjob_spot_group_is_the_gpu8_workers_on_spot_nodes_preferred():
+    """gpu8-spot: gpu8's pod on nodes of capacity type SPOT (EKS), the name Ray's autoscaler
+    prefers on a tie (the one that sorts last)."""
+    spec = _docs("rayjob.yaml")["RayJob"]["spec"]["rayClusterSpec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    spot, on_demand = groups["gpu8-spot"], groups["gpu8"]
+    pod = spot["template"]["spec"]
+    assert pod["nodeSelector"] == {"eks.amazonaws.com/capacityType": "SPOT"}
+    assert "nodeSelector" not in on_demand["template"]["spec"]
+    assert {k: v for k, v in pod.items() if k != "nodeSelector"} == on_demand["template"]["spec"]
+    assert spot["maxReplicas"] > 0 and spot["minReplicas"] == 0
+    assert max(groups) == "gpu8-spot"
+
+
+def test_ray_up_spot_type_is_gpu8_on_spot_capacity_preferred():
+    """gpu8_spot: gpu8's node config (AMI, subnets, security group, profile) asking for one-time
+    spot capacity; preferred by name (autoscaler v1) and by priority (v2); never idling."""
+    cfg = yaml.safe_load((REPO / "cluster" / "gpu-cluster.yaml").read_text())
+    types = cfg["available_node_types"]
+    spot, on_demand = types["gpu8_spot"], types["gpu8"]
+    market = spot["node_config"]["InstanceMarketOptions"]
+    assert market["MarketType"] == "spot"
+    assert market["SpotOptions"]["InstanceInterruptionBehavior"] == "terminate"
+    assert "MaxPrice" not in market["SpotOptions"]  # at most the on-demand price
+    assert "InstanceMarketOptions" not in on_demand["node_config"]
+    same = {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"}
+    assert same == on_demand["node_config"]
+    assert spot["min_workers"] == 0 and spot["max_workers"] > 0
+    assert max(n for n in types if n != cfg["head_node_type"]) == "gpu8_spot"
+    assert spot["priority"] > on_demand.get("priority", 0)
 
 
 def test_rayjob_alone_in_its_file_and_its_storage_outlives_it():

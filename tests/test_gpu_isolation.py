@@ -203,6 +203,7 @@ def test_every_ray_task_that_can_hold_a_gpu_goes_through_gputasks():
     import re
 
     allowed = ("self.board.push.remote(", "ProgressBoard.remote(", "self.board.take.remote(")
+    allowed += ("ProgressBoard.options(scheduling_strategy=", "board.remote()")  # new_board
     allowed += ("@ray.remote(num_cpus=0)",)  # the boards' declaration
     found = []
     for path in sorted((REPO / "pipeline").rglob("*.py")):

@@ -3,10 +3,10 @@
 - cluster/gpu-cluster.yaml through Ray's own launcher code (the installed ray): its AWS defaults
   merged and its schema checked as `ray up` does (``prepare_config``, ``validate_config``), then
   its AWS bootstrap (``_bootstrap_config``: subnets, availability zones, security group, key
-  pair, instance profile) and a worker launch through Ray's AWS node provider, against a moto
-  EC2/IAM server on 127.0.0.1 holding the security group, subnets, roles, policies and instance
-  profiles that cluster/aws/*.json describe (moto refuses a malformed policy document and a
-  launch with an instance profile that does not exist).
+  pair, instance profile) and a worker launch of each node type (on-demand, spot) through Ray's
+  AWS node provider, against a moto EC2/IAM server on 127.0.0.1 holding the security group,
+  subnets, roles, policies and instance profiles that cluster/aws/*.json describe (moto refuses
+  a malformed policy document and a launch with an instance profile that does not exist).
 - the Kubernetes objects with kubernetes-validate (the StorageClass, claim and NetworkPolicy, and
   the RayJob's pod templates as core Pods; the RayJob itself is KubeRay's CRD, which no PyPI
   package ships, so its fields are checked in tests/test_cluster_manifests.py).
@@ -235,15 +235,18 @@ def bootstrap_and_launch(text: str, endpoint: str) -> list[str]:
         if name != head and role not in passed:
             problems.append(f"the head may not pass {name}'s role {role}")
     provider = AWSNodeProvider(resolved["provider"], resolved["cluster_name"])
-    workers = [n for n in resolved["available_node_types"] if n != head]
-    node_config = copy.deepcopy(resolved["available_node_types"][workers[0]]["node_config"])
-    provider.create_node(node_config, {"ray-node-type": "worker"}, 1)  # moto: the profile exists
-    (node,) = provider.non_terminated_nodes({})
     ec2 = boto3.client("ec2", region_name="us-west-2")
-    (instance,) = ec2.describe_instances(InstanceIds=[node])["Reservations"][0]["Instances"]
-    if instance["SubnetId"] not in node_config["SubnetIds"]:
-        problems.append(f"a worker in {instance['SubnetId']}")
-    provider.terminate_nodes([node])
+    for name in (n for n in resolved["available_node_types"] if n != head):  # one of each
+        node_config = copy.deepcopy(resolved["available_node_types"][name]["node_config"])
+        provider.create_node(node_config, {"ray-node-type": "worker"}, 1)  # moto: profile exists
+        (node,) = provider.non_terminated_nodes({})
+        (instance,) = ec2.describe_instances(InstanceIds=[node])["Reservations"][0]["Instances"]
+        if instance["SubnetId"] not in node_config["SubnetIds"]:
+            problems.append(f"a {name} worker in {instance['SubnetId']}")
+        spot = node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        if (instance.get("InstanceLifecycle") == "spot") != spot:  # moto: "spot" on spot requests
+            problems.append(f"a {name} worker's lifecycle: {instance.get('InstanceLifecycle')}")
+        provider.terminate_nodes([node])
     group = ec2.describe_security_groups(GroupIds=[ids[SG]])["SecurityGroups"][0]
     if not any(p["IpProtocol"] == "-1" and p["UserIdGroupPairs"] for p in group["IpPermissions"]):
         problems.append("no rule for all traffic within the group")

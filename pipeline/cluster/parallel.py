@@ -82,7 +82,8 @@ class Outcome:
 def max_parallel_stages(cfg: Config, on_cluster: bool) -> int:
     """``cluster.max_parallel_stages``, or by default: 1 on one node (``make repro`` unchanged),
     and on a cluster as many trainings as its resources hold at once (GPUs, or CPUs without
-    ``train.use_gpu``, over one training's need), at least 1. ConfigError below 1."""
+    ``train.use_gpu``, over one training's need at its most workers), at least 1. ConfigError
+    below 1."""
     value = cfg.cluster.max_parallel_stages
     if value is not None:
         if value < 1:
@@ -101,9 +102,9 @@ def max_parallel_stages(cfg: Config, on_cluster: bool) -> int:
         ray.shutdown()
     t = cfg.train
     if t.use_gpu:
-        have, need = total.get("GPU", 0.0), t.num_workers * t.gpus_per_worker
+        have, need = total.get("GPU", 0.0), t.max_workers * t.gpus_per_worker
     else:
-        have, need = total.get("CPU", 0.0), t.num_workers * t.cpus_per_worker
+        have, need = total.get("CPU", 0.0), t.max_workers * t.cpus_per_worker
     return max(1, int(have / need + 1e-9)) if need > 0 else 1
 
 

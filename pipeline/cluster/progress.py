@@ -35,6 +35,18 @@ class ProgressBoard:
         return updates
 
 
+def new_board() -> Any:
+    """A :class:`ProgressBoard` on this driver's node (Ray would place a 0-CPU actor on any
+    node): it lives as long as the driver, whichever worker node is lost (a spot node
+    reclaimed), so the updates of the restarted workers still arrive."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # @ray.remote made the class an actor class, which mypy does not see
+    board = ProgressBoard.options(scheduling_strategy=here)  # type: ignore[attr-defined]
+    return board.remote()
+
+
 class Sink(Protocol):
     def show(self, update: dict[str, Any]) -> None: ...
 
@@ -128,11 +140,12 @@ class ProgressDisplay:
         self.label, self.total = label, total
         self.stream = stream or sys.stderr
         self.starts: list[int] = []  # the steps training started (and restarted) at
+        self._world_size: int | None = None  # the workers of the last (re)start
         self._bar: tqdm | None = None
 
     def show(self, update: dict[str, Any]) -> None:
         if update["event"] == "start":
-            self._started(update["step"])
+            self._started(update["step"], update.get("world_size"))
         else:
             self._interval(update)
 
@@ -140,12 +153,15 @@ class ProgressDisplay:
         if self._bar is not None:
             self._bar.close()
 
-    def _started(self, step: int) -> None:
+    def _started(self, step: int, world_size: int | None = None) -> None:
         restarted = bool(self.starts)
         self.starts.append(step)
+        resized = restarted and world_size is not None and world_size != self._world_size
         if step or restarted:
             word = "restarted" if restarted else "resumed"
-            self._write(f"{self.label}: {word} from the checkpoint at step {step}")
+            on = f" on {world_size} workers (was {self._world_size})" if resized else ""
+            self._write(f"{self.label}: {word} from the checkpoint at step {step}{on}")
+        self._world_size = world_size
         if self._bar is not None:
             self._bar.reset(self.total)
             self._bar.update(step)

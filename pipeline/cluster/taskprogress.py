@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import ray
 from tqdm import tqdm
 
-from pipeline.cluster.progress import ProgressBoard
+from pipeline.cluster.progress import new_board
 
 PUSH_EVERY_S = 2.0
 LINE_EVERY_S = 30.0
@@ -119,8 +119,7 @@ class BlockProgress:
         if not self.steps_per_item or self.total * self.steps_per_item < MIN_IMAGE_STEPS:
             return None
         if self.board is None:
-            # @ray.remote made the class an actor class, which mypy does not see
-            self.board = ProgressBoard.remote()  # type: ignore[attr-defined]
+            self.board = new_board()  # on the driver's node: outlives a lost worker node
         return self.board, key
 
     def finished(self, key: Any, items: int) -> None:

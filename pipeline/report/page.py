@@ -31,7 +31,7 @@ from pipeline.report.html import (
     image_grid_png,
     line_plot_png,
 )
-from pipeline.report.tracking import TAG_STAND_IN
+from pipeline.report.tracking import TAG_STAND_IN, TAG_WORLD_SIZES
 from pipeline.uri import redact_uri
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,23 @@ def variant_part(cfg: Config, runs: pd.DataFrame, name: str, root: Path = Path("
         eval_sampler = runs.loc[name].get("tags.ddpm.eval_sampler")
         if isinstance(eval_sampler, str) and eval_sampler:
             notes.append(f"FID during training sampled with: {eval_sampler}")
+        notes += world_size_notes(runs.loc[name].get(f"tags.{TAG_WORLD_SIZES}"))
     if stand_in:
         notes.append(STAND_IN_NOTE)
     return VariantPart(name, variant_label(cfg, name), grid, figures, "; ".join(notes))
+
+
+def world_size_notes(changes: object) -> list[str]:
+    """One note per change of the training's world size (elastic training), from the run's tag
+    ``STEP: FROM -> TO; ...`` (pipeline.training.worldsize): "world size 2 -> 1 at step 4"."""
+    if not isinstance(changes, str):
+        return []
+    notes = []
+    for change in changes.split(";"):
+        step, _, sizes = change.partition(":")
+        if sizes.strip():
+            notes.append(f"world size {sizes.strip()} at step {step.strip()}")
+    return notes
 
 
 def real_grid(cfg: Config, root: Path = Path("."), stand_in: bool = False) -> Figure:

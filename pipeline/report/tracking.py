@@ -27,6 +27,8 @@ TAG_VARIANT = "ddpm.variant"
 TAG_STAND_IN = "stand_in"
 TAG_SOURCE = "ddpm.source"  # trained | published weights
 TAG_SEED = "ddpm.seed"
+# the world sizes a run changed between, "STEP: FROM -> TO; ..." (pipeline.training.worldsize)
+TAG_WORLD_SIZES = "ddpm.world_size_changes"
 # the run's name: model.json's run_name (pipeline.training.identity: the Ray Train run's
 # name; published weights: <variant>-published-<sha256[:12]>). Later stages find the MLflow run
 # by it (pipeline.cluster.runrecord): model.json holds no run id, its hash is in dvc.lock

@@ -2,24 +2,17 @@
 
 The run name is ``<variant>-<hash>``, the hash taken over everything that changes the trained
 weights: the training images (the train split's checksums) and the flip setting, the model and
-<<<<<<< HEAD
 diffusion sections, the train section less the keys that only shape the cluster or the logging
-(:data:`NOT_IN_IDENTITY`), and the variant. ``train.backend`` does not change the weights (a one-
-worker run is bit-identical through Ray Train and in process) but names the run when it is not
-``ray``: each backend resumes only from its own checkpoints, so each has its own run folder. Ray
-Train stores the run in ``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()``
-resume from the run's last checkpoint, so the same params after a crash continue, and changed params
-start a new run (they never continue stale weights). The MLflow run id lives in that folder too
-(``mlflow_run.json``), so a resumed run logs into the same MLflow run.
-=======
-diffusion sections, the train section less the keys that only shape the cluster or the
-logging (:data:`NOT_IN_IDENTITY`), and the variant. Ray Train stores the run in
-``checkpoints/<variant>/<name>/``; the same name and folder make ``fit()`` resume from the
-run's last checkpoint, so the same params after a crash continue, and changed params start a
-new run (they never continue stale weights). The MLflow run id lives in that folder too
-(``mlflow_run.json``), so a resumed run logs into the same MLflow run, and the later stages
-find it there (pipeline.cluster.runrecord: model.json keeps only the run's name).
->>>>>>> lock24
+(:data:`NOT_IN_IDENTITY`: the number of workers, or their elastic range, among them, so a run
+resumes on any allowed number of workers), and the variant. ``train.backend`` does not change the
+weights (a one-worker run is bit-identical through Ray Train and in process) but names the run
+when it is not ``ray``: each backend resumes only from its own checkpoints, so each has its own
+run folder. Ray Train stores the run in ``checkpoints/<variant>/<name>/``; the same name and
+folder make ``fit()`` resume from the run's last checkpoint, so the same params after a crash
+continue, and changed params start a new run (they never continue stale weights). The MLflow run
+id lives in that folder too (``mlflow_run.json``), so a resumed run logs into the same MLflow
+run, and the later stages find it there (pipeline.cluster.runrecord: model.json keeps only the
+run's name).
 """
 
 from __future__ import annotations
@@ -42,7 +35,8 @@ NOT_IN_IDENTITY = (
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
-    "num_workers",
+    "num_workers",  # a number or an elastic range: a run resumes on any allowed W
+    "elastic_resize_s",
     "use_gpu",
     "cpus_per_worker",
     "gpus_per_worker",

@@ -112,7 +112,7 @@ def run_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     inputs = StepInputs(job, session)
     stats = IntervalStats(session.device)
     monitor = Monitor(session.rank == 0, train.batch_size, job.board)
-    monitor.start(start, train.steps)
+    monitor.start(start, train.steps, session.world_size)  # the driver records W
     replicas, scale = _replica_clipping(job.cfg, session), loss_scale(job.cfg, job.variant)
     model.train()
     for step in range(start, train.steps):

@@ -38,10 +38,11 @@ class Monitor:
         self._clock = time.perf_counter()
         self._last: Any = None  # the last push (an ObjectRef)
 
-    def start(self, step: int, total: int) -> None:
-        """Training (re)starts at ``step`` of ``total``; the clock starts now."""
+    def start(self, step: int, total: int, world_size: int = 1) -> None:
+        """Training (re)starts at ``step`` of ``total`` on ``world_size`` workers; the clock
+        starts now."""
         self._clock = time.perf_counter()
-        self._push({"event": "start", "step": step, "total": total})
+        self._push({"event": "start", "step": step, "total": total, "world_size": world_size})
 
     def interval(self, step: int, stats: Interval, lr: float) -> dict[str, float]:
         """The metrics of the interval that ended after ``step`` optimiser steps (and send them)."""

@@ -4,10 +4,12 @@ then exported.
 :func:`train_variant` checks the params and the prepared data, names the run
 (:mod:`pipeline.training.identity`), opens (or reopens) the variant's MLflow run, connects to Ray
 (a new local cluster, or RAY_ADDRESS / ``ray.address``), runs a ``TorchTrainer``
-(DistributedDataParallel over ``train.num_workers`` workers; gloo on CPU, NCCL on GPU) whose
-``RunConfig`` keeps the last ``keep_checkpoints`` checkpoints in ``checkpoints/<variant>/`` and
-restarts failed workers from the latest one up to ``max_failures`` times, shows progress, and
-writes the final weights to ``models/<variant>/``. With ``train.backend: process`` the same loop
+(DistributedDataParallel over ``train.num_workers`` workers, a number or an elastic range:
+:func:`scaling_options`; gloo on CPU, NCCL on GPU) whose ``RunConfig`` keeps the last
+``keep_checkpoints`` checkpoints in ``checkpoints/<variant>/`` and restarts failed workers from
+the latest one up to ``max_failures`` times, shows progress, records the world size of every
+(re)start (:mod:`pipeline.training.worldsize`), and writes the final weights to
+``models/<variant>/``. With ``train.backend: process`` the same loop
 runs in this process instead, without Ray (:mod:`pipeline.training.inprocess`). A diverged run
 raises :class:`~pipeline.training.loop.TrainingDivergedError` naming the step and the last
 good checkpoint.
@@ -32,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.cluster import devices
 from pipeline.cluster.lease import fence
-from pipeline.cluster.progress import BoardReader, ProgressBoard, ProgressDisplay
+from pipeline.cluster.progress import BoardReader, ProgressDisplay, new_board
 from pipeline.cluster.raycluster import init_ray
 from pipeline.cluster.storage import MIRROR, check_storage, shared_data, shared_path
 from pipeline.cluster.storage_fs import Store
-from pipeline.config import Config, Variant
+from pipeline.config import Config, TrainConfig, Variant
 from pipeline.data import open_split
 from pipeline.errors import ConfigError
 from pipeline.layout import checkpoint_dir, data_dir, model_dir, reference_dir
@@ -55,6 +57,7 @@ from pipeline.training.identity import (
 from pipeline.training.loop import TrainingDivergedError, TrainJob, train_loop_per_worker
 from pipeline.training.selection import TAG_SELECTION, select_checkpoint, selection_note
 from pipeline.training.signals import own_sigint
+from pipeline.training.worldsize import WorldSizes
 
 if TYPE_CHECKING:  # imported where used: it pulls in torch-fidelity and torchvision (~1.6 s)
     from pipeline.training.eval_during import CheckpointEvaluator
@@ -98,10 +101,11 @@ def check_train_config(cfg: Config) -> None:
     for key, (ok, expected) in checks.items():
         if not ok:
             raise ConfigError(f"{where}.{key} must be {expected} (got {getattr(t, key)!r})")
-    if t.batch_size % t.num_workers:
+    bad = [w for w in t.worker_counts() if t.batch_size % w]
+    if bad:
         raise ConfigError(
-            f"{where}.batch_size ({t.batch_size}) must be divisible by train.num_workers "
-            f"({t.num_workers}): the global batch is split evenly over the workers"
+            f"{where}.batch_size ({t.batch_size}) must be divisible by every number of workers "
+            f"train.num_workers allows (not by {bad[0]}): the global batch is split evenly"
         )
 
 
@@ -124,14 +128,11 @@ def make_trainer(job: TrainJob) -> Any:
 
     t = job.cfg.train
     storage_path, filesystem = _ray_storage(job.run_dir)
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     return TorchTrainer(  # Ray Train V2 (the default) takes any return: mypy sees V1's type
         train_loop_per_worker,  # type: ignore[arg-type]  # V1's Callable[[dict], None]
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend=devices.train_backend(t.use_gpu)),
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=ScalingConfig(**scaling_options(t)),
         run_config=RunConfig(
             name=job.run["name"],
             storage_path=storage_path,
@@ -142,6 +143,22 @@ def make_trainer(job: TrainJob) -> Any:
             logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
     )
+
+
+def scaling_options(t: TrainConfig) -> dict[str, Any]:
+    """Ray Train's ``ScalingConfig`` keywords for the train section: a fixed number of workers,
+    or with ``num_workers: [min, max]`` a ``(min, max)`` tuple, which turns on Ray Train's
+    elastic scaling (a restart after a lost worker goes on with the workers the cluster still
+    holds, at least min; every ``elastic_resize_s`` seconds a running group is grown, or shrunk,
+    to what the cluster holds, up to max: docs/training.md, "Elastic training")."""
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    options: dict[str, Any] = {"use_gpu": t.use_gpu, "resources_per_worker": resources}
+    if t.elastic:
+        options["num_workers"] = (t.min_workers, t.max_workers)
+        options["elastic_resize_monitor_interval_s"] = t.elastic_resize_s
+    else:
+        options["num_workers"] = t.max_workers  # [n, n]: n workers, Ray's fixed scaling
+    return options
 
 
 def open_mlflow_run(cfg: Config, variant: Variant, run_dir: Path, root: Path) -> tuple[str, str]:
@@ -304,12 +321,12 @@ def fit(
 
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_S)
     init_ray(job.cfg.ray)
-    board = ProgressBoard.remote()  # type: ignore[attr-defined]  # added by @ray.remote
+    board = new_board()  # on the driver's node: outlives a lost worker node
     job = dataclasses.replace(job, board=board)
     trainer = make_trainer(job)
     display = ProgressDisplay(f"train {job.variant.name}", job.cfg.train.steps)
     try:
-        sinks = [display, MlflowCurves(uri, run_id), *(sinks or [])]
+        sinks = [display, MlflowCurves(uri, run_id), WorldSizes(uri, run_id), *(sinks or [])]
         with own_sigint(), BoardReader(board, sinks):  # Ray Train's handler removed after fit
             result = trainer.fit()
     except Exception:
