@@ -14,10 +14,11 @@ registered; then
   resize check the group grows to 2 workers, restarting from the checkpoint of step 4.
 
 Both record the change (tag ``ddpm.world_size_changes``, metric ``world_size``, the run's final
-``ddpm.world_size``). Bit-identical weights across the change need the exact reduction over
-workers (another branch); with today's float sum of the replicas' clipped gradients (per
-worker, then the all-reduce) a 1-worker and a 2-worker step round differently, so the weights
-are not compared here. ~1-2 min each on 2 cores.
+``ddpm.world_size``), and both end with the final EMA weights bit-identical to an undisturbed
+1-worker run (the stage's own process, ``backend: process``, no Ray) and to an undisturbed
+2-worker Ray Train run (the third test): the exact reduction over workers
+(pipeline/training/replicas.py) makes the update a function of the 4 replicas alone. ~1-2 min
+each on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 from train_project import VARIANT, make_project, registered
 
@@ -87,13 +89,37 @@ def when_rank0_hangs(root: Path, action: Callable[[], None]) -> threading.Thread
     return thread
 
 
-def train(root: Path, monkeypatch):
+def train(root: Path, monkeypatch, fault: str | None = "hang:0:6", **train: object):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    monkeypatch.setenv(faults.ENV, "hang:0:6")
-    cfg = make_project(
-        root, num_workers=[1, 2], clip_replicas=4, elastic_resize_s=1, max_failures=2
-    )
+    if fault:
+        monkeypatch.setenv(faults.ENV, fault)
+    else:
+        monkeypatch.delenv(faults.ENV, raising=False)
+    settings = {"num_workers": [1, 2], "elastic_resize_s": 1, "max_failures": 2, **train}
+    cfg = make_project(root, clip_replicas=4, **settings)
     return train_variant(cfg, cfg.variant(VARIANT), root)
+
+
+def ema(summary) -> dict[str, torch.Tensor]:
+    """The final EMA weights of a finished run."""
+    payload = torch.load(summary.model_dir / "ema.pt", map_location="cpu", weights_only=True)
+    return payload["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The EMA weights of the same 12 steps on one worker in the stage's own process."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        root = tmp_path_factory.mktemp("undisturbed")
+        summary = train(root, monkeypatch, None, backend="process", num_workers=1)
+    assert summary.restarts == [] and summary.steps == 12
+    return ema(summary)
+
+
+def assert_same_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
 def world_sizes(root: Path, summary) -> tuple[str, list[tuple[int, float]], str]:
@@ -108,7 +134,9 @@ def world_sizes(root: Path, summary) -> tuple[str, list[tuple[int, float]], str]
     return run.data.tags.get(TAG_WORLD_SIZES, ""), points, run.data.tags["ddpm.world_size"]
 
 
-def test_a_lost_node_training_goes_on_on_the_workers_left(cluster, tmp_path, monkeypatch):
+def test_a_lost_node_training_goes_on_on_the_workers_left(
+    cluster, tmp_path, monkeypatch, undisturbed
+):
     second = cluster.add_node(**NODE)
     cluster.wait_for_nodes()
     killer = when_rank0_hangs(tmp_path, lambda: cluster.remove_node(second, allow_graceful=False))
@@ -120,10 +148,11 @@ def test_a_lost_node_training_goes_on_on_the_workers_left(cluster, tmp_path, mon
     assert (summary.start, summary.restarts, summary.steps) == (0, [4], 12)
     tag, points, final = world_sizes(tmp_path, summary)
     assert points == [(0, 2.0), (4, 1.0)] and tag == "4: 2 -> 1" and final == "1"
+    assert_same_bits(ema(summary), undisturbed)
     print(f"\nelastic, a node lost at step 4: 2 -> 1 workers, 12 steps in {seconds:.0f} s")
 
 
-def test_a_joined_node_grows_the_group(cluster, tmp_path, monkeypatch):
+def test_a_joined_node_grows_the_group(cluster, tmp_path, monkeypatch, undisturbed):
     joiner = when_rank0_hangs(tmp_path, lambda: cluster.add_node(**NODE))
     start = time.perf_counter()
     summary = train(tmp_path, monkeypatch)
@@ -132,4 +161,16 @@ def test_a_joined_node_grows_the_group(cluster, tmp_path, monkeypatch):
     assert (summary.start, summary.restarts, summary.steps) == (0, [4], 12)
     tag, points, final = world_sizes(tmp_path, summary)
     assert points == [(0, 1.0), (4, 2.0)] and tag == "4: 1 -> 2" and final == "2"
+    assert_same_bits(ema(summary), undisturbed)
     print(f"\nelastic, a node joined at step 4: 1 -> 2 workers, 12 steps in {seconds:.0f} s")
+
+
+def test_two_undisturbed_workers_give_the_one_workers_bits(
+    cluster, tmp_path, monkeypatch, undisturbed
+):
+    cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    summary = train(tmp_path, monkeypatch, None, num_workers=2)
+    assert summary.restarts == [] and summary.steps == 12
+    assert world_sizes(tmp_path, summary)[1] == [(0, 2.0)]
+    assert_same_bits(ema(summary), undisturbed)
