@@ -65,8 +65,12 @@ def ray_session():
 
     from pipeline.cluster.raycluster import init_local
 
-    if not ray.is_initialized():  # on 127.0.0.1, with a token, as a stage starts one
-        init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # a connection an earlier test left behind points at a cluster it has stopped (seen: the
+    # simulated cluster of test_cluster_parallel, then test_evaluate_dvc's stages could not
+    # reach its GCS): always our own head, on 127.0.0.1, with a token, as a stage starts one
+    if ray.is_initialized():
+        ray.shutdown()
+    init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
